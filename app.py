@@ -1,0 +1,45 @@
+"""TTT Lens: Streamlit entry point.
+
+Run with `streamlit run app.py`. Builds the navigation over `pages/` and the shared sidebar
+(model choice, prompt box, example picker). Pages only draw; all computation is in `ttt_core`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from pages.common import render_sidebar
+
+ROOT = Path(__file__).parent
+
+# (file, title, icon, section). A page is listed only when its file exists.
+PAGES: list[tuple[str, str, str, str]] = [
+    ("pages/home.py", "Home", ":material/home:", "Prompt"),
+    ("pages/spectrum.py", "Spectrum & SNR", ":material/equalizer:", "When"),
+    ("pages/steps_bounds.py", "Steps & bounds", ":material/stacked_line_chart:", "How far"),
+    ("pages/heads.py", "Heads & blocks", ":material/grid_on:", "Which"),
+    ("pages/live_qttt.py", "Live qTTT", ":material/play_circle:", "Adapt"),
+    ("pages/schedules.py", "Schedules", ":material/schedule:", "Adapt"),
+    ("pages/long_context.py", "Long context", ":material/manage_search:", "Theory"),
+    ("pages/gp_lab.py", "GP lab", ":material/science:", "Theory"),
+    ("pages/reproduction.py", "Paper reproduction", ":material/fact_check:", "Theory"),
+]
+
+
+def build_navigation() -> dict[str, list[st.Page]]:
+    """Group the existing page files into navigation sections (Home is the default page)."""
+    sections: dict[str, list[st.Page]] = {}
+    for path, title, icon, section in PAGES:
+        if not (ROOT / path).exists():
+            continue
+        page = st.Page(path, title=title, icon=icon, default=(path == "pages/home.py"))
+        sections.setdefault(section, []).append(page)
+    return sections
+
+
+st.set_page_config(page_title="TTT Lens", page_icon=":material/lens_blur:", layout="wide")
+navigation = st.navigation(build_navigation())
+render_sidebar()
+navigation.run()

@@ -1,0 +1,162 @@
+"""The "ttt_lens" attention implementation and its per-thread contexts.
+
+Every model TTT Lens loads uses `attn_implementation="ttt_lens"`. With no context active it is
+exactly transformers' SDPA path. Two context managers change what it does, for the current
+thread only (contextvars), so the shared cached model is never mutated and concurrent sessions
+never see each other's state:
+
+* `frozen_kv(cache, q_offset)`: queries attend to a *frozen* key/value cache from a prefill
+  (DESIGN §2 "qTTT makes positions independent", §7.2). The keys/values the model computes for
+  the current tokens are ignored; row i of the current chunk sits at absolute position
+  q_offset + i and sees cached keys j ≤ q_offset + i. The attention runs through
+  `kernels.frozen_kv_attention` (Triton on GPU, PyTorch reference on CPU; dQ-only backward).
+* `record_attention(layers)`: additionally stores the attention probabilities of the chosen
+  layers (B, Hq, M, N) for drill-down views and needle attention mass.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+ATTN_IMPLEMENTATION = "ttt_lens"
+
+
+@dataclass
+class FrozenKV:
+    """Per-layer frozen keys/values of a prefill: keys[l], values[l] have shape (B, Hkv, N, D)
+    (keys already position-rotated where the model uses RoPE)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+
+@dataclass
+class _FrozenState:
+    cache: FrozenKV
+    q_offset: int
+
+
+_FROZEN: contextvars.ContextVar[_FrozenState | None] = contextvars.ContextVar("ttt_lens_frozen", default=None)
+_RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ttt_lens_record", default=None)
+
+
+@contextmanager
+def frozen_kv(cache: FrozenKV, q_offset: int) -> Iterator[None]:
+    """Within this block (this thread only), attention reads keys/values from `cache`."""
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be ≥ 0, got {q_offset}")
+    token = _FROZEN.set(_FrozenState(cache, int(q_offset)))
+    try:
+        yield
+    finally:
+        _FROZEN.reset(token)
+
+
+@contextmanager
+def record_attention(layers: list[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Within this block, store attention probabilities (B, Hq, M, N) per layer index into the
+    yielded dict (all layers when `layers` is None). Costs an explicit softmax per layer."""
+    store: dict[Any, Any] = {"__layers__": None if layers is None else set(layers)}
+    token = _RECORD.set(store)
+    try:
+        yield store
+    finally:
+        _RECORD.reset(token)
+        store.pop("__layers__", None)
+
+
+def _expand_kv(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
+    groups = n_q_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _explicit_probs(query: torch.Tensor, key: torch.Tensor, scaling: float, q_offset: int,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scaling·QKᵀ) with causal offset (row i sees keys ≤ q_offset+i) and optional mask."""
+    k = _expand_kv(key, query.shape[1])
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+    m, n = scores.shape[-2:]
+    rows = torch.arange(m, device=scores.device)[:, None] + q_offset
+    cols = torch.arange(n, device=scores.device)[None, :]
+    allowed = cols <= rows
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.float()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _layer_index(module: Any) -> int:
+    idx = getattr(module, "layer_idx", None)
+    if idx is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx; cannot use the frozen KV cache")
+    return int(idx)
+
+
+def ttt_lens_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None,
+                       dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. query (B, Hq, M, D); key/value (B, Hkv, N, D).
+    Returns attn_output (B, M, Hq, D) as the interface expects."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    frozen = _FROZEN.get()
+    record = _RECORD.get()
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if frozen is not None:
+        from kernels import frozen_kv_attention
+
+        layer = _layer_index(module)
+        k = frozen.cache.keys[layer].to(query.dtype)
+        v = frozen.cache.values[layer].to(query.dtype)
+        out = frozen_kv_attention(query, k, v, frozen.q_offset, scale=scale)
+        if record is not None and (record["__layers__"] is None or layer in record["__layers__"]):
+            record[layer] = _explicit_probs(query.detach(), k, scale, frozen.q_offset)
+        return out.transpose(1, 2).contiguous(), None
+    if record is not None:
+        layer = _layer_index(module)
+        if record["__layers__"] is None or layer in record["__layers__"]:
+            mask = attention_mask
+            if mask is not None and mask.dim() == 4:
+                mask = mask[..., -key.shape[-2]:] if mask.shape[-1] >= key.shape[-2] else None
+            q_offset = key.shape[-2] - query.shape[-2]
+            record[layer] = _explicit_probs(query.detach(), key.detach(), scale, q_offset, mask)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register_attention() -> None:
+    """Register "ttt_lens" with transformers' attention and mask interfaces (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ttt_lens_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    _REGISTERED = True
+
+
+@torch.no_grad()
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, FrozenKV]:
+    """One forward pass over `input_ids` (B, N); returns (logits (B, N, V), frozen per-layer K/V)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    cache = out.past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return out.logits, FrozenKV(keys=keys, values=values)

@@ -1,0 +1,1 @@
+"""Pure figure builders: functions from numbers to plotly figures (no Streamlit, no model)."""

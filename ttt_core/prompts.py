@@ -1,0 +1,244 @@
+"""Prompt kinds of DESIGN §7 and the parser that turns a pasted prompt into one of them.
+
+Pasted formats
+--------------
+**Few-shot** (§7.1): one demonstration per line, ``x -> y`` (or ``x: y`` / ``x:y``), then a query
+line with an empty label, ``x ->``. Lines starting with ``#`` are comments, except
+``# answer: y``, which gives the query's true label (needed for the query error).
+Example::
+
+    3 -> 5
+    8 -> 0
+    1 -> 3
+    6 ->
+    # answer: 8
+
+**Long context + question** (§7.2): any text; a line starting with ``Question:`` starts the
+question, an optional line starting with ``Answer:`` gives the expected answer. A needle span may
+be marked in the context with ``<needle>…</needle>`` (the markers are removed; the span is kept
+for the needle-attention view). Without ``Question:`` the whole text is context (free text: the
+supervised positions are its next-token predictions; there is no query).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+FEWSHOT_LINE = re.compile(r"^(?P<x>.*?\S)\s*(?P<sep>->|=>|:)\s*(?P<y>.*)$")
+ANSWER_COMMENT = re.compile(r"^#\s*answer\s*[:=]\s*(?P<y>.+?)\s*$", re.IGNORECASE)
+NEEDLE = re.compile(r"<needle>(.*?)</needle>", re.DOTALL)
+
+
+class PromptParseError(ValueError):
+    """The pasted prompt cannot be parsed; the message says which line and why."""
+
+
+@dataclass
+class FewShotPrompt:
+    """Few-shot regression/classification prompt (DESIGN §7.1).
+
+    demos: list of (x, y) strings; query_x; query_y (true label or None); sep: "->", "=>" or ":";
+    spaced: whether spaces surround an arrow / follow a colon ("x -> y", "x: y") or not ("x->y",
+    "x:y", the paper's templates 0 and 1).
+    """
+
+    demos: list[tuple[str, str]]
+    query_x: str
+    query_y: str | None = None
+    sep: str = "->"
+    spaced: bool = True
+    kind: Literal["few_shot"] = "few_shot"
+
+    @property
+    def n(self) -> int:
+        return len(self.demos)
+
+    @property
+    def labels(self) -> list[str]:
+        """Distinct labels (the label set), numerically sorted when numeric."""
+        ys = {y for _, y in self.demos}
+        if self.query_y is not None:
+            ys.add(self.query_y)
+        return sorted(ys, key=lambda s: (float(s), s)) if self.numeric_labels(ys) else sorted(ys)
+
+    @staticmethod
+    def numeric_labels(ys: Any) -> bool:
+        try:
+            [float(y) for y in ys]
+            return True
+        except ValueError:
+            return False
+
+    @property
+    def numeric(self) -> bool:
+        return self.numeric_labels(self.labels)
+
+    def label_values(self) -> dict[str, float]:
+        """Label → value in [0, 1]: single digits y ↦ y/9 (the paper's scaling), other numbers
+        min-max scaled over the label set, non-numeric labels ↦ index/(k−1) (ordinal)."""
+        labels = self.labels
+        if self.numeric:
+            vals = [float(y) for y in labels]
+            if all(len(y) == 1 and y.isdigit() for y in labels):
+                return {y: float(y) / 9.0 for y in labels}
+            lo, hi = min(vals), max(vals)
+            return {y: (float(y) - lo) / (hi - lo) if hi > lo else 0.0 for y in labels}
+        k = len(labels)
+        return {y: (i / (k - 1) if k > 1 else 0.0) for i, y in enumerate(labels)}
+
+    def line(self, x: str, y: str | None) -> str:
+        gap = " " if self.spaced else ""
+        lead = gap if self.sep in ("->", "=>") else ""
+        if y is None:
+            return f"{x}{lead}{self.sep}"
+        return f"{x}{lead}{self.sep}{gap}{y}"
+
+    def label_prefix(self) -> str:
+        """Text between the separator and the label ("" or " "): the label token follows it."""
+        return " " if self.spaced else ""
+
+    def render(self, exclude: int | None = None, query_x: str | None = None) -> str:
+        """Prompt text: all demonstrations (except index `exclude`, for leave-one-out) and the
+        query line ending in the separator. With `query_x` given, that x is the query."""
+        lines = [self.line(x, y) for i, (x, y) in enumerate(self.demos) if i != exclude]
+        lines.append(self.line(self.query_x if query_x is None else query_x, None))
+        return "\n".join(lines)
+
+    def loo_prompts(self) -> list[str]:
+        """The n leave-one-out prompts: demonstration i removed, x_i as the query (DESIGN §7.1)."""
+        return [self.render(exclude=i, query_x=x) for i, (x, _) in enumerate(self.demos)]
+
+    def to_text(self) -> str:
+        text = self.render()
+        if self.query_y is not None:
+            text += f"\n# answer: {self.query_y}"
+        return text
+
+
+@dataclass
+class LongContextPrompt:
+    """Long context plus an optional question and expected answer (DESIGN §7.2).
+
+    needle_spans: character spans (start, end) of marked needles inside `context`.
+    """
+
+    context: str
+    question: str | None = None
+    answer: str | None = None
+    needle_spans: list[tuple[int, int]] = field(default_factory=list)
+    kind: Literal["long_context"] = "long_context"
+
+    def query_text(self) -> str:
+        """The text after the context that ends where the answer starts ("" when no question)."""
+        if self.question is None:
+            return ""
+        return f"\n\nQuestion: {self.question}\nAnswer:"
+
+    def full_text(self) -> str:
+        return self.context + self.query_text()
+
+    def to_text(self) -> str:
+        ctx = self.context
+        for start, end in sorted(self.needle_spans, reverse=True):
+            ctx = ctx[:start] + "<needle>" + ctx[start:end] + "</needle>" + ctx[end:]
+        text = ctx
+        if self.question is not None:
+            text += f"\nQuestion: {self.question}"
+        if self.answer is not None:
+            text += f"\nAnswer: {self.answer}"
+        return text
+
+
+Prompt = Union[FewShotPrompt, LongContextPrompt]
+
+
+def parse_prompt(text: str, max_chars: int = 400_000) -> Prompt:
+    """Detect the kind of a pasted prompt and parse it (see module docstring for the formats).
+
+    Raises PromptParseError with a readable message for an empty prompt, an over-long one, or
+    few-shot-looking text with lines that do not parse.
+    """
+    if text is None or not text.strip():
+        raise PromptParseError("The prompt is empty: paste a few-shot list (x -> y lines) or a context with a question.")
+    if len(text) > max_chars:
+        raise PromptParseError(f"The prompt has {len(text):,} characters; the limit is {max_chars:,}.")
+    text = text.replace("\r\n", "\n")
+    fs = _try_few_shot(text)
+    if fs is not None:
+        return fs
+    return _parse_long_context(text)
+
+
+def _try_few_shot(text: str) -> FewShotPrompt | None:
+    raw = [ln.rstrip() for ln in text.split("\n")]
+    numbered = [(i + 1, ln.strip()) for i, ln in enumerate(raw) if ln.strip()]
+    answer = None
+    body: list[tuple[int, str]] = []
+    for no, ln in numbered:
+        m = ANSWER_COMMENT.match(ln)
+        if m:
+            answer = m.group("y")
+        elif not ln.startswith("#"):
+            body.append((no, ln))
+    if len(body) < 2 or any(ln.lower().startswith("question:") for _, ln in body):
+        return None
+    parsed = [(no, ln, FEWSHOT_LINE.match(ln)) for no, ln in body]
+    matches = [p for p in parsed if p[2] is not None]
+    # Short lines that all look like "x SEP y" mean few-shot; mostly-prose text means long context.
+    short = [p for p in matches if len(p[2].group("x")) <= 80 and len(p[2].group("y")) <= 40]
+    if len(short) < max(2, 0.6 * len(body)):
+        return None
+    bad = [(no, ln) for no, ln, m in parsed if m is None or m not in [s[2] for s in short]]
+    if bad:
+        shown = "; ".join(f"line {no}: {ln[:60]!r}" for no, ln in bad[:3])
+        raise PromptParseError(f"This looks like a few-shot prompt, but {len(bad)} line(s) are not 'x -> y': {shown}.")
+    seps = {m.group("sep") for _, _, m in parsed}
+    if len(seps) > 1:
+        raise PromptParseError(f"Mixed separators {sorted(seps)}: use one of '->', '=>' or ':' on every line.")
+    sep = seps.pop()
+    *demo_lines, (qno, qline, qm) = parsed
+    if qm.group("y").strip():
+        raise PromptParseError(f"The last line (line {qno}: {qline!r}) must be the query with an empty label, e.g. '{qm.group('x')} {sep}'.")
+    demos = []
+    for no, ln, m in demo_lines:
+        y = m.group("y").strip()
+        if not y:
+            raise PromptParseError(f"Line {no} ({ln!r}) has no label; only the last line may be the query.")
+        demos.append((m.group("x").strip(), y))
+    spaced = any(re.search(re.escape(sep) + r"\s", ln) for _, ln, _ in demo_lines)
+    return FewShotPrompt(demos=demos, query_x=qm.group("x").strip(), query_y=answer, sep=sep, spaced=spaced)
+
+
+def _parse_long_context(text: str) -> LongContextPrompt:
+    question = answer = None
+    lines = text.split("\n")
+    q_idx = next((i for i, ln in enumerate(lines) if ln.strip().lower().startswith("question:")), None)
+    if q_idx is not None:
+        rest = lines[q_idx:]
+        a_idx = next((i for i, ln in enumerate(rest) if ln.strip().lower().startswith("answer:")), None)
+        q_lines = rest if a_idx is None else rest[:a_idx]
+        question = " ".join(ln.strip() for ln in q_lines).split(":", 1)[1].strip()
+        if a_idx is not None:
+            answer = " ".join(ln.strip() for ln in rest[a_idx:]).split(":", 1)[1].strip() or None
+        context = "\n".join(lines[:q_idx]).rstrip()
+        if not question:
+            raise PromptParseError("The 'Question:' line is empty.")
+    else:
+        context = text.rstrip()
+    spans: list[tuple[int, int]] = []
+    out, pos = [], 0
+    for m in NEEDLE.finditer(context):
+        out.append(context[pos:m.start()])
+        start = sum(len(s) for s in out)
+        out.append(m.group(1))
+        spans.append((start, start + len(m.group(1))))
+        pos = m.end()
+    out.append(context[pos:])
+    clean = "".join(out)
+    if "<needle>" in clean or "</needle>" in clean:
+        raise PromptParseError("Unbalanced <needle> markers: each <needle> needs a matching </needle>.")
+    if not clean.strip():
+        raise PromptParseError("The context is empty: put the text before the 'Question:' line.")
+    return LongContextPrompt(context=clean, question=question, answer=answer, needle_spans=spans)
