@@ -160,3 +160,20 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return out.logits, FrozenKV(keys=keys, values=values)
+
+
+def forward_with_frozen_kv(model: Any, input_ids: torch.Tensor, cache: FrozenKV, q_offset: int,
+                           **kwargs: Any) -> Any:
+    """Forward `input_ids` (B, M) as the tokens at absolute positions q_offset … q_offset+M−1,
+    every layer's attention reading the frozen `cache` (DESIGN §2, §7.2).
+
+    The model's own keys/values for these tokens are ignored, so the output at each row depends
+    only on that row's query path: changing W_Q at row i changes only output i. With no deltas
+    and the cache from `prefill` of the same tokens, the logits equal the ordinary forward's.
+    """
+    m = input_ids.shape[1]
+    if q_offset + m > cache.length:
+        raise ValueError(f"rows {q_offset}..{q_offset + m - 1} exceed the cache length {cache.length}")
+    pos = torch.arange(q_offset, q_offset + m, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
+    with frozen_kv(cache, q_offset):
+        return model(input_ids=input_ids, position_ids=pos, use_cache=False, **kwargs)
