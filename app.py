@@ -12,6 +12,25 @@ import streamlit as st
 
 from pages.common import render_sidebar
 
+
+
+def _leave_legacy_pages_mode() -> None:
+    """Streamlit treats an app with a folder named `pages/` beside it as a legacy (v1) multipage
+    app until st.navigation has run once in the process: the very first run of the first
+    session is then wrapped in an extra legacy navigation, its widgets get other ids, and the
+    user's first edit is lost (the sidebar even appears twice). Switch the flag off and rerun
+    at once, so every visible run is a plain st.navigation run."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - internal location may move in a later Streamlit
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_leave_legacy_pages_mode()
+
 ROOT = Path(__file__).parent
 
 # (file, title, icon, section). A page is listed only when its file exists.
@@ -40,6 +59,6 @@ def build_navigation() -> dict[str, list[st.Page]]:
 
 
 st.set_page_config(page_title="TTT Lens", page_icon=":material/lens_blur:", layout="wide")
-navigation = st.navigation(build_navigation())
 render_sidebar()
+navigation = st.navigation(build_navigation())
 navigation.run()

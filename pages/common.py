@@ -40,3 +40,127 @@ def how_to_read(
             st.markdown(f"**Good picture:** {good}")
         if bad:
             st.markdown(f"**Bad picture:** {bad}")
+
+
+# ------------------------------------------------------------------------------------------
+# Sidebar: model choice, prompt box, example picker (shared by all pages)
+# ------------------------------------------------------------------------------------------
+
+import html
+import os
+from ttt_core.examples import DEFAULT_EXAMPLE, EXAMPLES, load_example
+from ttt_core.models import EMBEDDED_MODEL, TINY_FAMILIES, TINY_PREFIX, LoadedModel, ModelLoadError, load_model
+from ttt_core.prompts import Prompt, PromptParseError, fit_to_token_limit, parse_prompt
+
+CUSTOM = "Other: hub id or local folder…"
+PRESETS = [EMBEDDED_MODEL] + [TINY_PREFIX + f for f in TINY_FAMILIES] + [CUSTOM]
+DEFAULT_TOKEN_LIMIT = 2048
+
+
+def default_model_name() -> str:
+    """The sidebar's initial model: $TTT_LENS_MODEL if set, else the embedded SmolLM2."""
+    return os.environ.get("TTT_LENS_MODEL", EMBEDDED_MODEL)
+
+
+def _init_state() -> None:
+    ss = st.session_state
+    if "model_name" not in ss:
+        ss["model_name"] = default_model_name()
+    if "model_preset" not in ss:
+        ss["model_preset"] = ss["model_name"] if ss["model_name"] in PRESETS else CUSTOM
+    if "example" not in ss:
+        ss["example"] = DEFAULT_EXAMPLE
+    if "prompt_text" not in ss:
+        ss["prompt_text"] = load_example(ss["example"])
+    ss.setdefault("max_tokens", DEFAULT_TOKEN_LIMIT)
+    ss.setdefault("trust_remote_code", False)
+
+
+def _on_preset() -> None:
+    choice = st.session_state["model_preset"]
+    if choice != CUSTOM:
+        st.session_state["model_name"] = choice
+
+
+def _on_example() -> None:
+    st.session_state["prompt_text"] = load_example(st.session_state["example"])
+
+
+def render_sidebar() -> None:
+    """Draw the shared sidebar. Values live in st.session_state (per browser session):
+    model_name, trust_remote_code, prompt_text, example, max_tokens."""
+    _init_state()
+    with st.sidebar:
+        st.subheader("Model")
+        st.selectbox("Model", PRESETS, key="model_preset", on_change=_on_preset,
+                     help="The embedded SmolLM2 needs no network. Tiny random models are for quick checks.")
+        if st.session_state["model_preset"] == CUSTOM:
+            st.text_input("Hub id or local folder", key="model_name",
+                          help="Any Hugging Face causal LM with safetensors weights (Llama/Qwen/Mistral, GPT-2, GPT-NeoX).")
+        else:
+            st.caption(f"Using **{st.session_state['model_name']}**")
+        st.checkbox("Trust remote code", key="trust_remote_code",
+                    help="Off by default. Only tick it for a model whose custom code you trust.")
+        st.subheader("Prompt")
+        st.selectbox("Example", list(EXAMPLES), key="example", on_change=_on_example)
+        st.text_area("Prompt", key="prompt_text", height=220,
+                     help="Few-shot: 'x -> y' lines, then a query 'x ->' (optional '# answer: y'). "
+                          "Long context: text, then 'Question: …' and optionally 'Answer: …'. "
+                          "Mark a needle with <needle>…</needle>.")
+        with st.expander("Limits"):
+            st.number_input("Token limit", min_value=64, max_value=32768, step=64, key="max_tokens",
+                            help="Longer prompts are refused (few-shot) or cut from the start (long context), with a warning.")
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def _cached_model(name: str, trust_remote_code: bool) -> LoadedModel:
+    """One resident model shared by all sessions (never mutated; adaptations use deltas)."""
+    return load_model(name, trust_remote_code=trust_remote_code)
+
+
+def get_model() -> LoadedModel | None:
+    """The sidebar's model, loaded once and cached; shows a readable error and returns None if
+    it cannot be loaded."""
+    _init_state()
+    name = (st.session_state.get("model_name") or "").strip() or EMBEDDED_MODEL
+    trust = bool(st.session_state.get("trust_remote_code", False))
+    try:
+        with st.spinner(f"Loading {name} (first use of the embedded model converts it once, ~30 s)…"):
+            return _cached_model(name, trust)
+    except ModelLoadError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # the app stays up whatever the loader raises
+        st.error(f"Could not load model {name!r}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def get_prompt(lm: LoadedModel | None = None) -> Prompt | None:
+    """The sidebar's prompt, parsed (and fitted to the token limit when `lm` is given). Shows a
+    readable error and returns None when it cannot be parsed; warns visibly when it is cut."""
+    _init_state()
+    text = st.session_state.get("prompt_text", "")
+    try:
+        prompt = parse_prompt(text)
+        if lm is not None:
+            prompt, note = fit_to_token_limit(prompt, lm.tokenizer, int(st.session_state["max_tokens"]))
+            if note:
+                st.warning(note)
+        return prompt
+    except PromptParseError as exc:
+        st.error(str(exc))
+    return None
+
+
+def token_view_html(tokens: list[str], highlight: set[int] | None = None) -> str:
+    """HTML for the token view: one chip per token (alternating shades, index on hover;
+    highlighted tokens — e.g. a needle — outlined)."""
+    highlight = highlight or set()
+    chips = []
+    for i, t in enumerate(tokens):
+        shown = html.escape(t.replace("\n", "↵").replace(" ", "␣") if t.strip() == "" else t.replace("\n", "↵"))
+        bg = "#dbe9f6" if i % 2 == 0 else "#fbe3c5"
+        border = "2px solid #D55E00" if i in highlight else "1px solid #bbb"
+        chips.append(f'<span class="tok" title="token {i}" style="background:{bg};border:{border};'
+                     f'border-radius:3px;padding:0 2px;margin:1px;display:inline-block;font-family:monospace">{shown}</span>')
+    return f'<div class="token-view" style="line-height:1.9">{"".join(chips)}</div>'
+

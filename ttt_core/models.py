@@ -278,6 +278,8 @@ def load_model(
             path = os.path.expanduser(name)
         elif os.path.exists(os.path.expanduser(name)):
             raise ModelLoadError(f"{name!r} is a file; give the folder that holds config.json and *.safetensors.")
+        elif name.startswith(("/", "./", "../", "~")):
+            raise ModelLoadError(f"No folder {name!r}: give an existing local folder (config.json + *.safetensors) or a hub id.")
         source = f"local folder {path}" if is_local else f"Hugging Face hub id {name}"
         if torch.cuda.is_available():
             kwargs["device_map"] = "auto"

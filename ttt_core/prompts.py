@@ -242,3 +242,36 @@ def _parse_long_context(text: str) -> LongContextPrompt:
     if not clean.strip():
         raise PromptParseError("The context is empty: put the text before the 'Question:' line.")
     return LongContextPrompt(context=clean, question=question, answer=answer, needle_spans=spans)
+
+
+def fit_to_token_limit(prompt: Prompt, tokenizer: object, limit: int) -> tuple[Prompt, str | None]:
+    """Apply the token limit: returns (prompt, note). Never silent:
+
+    * a few-shot prompt over the limit is refused (PromptParseError) — dropping demonstrations
+      would change the task;
+    * a long context over the limit keeps its *last* tokens (the question stays) and `note`
+      says how many tokens were cut. Needle spans that fall outside are dropped (noted).
+    """
+    text = prompt.render() if isinstance(prompt, FewShotPrompt) else prompt.full_text()
+    n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+    if n_tokens <= limit:
+        return prompt, None
+    if isinstance(prompt, FewShotPrompt):
+        raise PromptParseError(f"The few-shot prompt has {n_tokens:,} tokens, over the limit of {limit:,}; "
+                               "remove demonstrations or raise the limit.")
+    budget = limit - len(tokenizer(prompt.query_text(), add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+    if budget < 16:
+        raise PromptParseError(f"The question alone uses almost all of the {limit:,}-token limit.")
+    enc = tokenizer(prompt.context, add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
+    offsets = enc["offset_mapping"]
+    cut_tokens = len(offsets) - budget
+    cut_char = offsets[cut_tokens][0] if cut_tokens > 0 else 0
+    spans = [(s - cut_char, e - cut_char) for s, e in prompt.needle_spans if s >= cut_char]
+    dropped = len(prompt.needle_spans) - len(spans)
+    new = LongContextPrompt(context=prompt.context[cut_char:], question=prompt.question, answer=prompt.answer,
+                            needle_spans=spans)
+    note = (f"The prompt has {n_tokens:,} tokens, over the limit of {limit:,}: the first {max(cut_tokens, 0):,} "
+            f"context tokens were cut (the end of the context and the question are kept).")
+    if dropped:
+        note += f" {dropped} marked needle span(s) fell in the cut part and were dropped."
+    return new, note

@@ -1,0 +1,28 @@
+"""End-to-end: the real app in Debian's Chromium, on the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import ARTIFACTS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.smollm2]
+
+
+def test_home_token_view_and_model_card(app_url, page):
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Model card").first.wait_for(timeout=120_000)
+    page.get_by_text("Parameters").first.wait_for()
+    assert page.get_by_text("134.5 M").first.is_visible()  # SmolLM2-135M parameter count
+    box = page.get_by_role("textbox", name="Prompt", exact=True)
+    box.fill("great fun -> positive\nso dull -> negative\nloved it -> positive\nawful -> negative\nsuperb ->")
+    box.press("Control+Enter")  # apply the text area
+    page.get_by_text("few-shot (4 demonstrations").first.wait_for(timeout=60_000)
+    page.locator(".token-view").first.wait_for()
+    page.get_by_text("superb", exact=True).first.wait_for()
+    chips = page.locator(".token-view .tok").count()
+    assert chips >= 15
+    # the sidebar (model choice, prompt box) is still there after the rerun
+    assert page.get_by_role("textbox", name="Prompt", exact=True).is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "e2e_home.png"), full_page=True)
