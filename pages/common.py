@@ -164,3 +164,26 @@ def token_view_html(tokens: list[str], highlight: set[int] | None = None) -> str
                      f'border-radius:3px;padding:0 2px;margin:1px;display:inline-block;font-family:monospace">{shown}</span>')
     return f'<div class="token-view" style="line-height:1.9">{"".join(chips)}</div>'
 
+
+
+def render_tour(existing_pages: set[str]) -> None:
+    """The guided tour on the Home page: one card per stop, a button that loads the stop's example
+    into this session's prompt box, and a link to the page to look at."""
+    from ttt_core.tour import TOUR
+
+    with st.expander("Guided tour: when → how far → which", expanded=False):
+        st.markdown("Six stops through the curated examples. Each loads an example into the sidebar "
+                    "and points to the page that answers one question.")
+        for i, stop in enumerate(TOUR):
+            with st.container(border=True):
+                st.markdown(f"**{stop.title}** — example *{stop.example}*")
+                st.caption(stop.look_for)
+                cols = st.columns([1, 1, 3])
+                cols[0].button("Load example", key=f"tour_load_{i}", on_click=_load_example, args=(stop.example,))
+                if stop.page in existing_pages:
+                    cols[1].page_link(stop.page, label=f"Open {stop.page_title}")
+
+
+def _load_example(title: str) -> None:
+    st.session_state["example"] = title
+    st.session_state["prompt_text"] = load_example(title)

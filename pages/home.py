@@ -5,11 +5,16 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, get_prompt, page_header, token_view_html
+from pathlib import Path
+
+from pages.common import get_model, get_prompt, page_header, render_tour, token_view_html
 from ttt_core.inspect_prompt import greedy_answer, tokenise
 from ttt_core.prompts import FewShotPrompt
 
 page_header("TTT Lens", "Does test-time training help on this prompt — when to adapt, how far, and in which directions?")
+
+ROOT = Path(__file__).resolve().parent.parent
+render_tour({str(p.relative_to(ROOT)) for p in (ROOT / "pages").glob("*.py")})
 
 lm = get_model()
 if lm is not None:

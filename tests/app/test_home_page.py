@@ -78,3 +78,14 @@ def test_answer_button_generates():
     at.button(key="answer_btn").click().run()
     assert not at.exception
     assert any(m.value.startswith("**Model's answer:**") for m in at.markdown)
+
+
+def test_tour_loads_examples():
+    at = _app()
+    assert any("Guided tour" in e.label for e in at.expander)
+    at.button(key="tour_load_1").click().run()
+    assert not at.exception
+    assert at.session_state["example"] == "Digit shift, noisy labels (p = 0.55)"
+    assert at.session_state["prompt_text"].startswith(open(Path(APP).parent / "assets/examples/digit_shift_noisy.txt").read()[:20])
+    at.button(key="tour_load_4").click().run()
+    assert any("long context + question" in m.value for m in at.markdown)

@@ -26,3 +26,15 @@ def test_home_token_view_and_model_card(app_url, page):
     assert page.get_by_role("textbox", name="Prompt", exact=True).is_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "e2e_home.png"), full_page=True)
+
+
+def test_guided_tour_opens_and_loads_an_example(app_url, page):
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Model card").first.wait_for(timeout=120_000)
+    page.get_by_text("Guided tour: when → how far → which").first.click()
+    page.get_by_text("5 · Long context: a short needle").first.wait_for()
+    page.get_by_role("button", name="Load example").nth(4).click()
+    page.get_by_text("long context + question").first.wait_for(timeout=60_000)
+    page.get_by_text("The secret number is").first.wait_for()
+    assert "secret number" in page.get_by_role("textbox", name="Prompt", exact=True).input_value()
+    page.screenshot(path=str(ARTIFACTS / "e2e_tour.png"), full_page=True)
