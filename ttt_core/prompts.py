@@ -57,10 +57,13 @@ class FewShotPrompt:
 
     @property
     def labels(self) -> list[str]:
-        """Distinct labels (the label set), numerically sorted when numeric."""
+        """The label set: the distinct demonstration labels (DESIGN §7.1), numerically sorted when
+        numeric; single-digit labels use all ten digits 0–9 (the paper's digit-shift setting).
+        The query's true label is never added: that would leak the answer into the restricted
+        softmax."""
         ys = {y for _, y in self.demos}
-        if self.query_y is not None:
-            ys.add(self.query_y)
+        if ys and all(len(y) == 1 and y.isdigit() for y in ys):
+            return [str(d) for d in range(10)]
         return sorted(ys, key=lambda s: (float(s), s)) if self.numeric_labels(ys) else sorted(ys)
 
     @staticmethod
@@ -87,6 +90,21 @@ class FewShotPrompt:
             return {y: (float(y) - lo) / (hi - lo) if hi > lo else 0.0 for y in labels}
         k = len(labels)
         return {y: (i / (k - 1) if k > 1 else 0.0) for i, y in enumerate(labels)}
+
+    def target_value(self, y: str | None) -> float | None:
+        """Value of a true label on the label scale: its label value when it is in the label set;
+        for numeric labels outside the set, the same affine scaling; otherwise None (a
+        categorical answer the demonstrations never show cannot be scored)."""
+        if y is None:
+            return None
+        values = self.label_values()
+        if y in values:
+            return values[y]
+        if self.numeric and self.numeric_labels([y]):
+            nums = [float(v) for v in self.labels]
+            lo, hi = min(nums), max(nums)
+            return (float(y) - lo) / (hi - lo) if hi > lo else None
+        return None
 
     def line(self, x: str, y: str | None) -> str:
         gap = " " if self.spaced else ""

@@ -105,3 +105,16 @@ def test_needle_and_kv_generators():
     assert kv.context[s:e].endswith(kv.answer) and kv.context.count("\n") == 7
     with pytest.raises(ValueError):
         needle_haystack(0, position=1.5)
+
+
+def test_label_set_never_contains_only_the_query_answer():
+    """The query's true label must not enter the label set (it would leak into the restricted
+    softmax); digit labels use all ten digits as in the paper."""
+    p = parse_prompt("great -> positive\nawful -> negative\nmeh ->\n# answer: neutral")
+    assert p.labels == ["negative", "positive"]
+    assert p.target_value("neutral") is None and p.target_value("positive") == 1.0
+    d = parse_prompt("1 -> 3\n2 -> 4\n5 ->\n# answer: 7")
+    assert d.labels == [str(i) for i in range(10)]
+    assert d.target_value("7") == pytest.approx(7 / 9)
+    n = parse_prompt("1 -> 10\n2 -> 20\n3 -> 40\n4 ->\n# answer: 25")
+    assert n.labels == ["10", "20", "40"] and n.target_value("25") == pytest.approx(0.5)

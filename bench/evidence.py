@@ -1,0 +1,290 @@
+"""Benchmark of the factorised prompt-kernel build (DESIGN §2) on SmolLM2-135M.
+
+1. W_Q kernel of a long free-text prompt (qTTT frozen-KV semantics) at n = 128 and 256 supervised
+   positions: the factorised build (prefill + one forward + ONE backward over all rows) against
+   the one-backward-per-position reference: for each position, its row alone is run against the
+   frozen cache with zero W_Q deltas (requires_grad) on all 30 layers and back-propagated once
+   (the strongest per-position baseline: every row is computed once), then K = ΦΦᵀ. Φ is stored
+   only for the checked layers (all 30 layers × n × 331,776 fp32 floats would need 10 GB at
+   n = 256); the reference's Gram time is measured on those layers and scaled linearly to 30
+   layers (identical shapes per layer). `speedup_n*` = (reference backward + Gram) / factorised;
+   `speedup_backward_only_n*` leaves the Gram out (a lower bound). Max relative error (Frobenius)
+   over the checked layers' layer kernels and all their per-head kernels.
+2. End-to-end: prompt → evidence → spectrum → Query-Aware + Trace scores for all 270 W_Q heads,
+   on a ~256-token needle prompt with a question and answer (model already loaded).
+3. Peak RSS (resource.getrusage, in a fresh subprocess each) for a 2048-token prompt at
+   max_positions 256 (default) and 2048 (n = 2048).
+
+The last line printed is one JSON object.
+Usage: python bench/evidence.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ttt_core.attention import forward_with_frozen_kv, prefill  # noqa: E402
+from ttt_core.evidence import compute_evidence, longcontext_inputs, token_prob  # noqa: E402
+from ttt_core.generators import FILLER, needle_haystack  # noqa: E402
+from ttt_core.models import load_model  # noqa: E402
+from ttt_core.prompts import LongContextPrompt  # noqa: E402
+from ttt_core.scores import score_blocks  # noqa: E402
+from ttt_core.spectrum import evidence_spectrum  # noqa: E402
+
+CHECK_LAYERS = (0, 15, 29)
+
+
+def free_text(n_tokens: int, tok) -> LongContextPrompt:
+    rng = np.random.default_rng(0)
+    parts: list[str] = []
+    while len(tok(" ".join(parts)).input_ids) < n_tokens + 8:
+        parts.append(FILLER[int(rng.integers(len(FILLER)))])
+    return LongContextPrompt(context=" ".join(parts))
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def reference(lm, prompt, n: int, single_row: bool = True, dtype=torch.float32) -> tuple[float, dict]:
+    """One backward per position; returns (seconds, {layer: Φ_l (n, 576·576)}) for CHECK_LAYERS.
+    single_row=False runs all rows in one graph and back-propagates each output through it
+    (retain_graph) — the textbook form, far slower (every backward traverses all n rows)."""
+    a = lm.adapter
+    li = longcontext_inputs(lm, prompt, n)
+    ids = torch.tensor(li.ids)[None]
+    t0 = time.perf_counter()
+    _, cache = prefill(lm.model, ids)
+    deltas = {(l, "q"): torch.zeros(a.spec(l, "q").out_features, a.spec(l, "q").in_features, dtype=dtype,
+                                    requires_grad=True) for l in range(a.n_layers)}
+    dl = list(deltas.values())
+    phi = {l: torch.empty(n, dl[l].numel(), dtype=dtype) for l in CHECK_LAYERS}
+    pos, tg = li.positions, torch.tensor(li.targets)
+    if single_row:
+        for j, p in enumerate(pos):
+            with lm.adapter.apply(deltas=deltas):
+                out = forward_with_frozen_kv(lm.model, ids[:, p:p + 1], cache, p)
+                s = token_prob(out.logits[0], tg[j:j + 1])[0]
+            g = torch.autograd.grad(s, dl)
+            for l in CHECK_LAYERS:
+                phi[l][j] = g[l].reshape(-1)
+    else:
+        start = pos[0]
+        rows = torch.tensor([p - start for p in pos])
+        with lm.adapter.apply(deltas=deltas):
+            out = forward_with_frozen_kv(lm.model, ids[:, start:pos[-1] + 1], cache, start, logits_to_keep=rows)
+            s = token_prob(out.logits[0], tg)
+        for j in range(n):
+            g = torch.autograd.grad(s[j], dl, retain_graph=j < n - 1)
+            for l in CHECK_LAYERS:
+                phi[l][j] = g[l].reshape(-1)
+    return time.perf_counter() - t0, phi
+
+
+def compare(ev, phi, lm) -> dict:
+    """Relative errors (Frobenius) over the checked layers: layer kernels; per-head kernels relative
+    to their layer kernel's norm (the scale they are summed at); per-head kernels relative to
+    their own norm (fp32 round-off dominates for heads ~1e-6 of their layer)."""
+    d = lm.adapter.head_dim
+    layer, head_scaled, head_own = [], [], []
+    for l, P in phi.items():
+        P = P.double()
+        K_ref = (P @ P.T).numpy()
+        layer.append(rel(ev.layer_kernel(l), K_ref))
+        G = P.reshape(P.shape[0], lm.adapter.n_heads, d, -1)
+        for h in range(lm.adapter.n_heads):
+            Ph = G[:, h].reshape(P.shape[0], -1)
+            Kh_ref, Kh = (Ph @ Ph.T).numpy(), ev.head_kernel(l, h)
+            head_scaled.append(float(np.linalg.norm(Kh - Kh_ref) / np.linalg.norm(K_ref)))
+            head_own.append(rel(Kh, Kh_ref))
+    return {"layer": max(layer), "head_scaled": max(head_scaled), "head_own": max(head_own)}
+
+
+def kernel_speed(lm, n: int) -> dict:
+    prompt = free_text(n + 16, lm.tokenizer)
+    t0 = time.perf_counter()
+    ev = compute_evidence(lm, prompt, "q", max_positions=n)
+    t_fact = time.perf_counter() - t0
+    assert ev.n == n, ev.n
+    t_ref, phi = reference(lm, prompt, n)
+    gram0 = time.perf_counter()
+    for P in phi.values():
+        P @ P.T
+    t_gram = (time.perf_counter() - gram0) * lm.adapter.n_layers / len(phi)
+    err = compare(ev, phi, lm)
+    del phi
+    out = {f"factorised_s_n{n}": round(t_fact, 3), f"reference_backward_s_n{n}": round(t_ref, 3),
+           f"reference_gram_s_n{n}": round(t_gram, 3),
+           f"speedup_n{n}": round((t_ref + t_gram) / t_fact, 1),
+           f"speedup_backward_only_n{n}": round(t_ref / t_fact, 1),
+           f"max_rel_err_n{n}": max(err["layer"], err["head_scaled"]),
+           f"max_rel_err_layer_kernels_n{n}": err["layer"],
+           f"max_rel_err_head_vs_layer_norm_n{n}": err["head_scaled"],
+           f"max_rel_err_head_own_norm_fp32_n{n}": err["head_own"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def fp64_check(n: int = 32) -> dict:
+    """Same comparison on a private float64 copy of the model: separates the algebra (exact) from
+    fp32 round-off (batched rows vs single rows reduce in different orders)."""
+    lm64 = load_model()
+    lm64.model.double()
+    prompt = free_text(n + 16, lm64.tokenizer)
+    ev = compute_evidence(lm64, prompt, "q", max_positions=n)
+    _, phi = reference(lm64, prompt, n, dtype=torch.float64)
+    err = compare(ev, phi, lm64)
+    out = {f"fp64_max_rel_err_layer_kernels_n{n}": err["layer"], f"fp64_max_rel_err_head_own_norm_n{n}": err["head_own"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def full_graph_reference(lm, n: int, probe: int = 6) -> dict:
+    """The textbook per-position route (all n rows in one graph, one retain_graph backward per
+    output): time `probe` backward passes and scale to n (each backward costs the same)."""
+    a = lm.adapter
+    prompt = free_text(n + 16, lm.tokenizer)
+    li = longcontext_inputs(lm, prompt, n)
+    ids = torch.tensor(li.ids)[None]
+    _, cache = prefill(lm.model, ids)
+    deltas = [torch.zeros(a.spec(l, "q").out_features, a.spec(l, "q").in_features, requires_grad=True)
+              for l in range(a.n_layers)]
+    start = li.positions[0]
+    rows = torch.tensor([p - start for p in li.positions])
+    t0 = time.perf_counter()
+    with lm.adapter.apply(deltas={(l, "q"): d for l, d in enumerate(deltas)}):
+        out = forward_with_frozen_kv(lm.model, ids[:, start:li.positions[-1] + 1], cache, start, logits_to_keep=rows)
+        s = token_prob(out.logits[0], torch.tensor(li.targets))
+    t_fwd = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for j in range(probe):
+        torch.autograd.grad(s[j], deltas, retain_graph=True)
+    per = (time.perf_counter() - t1) / probe
+    out = {f"full_graph_reference_s_per_position_n{n}": round(per, 3),
+           f"full_graph_reference_s_n{n}_extrapolated": round(t_fwd + per * n, 1)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def end_to_end(lm) -> dict:
+    prompt = needle_haystack(1, n_words=190, position=0.4)
+    n_tok = len(lm.tokenizer(prompt.full_text()).input_ids)
+    t0 = time.perf_counter()
+    ev = compute_evidence(lm, prompt, "q", max_positions=256)
+    t1 = time.perf_counter()
+    rep = evidence_spectrum(ev, T=8, c=0.5)
+    t2 = time.perf_counter()
+    sc = score_blocks(ev, spectrum=rep)
+    t3 = time.perf_counter()
+    g0 = time.perf_counter()
+    score_blocks(ev, spectrum=rep, greedy_budget=4)
+    t_greedy = time.perf_counter() - g0 - (t3 - t2)
+    out = {"e2e_prompt_tokens": n_tok, "e2e_n": ev.n, "e2e_heads": int(sc.trace.size),
+           "e2e_evidence_s": round(t1 - t0, 3), "e2e_spectrum_s": round(t2 - t1, 3), "e2e_scores_s": round(t3 - t2, 3),
+           "e2e_total_s": round(t3 - t0, 3), "greedy_budget4_extra_s": round(t_greedy, 3),
+           "e2e_verdict": rep.verdict}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def memory_child(max_positions: int) -> None:
+    """Run in a fresh process: evidence + spectrum + scores for a ~2048-token prompt. Reports the
+    process peak RSS (ru_maxrss, includes model loading) and the peak *after* loading: VmHWM is
+    reset through /proc/self/clear_refs once the model is resident, so it measures the evidence
+    computation on top of the model."""
+    lm = load_model()
+    prompt = needle_haystack(2, n_words=1745, position=0.3)
+    n_tok = len(lm.tokenizer(prompt.full_text()).input_ids)
+    rss0 = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    t0 = time.perf_counter()
+    ev = compute_evidence(lm, prompt, "q", max_positions=max_positions)
+    rep = evidence_spectrum(ev)
+    score_blocks(ev, spectrum=rep)
+    secs = time.perf_counter() - t0
+    hwm = _status_kb("VmHWM")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tokens": n_tok, "n": ev.n, "seconds": round(secs, 2),
+                      "rss_before_mb": round(rss0 / 1024, 1),
+                      "peak_rss_during_evidence_mb": round(hwm / 1024, 1) if reset else None,
+                      "extra_over_model_mb": round((hwm - rss0) / 1024, 1) if reset else None,
+                      "process_peak_rss_mb": round(peak / 1024, 1)}))
+
+
+def memory(max_positions: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", str(max_positions)]
+    if torch.get_num_threads():
+        cmd += ["--threads", str(torch.get_num_threads())]
+    res = subprocess.run(cmd, capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode or not line:
+        raise RuntimeError(res.stderr[-2000:])
+    d = json.loads(line[-1])
+    out = {f"mem2048_maxpos{max_positions}_{k}": v for k, v in d.items()}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="n = 32 and 64 only, no memory runs")
+    ap.add_argument("--memory-child", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--sections", default="kernel,e2e,memory", help="comma list of kernel, e2e, memory")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return
+    torch.manual_seed(0)
+    lm = load_model()
+    result: dict = {"device": "cpu", "threads": torch.get_num_threads(), "model": lm.name,
+                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+    compute_evidence(lm, free_text(40, lm.tokenizer), "q", max_positions=16)   # warm-up (allocator, kernels)
+    reference(lm, free_text(40, lm.tokenizer), 2)
+    sections = set(args.sections.split(","))
+    sizes = (32, 64) if args.quick else (128, 256)
+    if "kernel" in sections:
+        for n in sizes:
+            result.update(kernel_speed(lm, n))
+        result.update(full_graph_reference(lm, sizes[0]))
+        result.update(fp64_check(32))
+        result["max_rel_err"] = max(v for k, v in result.items() if re.fullmatch(r"max_rel_err_n\d+", k))
+    if "e2e" in sections:
+        result.update(end_to_end(lm))
+    if "memory" in sections and not args.quick:
+        result.update(memory(256))
+        result.update(memory(2048))
+    result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Spectrum & SNR page: the prompt kernel's eigen-spectrum, per-mode SNR, query alignment, filter
+match and the plug-in TTT-versus-ICL verdict (DESIGN §2–§4). UI only; computation in ttt_core."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from pages.common import get_model, get_prompt, how_to_read, page_header
+from ttt_core.evidence import SUBSPACES, EvidenceError, cached, cached_evidence, evidence_key
+from ttt_core.figures import spectrum as figs
+from ttt_core.prompts import LongContextPrompt
+from ttt_core.spectrum import evidence_spectrum
+
+page_header("Spectrum & SNR",
+            "Does adapting on this prompt beat plain in-context prediction, and which eigen-directions "
+            "of the prompt kernel carry the signal the query needs?")
+
+lm = get_model()
+prompt = get_prompt(lm) if lm is not None else None
+if lm is None or prompt is None:
+    st.stop()
+
+long = isinstance(prompt, LongContextPrompt)
+c1, c2, c3, c4 = st.columns(4)
+subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="spec_subspace",
+                        help="W_Q per head is what qTTT updates; W_V per head is what the paper's experiments update.")
+T = c2.number_input("Steps T", min_value=1, max_value=200, value=8, step=1, key="spec_T")
+c = c3.slider("Step fraction c (ρ = c/λ_max)", min_value=0.05, max_value=0.95, value=0.5, step=0.05, key="spec_c")
+max_pos = c4.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="spec_maxpos",
+                          disabled=not long, help="Long context: the last this-many next-token predictions are "
+                                                 "the supervised positions (few-shot uses one per demonstration).")
+if long:
+    st.caption("Long context: each supervised output is the probability of the observed next token (target 1, "
+               "residual 1 − p), which puts free text in the paper's squared-loss frame (DESIGN §7.2).")
+    if subspace != "q":
+        st.warning(f"{SUBSPACES[subspace]} on a long context uses the exact per-output route: one backward pass per "
+                   "group of at most 8 outputs (fewer for long contexts: ≤ 2048 tokens per batch), e.g. "
+                   f"{int(max_pos)} outputs ≈ {int(np.ceil(max_pos / 8))}+ passes. Lower 'Max positions' if this is slow.")
+
+bar = st.progress(0.0, text="Computing prompt evidence…")
+
+
+def _progress(frac: float, text: str) -> None:
+    bar.progress(frac, text=text)
+
+
+try:
+    with st.spinner(f"Kernel of {SUBSPACES[subspace]} on {lm.name}…"):
+        ev = cached_evidence(st.session_state, lm, prompt, subspace, max_positions=int(max_pos), progress=_progress)
+except EvidenceError as exc:
+    bar.empty()
+    st.error(str(exc))
+    st.stop()
+bar.empty()
+
+block_opts = ["Full kernel"] + [ev.block_label(b) for b in ev.blocks()]
+choice = st.selectbox("Kernel to decompose", block_opts, key="spec_block",
+                      help="The full kernel K = Σ_b K⁽ᵇ⁾ of the subspace, or one block's K⁽ᵇ⁾ (its own τ², σ² fit).")
+block = None if choice == "Full kernel" else ev.blocks()[block_opts.index(choice) - 1]
+key = evidence_key(lm, prompt, subspace, int(max_pos)) + ("spectrum", block, float(T), float(c))
+try:
+    rep = cached(st.session_state, key, lambda: evidence_spectrum(ev, block, T=float(T), c=float(c)))
+except ValueError as exc:
+    st.error(f"Spectrum failed: {exc}")
+    st.stop()
+
+m = st.columns(6)
+m[0].metric("n (supervised outputs)", ev.n)
+m[1].metric("Effective rank", f"{rep.eff_rank_entropy:.1f}", help=f"exp(spectral entropy); participation ratio "
+                                                                   f"{rep.participation_ratio:.1f}")
+m[2].metric("τ² (signal)", f"{rep.tau2:.3g}")
+m[3].metric("σ² (noise)", f"{rep.sigma2:.3g}")
+m[4].metric("λ⋆ = σ²/τ²", "∞" if not np.isfinite(rep.lam_star) else f"{rep.lam_star:.3g}")
+m[5].metric("Verdict (plug-in estimate)", f"{'TTT' if rep.beats else 'ICL'} wins at T={rep.T:g}", help=rep.verdict)
+(st.success if rep.beats else st.info)(
+    f"**{rep.verdict}.** {rep.criterion.capitalize()}: TTT {rep.gap_ttt:.3g} vs ICL {rep.gap_icl:.3g}; lowest on "
+    f"the grid at T = {rep.best_T:g}. τ² and σ² are fitted to this one prompt's residuals, so this is a plug-in "
+    "estimate, not a guarantee.")
+q = ev.query
+st.caption(f"Route: {ev.route} — {ev.route_note} "
+           + (f"Query: {q.label} = {q.value:.4f}" + (f", error {q.error:.4f}" if q.error is not None else "")
+              + (f", NLL {q.nll:.3f}" if q.nll is not None else "") + "." if q is not None else "")
+           + (f" {ev.query_note}" if ev.query_note else ""))
+
+st.plotly_chart(figs.scree_figure(rep), key="spec_scree")
+how_to_read(r"K = U\,\mathrm{diag}(\lambda_i)\,U^\top,\quad \mathrm{energy}(i)=\frac{\sum_{j\le i}\lambda_j}{\sum_j\lambda_j},"
+            r"\quad r_{\mathrm{eff}}=\exp\Big(-\sum_i p_i\log p_i\Big),\ p_i=\lambda_i/\textstyle\sum\lambda",
+            "Eigenvalues of the prompt kernel (log scale), the cumulative share of the trace, the effective rank "
+            "(dashed vertical) and λ⋆ = σ²/τ² (dashed horizontal: modes above it have SNR > 1).",
+            "a few modes well above λ⋆ that hold most of the energy: the update has a clear, low-dimensional signal.",
+            "a flat spectrum entirely below λ⋆: every direction is noise-dominated, and adapting mostly fits noise.",
+            "§2, §3")
+
+st.plotly_chart(figs.snr_figure(rep), key="spec_snr")
+how_to_read(r"\mathrm{SNR}_i = \tau^2\lambda_i/\sigma^2",
+            "Per-mode signal-to-noise ratio with τ², σ² fitted by maximum GP evidence of the residuals.",
+            "the leading modes sit well above the SNR = 1 line.", "all modes below 1 (τ² ≈ 0: ICL is Bayes-optimal).",
+            "§3, §5")
+
+st.plotly_chart(figs.alignment_figure(rep), key="spec_align")
+how_to_read(r"(u_i^\top k_x)^2,\qquad k_x = \Phi\,\phi(x)",
+            "How strongly the query couples to each eigen-direction of the prompt kernel.",
+            "alignment concentrated on high-SNR modes: what TTT learns on the prompt transfers to the query.",
+            "alignment on low-SNR (tail) modes: the query needs directions the prompt cannot estimate.", "§2, §4")
+
+st.plotly_chart(figs.filter_figure(rep), key="spec_filter")
+how_to_read(r"g_T(\lambda)=1-(1-\rho\lambda)^T,\ \rho=c/\lambda_{\max};\qquad g_\star(\lambda)=\frac{\lambda}{\lambda+\lambda_\star}",
+            "How much of each mode T steps of gradient descent fit (solid) versus the Bayes-optimal shrinkage "
+            "(dashed), at the kernel's actual eigenvalues.",
+            "the two curves close on the modes that carry query alignment.",
+            "g_T ≈ 1 where g⋆ ≈ 0 (over-fitting noisy modes) or g_T ≈ 0 where g⋆ ≈ 1 (too few steps).", "§3")
+
+st.plotly_chart(figs.gap_figure(rep), key="spec_gap")
+how_to_read(r"\sum_i a_i\,(q_T(\lambda_i)-q_\star(\lambda_i))^2 \;<\; \sum_i a_i\,q_\star(\lambda_i)^2,"
+            r"\quad a_i=(\tau^2\lambda_i+\sigma^2)(u_i^\top k_x)^2",
+            "Per-mode contributions to the query Bayes gap of TTT at T steps (blue) and of ICL (orange). TTT beats ICL "
+            "when the blue bars sum to less than the orange ones (plug-in values of τ², σ²).",
+            "blue bars far below orange on the aligned modes.", "blue bars above orange: TTT's filter is mismatched.",
+            "§4")
+
+st.plotly_chart(figs.gap_vs_T_figure(rep), key="spec_gap_T")
+how_to_read(r"\mathrm{gap}(T)=\sum_i a_i\,(q_T(\lambda_i)-q_\star(\lambda_i))^2",
+            "The same plug-in gap over T = 0…30 with ρ fixed; the dashed line is ICL (T = 0).",
+            "a dip below the ICL line: some horizon helps.", "a curve that only rises: any adaptation hurts.", "§4")

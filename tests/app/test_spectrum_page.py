@@ -1,0 +1,105 @@
+"""AppTest: the Spectrum & SNR page, run through app.py so the shared sidebar runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ttt_core.evidence import compute_evidence
+from ttt_core.models import load_model
+from ttt_core.prompts import parse_prompt
+from ttt_core.spectrum import evidence_spectrum
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+FEWSHOT = "6->5\n6->5\n8->7\n5->4\n7->6\n2->1\n0->9\n3->2\n2->\n# answer: 1"
+LONG = ("The river bends twice before it reaches the old mill. The secret number is 4821. Sheep graze above the "
+        "orchard.\nQuestion: What is the secret number?\nAnswer: 4821")
+
+
+def decode(v):
+    """plotly ≥ 6 JSON arrays: {"dtype", "bdata"} (base64) or plain lists."""
+    if isinstance(v, dict) and "bdata" in v:
+        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        if "shape" in v:
+            arr = arr.reshape([int(s) for s in str(v["shape"]).split(",")])
+        return arr
+    return np.asarray(v, dtype=float)
+
+
+def chart(at: AppTest, key_suffix: str) -> dict:
+    for c in at.get("plotly_chart"):
+        if c.proto.id and key_suffix in c.proto.id:
+            return json.loads(c.proto.spec)
+    raise AssertionError(f"no chart with key {key_suffix}: {[c.proto.id for c in at.get('plotly_chart')]}")
+
+
+def run_page(model: str, prompt: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_name"] = model
+    at.session_state["model_preset"] = model if model.startswith("tiny-random-") else "Other: hub id or local folder…"
+    at.session_state["prompt_text"] = prompt
+    at.run()
+    at.switch_page("pages/spectrum.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_spectrum_page_plots_ttt_core_eigenvalues_tiny():
+    at = run_page("tiny-random-llama", FEWSHOT)
+    labels = [m.label for m in at.metric]
+    assert labels[:6] == ["n (supervised outputs)", "Effective rank", "τ² (signal)", "σ² (noise)", "λ⋆ = σ²/τ²", "Verdict (plug-in estimate)"]
+    assert at.metric[0].value == "8"
+    assert at.metric[5].value in ("TTT wins at T=8", "ICL wins at T=8")
+    assert any("plug-in estimate" in s.value for s in list(at.success) + list(at.info))
+    spec = chart(at, "spec_scree")
+    lam_plot = decode(spec["data"][0]["y"])
+    lm = load_model("tiny-random-llama")
+    rep = evidence_spectrum(compute_evidence(lm, parse_prompt(FEWSHOT), "q"), T=8, c=0.5)
+    expected = np.where(rep.lam > 1e-300, rep.lam, np.nan)
+    np.testing.assert_allclose(lam_plot, expected, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(decode(spec["data"][1]["y"]), rep.cum_energy, rtol=1e-6)
+    # SNR, filter match and gap figures carry the same report
+    np.testing.assert_allclose(decode(chart(at, "spec_snr")["data"][0]["y"]),
+                               np.where(rep.snr > 1e-300, rep.snr, np.nan), rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(decode(chart(at, "spec_filter")["data"][0]["y"]), rep.g_T, rtol=1e-6)
+    np.testing.assert_allclose(decode(chart(at, "spec_gap")["data"][0]["y"]), rep.gap_contrib, rtol=1e-6)
+    assert len(at.get("plotly_chart")) == 6
+    assert len(at.expander) >= 6  # one "how to read" per figure
+
+
+def test_spectrum_page_subspace_and_block_controls():
+    at = run_page("tiny-random-gpt2", FEWSHOT)
+    at.selectbox(key="spec_subspace").set_value("v").run()
+    assert not at.exception
+    at.selectbox(key="spec_block").set_value("L1.vH2").run()
+    assert not at.exception
+    lm = load_model("tiny-random-gpt2")
+    ev = compute_evidence(lm, parse_prompt(FEWSHOT), "v")
+    rep = evidence_spectrum(ev, (1, 2), T=8, c=0.5)
+    lam_plot = decode(chart(at, "spec_scree")["data"][0]["y"])
+    np.testing.assert_allclose(lam_plot, np.where(rep.lam > 1e-300, rep.lam, np.nan), rtol=1e-6, equal_nan=True)
+
+
+def test_spectrum_page_errors_keep_page_up():
+    bad = "good film: good\ngreat film: great\nbad film: bad\nnice film:"
+    at = run_page("tiny-random-llama", bad)
+    assert any("share their first token" in e.value for e in at.error)
+    assert not at.get("plotly_chart")
+
+
+@pytest.mark.smollm2
+def test_spectrum_page_long_context_smollm2():
+    at = run_page("SmolLM2-135M-Instruct (embedded)", LONG)
+    assert any("squared-loss frame" in c.value for c in at.caption)
+    spec = chart(at, "spec_scree")
+    lm = load_model()
+    ev = compute_evidence(lm, parse_prompt(LONG), "q", max_positions=256)
+    rep = evidence_spectrum(ev, T=8, c=0.5)
+    np.testing.assert_allclose(decode(spec["data"][0]["y"]), np.where(rep.lam > 1e-300, rep.lam, np.nan),
+                               rtol=1e-4, equal_nan=True)
+    assert at.metric[0].value == str(ev.n)

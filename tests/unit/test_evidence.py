@@ -1,0 +1,262 @@
+"""Factorised prompt kernels against a slow plain-autograd reference (DESIGN §2, §7).
+
+Reference: one backward per supervised output with a zero weight delta (requires_grad) on every
+layer's block, Φ built explicitly per block slice, K = ΦΦᵀ and k_x = Φ φ_x.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ttt_core.attention import forward_with_frozen_kv, prefill
+from ttt_core.evidence import (EvidenceError, compute_evidence, fewshot_inputs, fewshot_scalar,
+                               longcontext_inputs, token_prob)
+from ttt_core.generators import digit_shift_task
+from ttt_core.models import build_tiny_model, load_model
+from ttt_core.prompts import FewShotPrompt, LongContextPrompt, parse_prompt
+
+FAMILIES = ["llama", "gpt2", "neox"]
+KINDS = ["q", "k", "v", "o", "mlp_up", "mlp_down"]
+TOL = 1e-4
+LONG_TEXT = ("The river bends twice before it reaches the old mill. Farmers grow barley there."
+             "\nQuestion: What do farmers grow?\nAnswer: barley")
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return build_tiny_model(request.param, seed=3)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """A private float64 copy of SmolLM2 (this test's own instance): the reference and the
+    factorised route then agree to round-off, so 1e-4 tests the algebra, not fp32 summation order.
+    (In fp32, heads whose kernel is ~1e-9 of the largest differ by ~1e-4 between a padded batch
+    and a single sequence — see test_fewshot_full_kernel_smollm2_fp32.)"""
+    lm = load_model()
+    lm.model.double()
+    return lm
+
+
+def _deltas(lm, kind):
+    a = lm.adapter
+    return {(l, kind): torch.zeros(a.spec(l, kind).out_features, a.spec(l, kind).in_features,
+                                   dtype=lm.dtype, requires_grad=True) for l in range(a.n_layers)}
+
+
+def _block_slices(lm, kind):
+    """[(layer, head, slicer)] with slicer(G (out, in)) → flattened block gradient."""
+    a = lm.adapter
+    out = []
+    for l in range(a.n_layers):
+        if kind.startswith("mlp"):
+            out.append((l, 0, lambda G: G.reshape(-1)))
+        else:
+            for h in range(a.heads_of(kind)):
+                s = a.head_slice(kind, h)
+                out.append((l, h, (lambda G, s=s: G[s].reshape(-1)) if a.head_axis(kind) == 0
+                            else (lambda G, s=s: G[:, s].reshape(-1))))
+    return out
+
+
+def _kernels_from_grads(lm, kind, grads, n):
+    """grads: list over outputs (n supervised then optional query) of {layer: G (out, in)}."""
+    res = {}
+    for l, h, sl in _block_slices(lm, kind):
+        Phi = torch.stack([sl(g[l]).double() for g in grads])
+        res[(l, h)] = ((Phi[:n] @ Phi[:n].T).numpy(), (Phi[:n] @ Phi[n]).numpy() if len(grads) > n else None)
+    return res
+
+
+def reference_fewshot(lm, prompt, kind):
+    fs = fewshot_inputs(lm, prompt)
+    grads, vals = [], []
+    for seq in fs.seqs:                       # n LOO prompts then the full prompt
+        d = _deltas(lm, kind)
+        with lm.adapter.apply(deltas=d):
+            logits = lm.model(input_ids=torch.tensor(seq)[None]).logits[0, -1]
+            s = fewshot_scalar(logits, fs.label_ids, fs.label_values)
+        g = torch.autograd.grad(s, list(d.values()))
+        grads.append({k[0]: gi for k, gi in zip(d, g)})
+        vals.append(float(s.detach()))
+    return _kernels_from_grads(lm, kind, grads, prompt.n), np.array(vals)
+
+
+def reference_long(lm, prompt, kind, max_positions, frozen):
+    li = longcontext_inputs(lm, prompt, max_positions)
+    ids = torch.tensor(li.ids)[None]
+    outs = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    tg = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+    d = _deltas(lm, kind)
+    with lm.adapter.apply(deltas=d):
+        if frozen:
+            _, cache = prefill(lm.model, ids)
+            logits = forward_with_frozen_kv(lm.model, ids, cache, 0).logits[0]
+        else:
+            logits = lm.model(input_ids=ids).logits[0]
+        s = token_prob(logits[outs], torch.tensor(tg))
+    grads = []
+    for j in range(len(outs)):                 # one backward per output
+        g = torch.autograd.grad(s[j], list(d.values()), retain_graph=True)
+        grads.append({k[0]: gi for k, gi in zip(d, g)})
+    return _kernels_from_grads(lm, kind, grads, len(li.positions)), s.detach().numpy()
+
+
+def check_against_reference(ev, ref, vals_ref, has_query=True):
+    n = ev.n
+    np.testing.assert_allclose(ev.values, vals_ref[:n], rtol=1e-5, atol=1e-6)
+    K_ref = sum(K for K, _ in ref.values())
+    assert rel(ev.K, K_ref) <= TOL
+    for (l, h), (Kb, kxb) in ref.items():
+        assert rel(ev.head_kernel(l, h), Kb) <= TOL, (l, h)
+        if has_query:
+            assert rel(ev.head_couplings[l, h], kxb) <= TOL, (l, h)
+    if has_query:
+        assert rel(ev.k_x, sum(kx for _, kx in ref.values())) <= TOL
+    # per-block kernels add up to the layer kernels and to the full kernel
+    layer_sum = sum(ev.layer_kernel(l) for l in range(ev.n_layers))
+    assert rel(layer_sum, ev.K) <= 1e-10
+    for l in range(ev.n_layers):
+        hk = ev.factors[l].head_kernels().numpy()
+        assert rel(hk.sum(0), ev.layer_kernel(l)) <= 1e-10
+        np.testing.assert_allclose(np.trace(hk, axis1=1, axis2=2), ev.factors[l].head_traces().numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fewshot_kernels_match_reference_tiny(tiny, kind):
+    prompt = digit_shift_task(1, n=6).prompt
+    ev = compute_evidence(tiny, prompt, kind)
+    ref, vals = reference_fewshot(tiny, prompt, kind)
+    assert ev.route == "loo-exact"
+    check_against_reference(ev, ref, vals)
+    assert ev.query is not None and ev.query.value == pytest.approx(vals[-1], rel=1e-5)
+
+
+def test_fewshot_residual_signs_and_query_error(tiny):
+    task = digit_shift_task(2, n=5)
+    ev = compute_evidence(tiny, task.prompt, "q")
+    vals = task.prompt.label_values()
+    targets = np.array([vals[y] for _, y in task.prompt.demos])
+    np.testing.assert_allclose(ev.targets, targets)
+    np.testing.assert_allclose(ev.residuals, targets - ev.values)
+    assert np.all(np.sign(ev.residuals) == np.sign(targets - ev.values))
+    assert ev.query.target == pytest.approx(vals[task.prompt.query_y])
+    assert ev.query.error == pytest.approx((ev.query.value - ev.query.target) ** 2)
+    assert np.all((ev.values >= 0) & (ev.values <= 1))
+
+
+@pytest.mark.parametrize("kind", ["q", "v", "o", "mlp_down"])
+def test_long_context_exact_route_matches_reference_tiny(tiny, kind):
+    prompt = parse_prompt(LONG_TEXT)
+    ev = compute_evidence(tiny, prompt, kind, max_positions=12, qttt=False, chunk=5)
+    assert ev.route == "exact-per-output" and ev.n == 12
+    ref, vals = reference_long(tiny, prompt, kind, 12, frozen=False)
+    check_against_reference(ev, ref, vals)
+    assert ev.query.value == pytest.approx(vals[-1], rel=1e-5)
+    np.testing.assert_allclose(ev.residuals, 1.0 - ev.values)
+    assert np.all(ev.residuals > 0)
+
+
+def test_long_context_exact_route_layer_groups(tiny):
+    """A tiny feature budget forces one layer per group: same kernels."""
+    prompt = parse_prompt(LONG_TEXT)
+    a = compute_evidence(tiny, prompt, "k", max_positions=10, qttt=False, chunk=4)
+    b = compute_evidence(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3, feature_budget_bytes=1)
+    assert rel(b.K, a.K) <= 1e-6 and rel(b.k_x, a.k_x) <= 1e-6
+
+
+def test_long_context_qttt_route_matches_frozen_reference(tiny):
+    prompt = parse_prompt(LONG_TEXT)
+    ev = compute_evidence(tiny, prompt, "q", max_positions=20, row_chunk=7)
+    assert ev.route == "qttt-frozen-kv"
+    ref, vals = reference_long(tiny, prompt, "q", 20, frozen=True)
+    check_against_reference(ev, ref, vals)
+
+
+def test_free_text_has_no_query(tiny):
+    prompt = parse_prompt("Just some free text without any question at all, a few words long.")
+    ev = compute_evidence(tiny, prompt, "q", max_positions=16)
+    assert ev.k_x is None and ev.head_couplings is None and ev.query is None
+    assert "k_x" in ev.query_note
+    ref, vals = reference_long(tiny, prompt, "q", 16, frozen=True)
+    check_against_reference(ev, ref, vals, has_query=False)
+
+
+def test_errors_are_readable(tiny):
+    shared = FewShotPrompt(demos=[("a", "good"), ("b", "great"), ("c", "good")], query_x="d", spaced=True)
+    with pytest.raises(EvidenceError, match="share their first token"):
+        compute_evidence(tiny, shared, "q")
+    with pytest.raises(EvidenceError, match="No supervised positions"):
+        compute_evidence(tiny, LongContextPrompt(context="x"), "q")
+    with pytest.raises(EvidenceError, match="Unknown subspace"):
+        compute_evidence(tiny, digit_shift_task(0).prompt, "W_Z")
+
+
+def test_model_is_not_mutated(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    compute_evidence(tiny, digit_shift_task(4, n=4).prompt, "v")
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_large_row_count_is_blocked(tiny):
+    """Row blocking (N > block_rows) gives the same kernels, couplings and traces."""
+    prompt = digit_shift_task(5, n=6).prompt
+    ev = compute_evidence(tiny, prompt, "o")
+    K0, hk0, kx0 = ev.K.copy(), ev.factors[1].head_kernels().numpy(), ev.factors[1].query_couplings().numpy()
+    M = np.random.default_rng(0).standard_normal((ev.n, ev.n))
+    M = M @ M.T
+    tr0 = ev.trace_scores(M)
+    for f in ev.factors:
+        f.block_rows = 37
+        f.__post_init__()
+    assert rel(sum(ev.layer_kernel(l) for l in range(ev.n_layers)), K0) <= 1e-12
+    assert rel(ev.factors[1].head_kernels().numpy(), hk0) <= 1e-12
+    assert rel(ev.factors[1].query_couplings().numpy(), kx0) <= 1e-12
+    assert rel(ev.trace_scores(M), tr0) <= 1e-12
+
+
+# ------------------------------------------------------------------ SmolLM2 (short prompts)
+
+SMOL_FEWSHOT = "3 -> 5\n8 -> 0\n1 -> 3\n6 ->\n# answer: 8"
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("kind", ["q", "k", "v", "o", "mlp_up", "mlp_down"])
+def test_fewshot_kernels_match_reference_smollm2(smol, kind):
+    prompt = parse_prompt(SMOL_FEWSHOT)
+    ev = compute_evidence(smol, prompt, kind)
+    ref, vals = reference_fewshot(smol, prompt, kind)
+    check_against_reference(ev, ref, vals)
+
+
+@pytest.mark.smollm2
+def test_long_context_kernels_match_reference_smollm2(smol):
+    prompt = parse_prompt(LONG_TEXT)
+    ev = compute_evidence(smol, prompt, "q", max_positions=8)
+    ref, vals = reference_long(smol, prompt, "q", 8, frozen=True)
+    check_against_reference(ev, ref, vals)
+    ev = compute_evidence(smol, prompt, "v", max_positions=6, qttt=False, chunk=7)
+    ref, vals = reference_long(smol, prompt, "v", 6, frozen=False)
+    check_against_reference(ev, ref, vals)
+
+
+@pytest.mark.smollm2
+def test_fewshot_full_kernel_smollm2_fp32():
+    """The shipped fp32 model: full kernel and query coupling within 1e-4 of the reference."""
+    lm = load_model()
+    prompt = parse_prompt(SMOL_FEWSHOT)
+    ev = compute_evidence(lm, prompt, "q")
+    ref, vals = reference_fewshot(lm, prompt, "q")
+    assert rel(ev.K, sum(K for K, _ in ref.values())) <= TOL
+    assert rel(ev.k_x, sum(kx for _, kx in ref.values())) <= TOL
+    for l in range(ev.n_layers):
+        assert rel(ev.layer_kernel(l), sum(ref[(l, h)][0] for h in range(ev.n_blocks_per_layer))) <= TOL

@@ -1,0 +1,222 @@
+"""Block and head scores: which directions to adapt (DESIGN §6; paper A.7, App. I.4).
+
+For blocks b of one subspace (heads of W_Q/W_K/W_V/W_O, or one MLP matrix per layer), with the
+full kernel K = Σ_b K^(b) of the subspace and M = (K + σ²I)⁻¹:
+
+* Query-Aware  s_b = k_x^(b)ᵀ M k_x^(b)   (Eq. 8 with Σ = I; needs a query);
+* Trace        s_b = tr(K^(b) M)          (Eq. 9; computed from per-layer factors, no n×n K^(b));
+* Hutchinson   s_b ≈ (1/R) Σ_r z_rᵀ K^(b) M z_r, z_r ∈ {±1}ⁿ, M z_r by conjugate gradients;
+* Greedy Query-Aware (what the paper's experiments ran, App. I.4): add blocks one at a time, each
+  time the b maximising h_b² with h_b = (k_x^curr + k_x^(b))ᵀ Q_T(K_curr + K^(b)) r,
+  Q_T(λ) = (1 − (1 − ρλ)^T)/λ, fixed T = 8, ρ = c/λ_max(K_curr + K^(b)) of each candidate; k_x is
+  restricted to the blocks in K_curr + K^(b) (couplings add over disjoint blocks).
+
+σ² defaults to the σ² fitted by maximum GP evidence on the full kernel (`theory.fit_signal_noise`),
+floored at 1e-12·λ_max so M stays finite when the fit puts σ² at 0. `share` = tr(K^(b))/tr(K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator, cg
+
+from ttt_core import theory
+
+GREEDY_T = 8
+GREEDY_C = 0.5
+SIGMA2_FLOOR_REL = 1e-12
+
+
+@dataclass
+class GreedyStep:
+    """One greedy pick: the block, its h² and ρ used."""
+
+    block: tuple[int, int]
+    h2: float
+    rho: float
+
+
+@dataclass
+class BlockScores:
+    """Scores of every block, arrays (L, H) (H = blocks per layer).
+
+    query_aware is None without a query; hutchinson/hutchinson_se only when requested;
+    greedy: ordered picks (None when not run); sigma2 and where it came from."""
+
+    labels: np.ndarray
+    sigma2: float
+    sigma2_source: str
+    trace: np.ndarray
+    share: np.ndarray
+    query_aware: np.ndarray | None
+    hutchinson: np.ndarray | None = None
+    hutchinson_se: np.ndarray | None = None
+    greedy: list[GreedyStep] | None = None
+    greedy_note: str | None = None
+
+    def available(self) -> dict[str, np.ndarray]:
+        """Score name → (L, H) array, only those computed."""
+        out = {"Trace": self.trace, "Kernel share": self.share}
+        if self.query_aware is not None:
+            out = {"Query-Aware": self.query_aware, **out}
+        if self.greedy:
+            g = np.full(self.trace.shape, np.nan)
+            for rank, step in enumerate(self.greedy, 1):
+                g[step.block] = rank
+            out["Greedy rank"] = g
+        if self.hutchinson is not None:
+            out["Trace (Hutchinson)"] = self.hutchinson
+        return out
+
+    def ranked(self, score: str, k: int | None = None) -> list[dict]:
+        """Rows (dict) sorted by `score` (descending; ascending for "Greedy rank"), top k."""
+        arrs = self.available()
+        key = arrs[score]
+        order = np.argsort(key, axis=None, kind="stable")
+        if score != "Greedy rank":
+            order = order[::-1]
+        rows = []
+        for rank, flat in enumerate(order, 1):
+            l, h = np.unravel_index(flat, key.shape)
+            if np.isnan(key[l, h]):
+                continue
+            row = {"rank": rank, "block": str(self.labels[l, h]), "layer": int(l), "head": int(h)}
+            row.update({name: float(a[l, h]) for name, a in arrs.items()})
+            rows.append(row)
+        return rows[:k] if k else rows
+
+
+def resolvent(lam: np.ndarray, U: np.ndarray, sigma2: float) -> np.ndarray:
+    """M = (K + σ²I)⁻¹ = U diag(1/(λ + σ²)) Uᵀ: (n, n)."""
+    return (U / (lam + sigma2)) @ U.T
+
+
+def default_sigma2(lam: np.ndarray, r_tilde: np.ndarray) -> float:
+    """Fitted σ² (max GP evidence) floored at 1e-12·λ_max."""
+    _, s2, _ = theory.fit_signal_noise(lam, r_tilde)
+    return max(float(s2), SIGMA2_FLOOR_REL * float(max(lam.max(), 1e-300)))
+
+
+def hutchinson_trace(ev, sigma2: float, probes: int = 32, seed: int = 0, K: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hutchinson estimate of tr(K^(b)(K + σ²I)⁻¹) for every block with standard errors.
+
+    z_r ∈ {±1}ⁿ (Rademacher), u_r = (K + σ²I)⁻¹ z_r by conjugate gradients (K only as a matvec),
+    s_b ≈ mean_r z_rᵀ K^(b) u_r. Returns (estimate (L, H), standard error (L, H))."""
+    K = ev.K if K is None else K
+    n = K.shape[0]
+    rng = np.random.default_rng(seed)
+    Z = rng.choice([-1.0, 1.0], size=(n, probes))
+    op = LinearOperator((n, n), matvec=lambda v: K @ v + sigma2 * v, dtype=float)
+    U = np.empty_like(Z)
+    for r in range(probes):
+        U[:, r], info = cg(op, Z[:, r], rtol=1e-12, atol=0.0, maxiter=10 * n)
+    Q = ev.quad_forms(Z, U)  # (L, H, R)
+    se = Q.std(axis=-1, ddof=1) / np.sqrt(probes) if probes > 1 else np.full(Q.shape[:2], np.nan)
+    return Q.mean(axis=-1), se
+
+
+def _lam_max(Kc: np.ndarray) -> np.ndarray:
+    """Largest eigenvalue of each matrix in a (B, n, n) stack (exact for n ≤ 128, else 60 power
+    iterations with a Rayleigh quotient — a lower bound close to λ_max; with c ≤ 0.5 ρ stays admissible)."""
+    n = Kc.shape[-1]
+    if n <= 128:
+        return np.linalg.eigvalsh(Kc)[:, -1]
+    v = np.ones(Kc.shape[:2]) / np.sqrt(n)
+    for _ in range(60):
+        w = np.einsum("bij,bj->bi", Kc, v)
+        nrm = np.linalg.norm(w, axis=1, keepdims=True)
+        v = w / np.where(nrm > 0, nrm, 1.0)
+    return np.einsum("bi,bij,bj->b", v, Kc, v)
+
+
+def greedy_query_aware(ev, budget: int, T: int = GREEDY_T, c: float = GREEDY_C,
+                       cache_bytes: int = 512 << 20, batch_bytes: int = 256 << 20) -> list[GreedyStep]:
+    """Greedy Query-Aware selection (DESIGN §6, App. I.4); see module docstring.
+
+    Per-block kernels are cached when L·H·n²·8 bytes ≤ cache_bytes, otherwise rebuilt from the
+    factors at every step (slow for large n). Candidates are evaluated in batches of at most
+    batch_bytes of kernels. Returns the picks in order (length min(budget, #blocks))."""
+    if ev.head_couplings is None:
+        raise ValueError("Greedy Query-Aware needs a query coupling k_x (this prompt has none).")
+    blocks = ev.blocks()
+    n = ev.n
+    r = ev.residuals
+    kxb = ev.head_couplings
+    L, H = kxb.shape[:2]
+    cached = None
+    if L * H * n * n * 8 <= cache_bytes:
+        cached = np.stack([f.head_kernels().cpu().numpy() for f in ev.factors])  # (L, H, n, n)
+
+    def kern(b):
+        return cached[b] if cached is not None else ev.head_kernel(*b)
+
+    K_curr = np.zeros((n, n))
+    kx_curr = np.zeros(n)
+    chosen: list[GreedyStep] = []
+    remaining = list(blocks)
+    per = max(1, int(batch_bytes // (n * n * 8)))
+    for _ in range(min(budget, len(blocks))):
+        best = (-1.0, None, 0.0)
+        for i0 in range(0, len(remaining), per):
+            cand = remaining[i0:i0 + per]
+            Kc = np.stack([K_curr + kern(b) for b in cand])            # (B, n, n)
+            kx = np.stack([kx_curr + kxb[b] for b in cand])            # (B, n)
+            lmax = _lam_max(Kc)
+            rho = np.where(lmax > 0, c / np.where(lmax > 0, lmax, 1.0), 0.0)
+            v = np.broadcast_to(r, kx.shape).copy()
+            acc = np.zeros_like(v)
+            for _t in range(int(T)):                                    # Q_T(K) r = ρ Σ_{t<T} (I − ρK)^t r
+                acc += v
+                v = v - rho[:, None] * np.einsum("bij,bj->bi", Kc, v)
+            h = rho * np.einsum("bi,bi->b", kx, acc)
+            j = int(np.argmax(h**2))
+            if h[j] ** 2 > best[0]:
+                best = (float(h[j] ** 2), cand[j], float(rho[j]))
+        h2, b, rho_b = best
+        chosen.append(GreedyStep(block=b, h2=h2, rho=rho_b))
+        K_curr = K_curr + kern(b)
+        kx_curr = kx_curr + kxb[b]
+        remaining.remove(b)
+    return chosen
+
+
+def score_blocks(ev, sigma2: float | None = None, *, spectrum=None, hutchinson_probes: int = 0, seed: int = 0,
+                 greedy_budget: int = 0, greedy_T: int = GREEDY_T, greedy_c: float = GREEDY_C) -> BlockScores:
+    """Query-Aware, Trace, kernel share (and optionally Hutchinson and greedy) for every block.
+
+    Args:
+        ev: PromptEvidence.
+        sigma2: noise variance in M = (K + σ²I)⁻¹; default: fitted σ² (see module docstring).
+        spectrum: a SpectrumReport of ev.K to reuse its eigendecomposition (optional).
+        hutchinson_probes: R > 0 also computes the Hutchinson trace estimate with R probes.
+        greedy_budget: > 0 runs greedy Query-Aware for that many picks (needs a query).
+    """
+    if spectrum is not None:
+        lam, U = spectrum.lam, spectrum.U
+    else:
+        lam, U = theory.eigh_psd(ev.K)
+    if sigma2 is None:
+        sigma2 = default_sigma2(lam, U.T @ ev.residuals)
+        source = "fitted σ² (max GP evidence on the full kernel)"
+    else:
+        source = "given"
+    M = resolvent(lam, U, sigma2)
+    trace = ev.trace_scores(M)
+    tr = ev.head_traces()
+    total = float(np.trace(ev.K))
+    share = tr / total if total > 0 else np.zeros_like(tr)
+    qa = None
+    if ev.head_couplings is not None:
+        qa = np.einsum("lhi,ij,lhj->lh", ev.head_couplings, M, ev.head_couplings)
+    labels = np.array([[ev.block_label((l, h)) for h in range(ev.n_blocks_per_layer)] for l in range(ev.n_layers)])
+    out = BlockScores(labels=labels, sigma2=float(sigma2), sigma2_source=source, trace=trace, share=share, query_aware=qa)
+    if hutchinson_probes > 0:
+        out.hutchinson, out.hutchinson_se = hutchinson_trace(ev, sigma2, hutchinson_probes, seed)
+    if greedy_budget > 0:
+        if ev.head_couplings is None:
+            out.greedy_note = "Greedy Query-Aware needs a query coupling; this prompt has none."
+        else:
+            out.greedy = greedy_query_aware(ev, greedy_budget, greedy_T, greedy_c)
+    return out
