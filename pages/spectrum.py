@@ -10,7 +10,7 @@ from pages.common import get_model, get_prompt, how_to_read, page_header
 from ttt_core.evidence import SUBSPACES, EvidenceError, cached, cached_evidence, evidence_key
 from ttt_core.figures import spectrum as figs
 from ttt_core.prompts import LongContextPrompt
-from ttt_core.spectrum import evidence_spectrum
+from ttt_core.spectrum import DEFAULT_C, evidence_spectrum
 
 page_header("Spectrum & SNR",
             "Does adapting on this prompt beat plain in-context prediction, and which eigen-directions "
@@ -26,7 +26,7 @@ c1, c2, c3, c4 = st.columns(4)
 subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="spec_subspace",
                         help="W_Q per head is what qTTT updates; W_V per head is what the paper's experiments update.")
 T = c2.number_input("Steps T", min_value=1, max_value=200, value=8, step=1, key="spec_T")
-c = c3.slider("Step fraction c (ρ = c/λ_max)", min_value=0.05, max_value=0.95, value=0.5, step=0.05, key="spec_c")
+c = c3.slider("Step fraction c (ρ = c/λ_max)", min_value=0.05, max_value=0.95, value=DEFAULT_C, step=0.05, key="spec_c")
 max_pos = c4.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="spec_maxpos",
                           disabled=not long, help="Long context: the last this-many next-token predictions are "
                                                  "the supervised positions (few-shot uses one per demonstration).")

@@ -25,7 +25,7 @@ from scipy.sparse.linalg import LinearOperator, cg
 from ttt_core import theory
 
 GREEDY_T = 8
-GREEDY_C = 0.5
+GREEDY_C = theory.DEFAULT_C
 SIGMA2_FLOOR_REL = 1e-12
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ttt_core import theory
 
 DEFAULT_T = 8
-DEFAULT_C = 0.5
+DEFAULT_C = theory.DEFAULT_C
 T_GRID = np.arange(31, dtype=float)
 
 

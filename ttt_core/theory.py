@@ -32,6 +32,9 @@ NoiseSpec = float | Literal["fixed", "mle"]
 
 #: Relative tolerance below zero accepted for eigenvalues of a PSD matrix (round-off).
 EIG_TOL_REL: float = 1e-10
+#: Default step fraction c in ρ = c/λ_max for prompt-level views (spectrum, steps, scores, paper
+#: mode, diagnose, reproduction): the paper's SST-2 choice, inside its pilot grid {0.05, 0.1, 0.2}.
+DEFAULT_C = 0.1
 #: Default step grid {0, 1, ..., 30} (DESIGN §5).
 DEFAULT_T_GRID: FloatArray = np.arange(31, dtype=float)
 #: Variance floor used only when the data carry no scale at all (r = 0 exactly).

@@ -1,0 +1,119 @@
+"""Paper reproduction page: the latest reproduction results (ttt_core.reproduce) beside the
+paper's published numbers, a computed sentence on what did and did not reproduce, and a button
+that runs a small reproduction now. UI only; every number shown comes from a results file or is
+the paper's published value, labelled as such."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import get_model, how_to_read, page_header
+from ttt_core.figures.steps import reproduction_figure
+from ttt_core.reproduce import (EXP2_METHODS, PAPER_EXP1, ReproSettings, findings, latest_results, results_dir,
+                                run_reproduction, write_results)
+
+page_header("Paper reproduction",
+            "Do the decision-theoretic paper's experiments (evidence-selected horizon, alignment-aware heads) "
+            "reproduce on the model in front of you?")
+
+
+def _exp1_table(block: dict) -> pd.DataFrame:
+    rows = []
+    for r in block["rows"]:
+        v = r.get("vs_T8")
+        rows.append({"Method": r["label"], "Query MSE": r["mse"], "SE": r["se"], "Mean T": r["mean_T"],
+                     "Improvement vs T = 8": None if v is None else v["mean"],
+                     "95% CI low": None if v is None else v["ci_low"], "95% CI high": None if v is None else v["ci_high"],
+                     "p (permutation)": None if v is None else v["p"]})
+    return pd.DataFrame(rows)
+
+
+def _paper_table() -> pd.DataFrame:
+    return pd.DataFrame([{"Method": r["label"], "Query MSE": r["mse"], "SE": r["se"], "Mean T": r["mean_T"]}
+                         for r in PAPER_EXP1["rows"]])
+
+
+def _exp2_table(rows: dict) -> pd.DataFrame:
+    out = []
+    for b, e in rows.items():
+        row = {"Budget": int(b), "Tasks": e["tasks"]}
+        for key, name in EXP2_METHODS:
+            row[f"{name} ΔMSE"] = e[key]["query_error"]["delta"]
+            row[f"{name} SEM"] = e[key]["query_error"]["sem"]
+        row["Random query MSE"] = e["random_query_error"]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+found = latest_results()
+if found is None:
+    st.info(f"No reproduction results yet in `{results_dir()}`. Make one with "
+            "`python -m ttt_core reproduce` (8 tasks, a few minutes on 2 CPUs; `--help` lists the options, the "
+            "module docstring of `ttt_core/reproduce.py` the full-size command), or press the button below.")
+else:
+    path, res = found
+    s = res["settings"]
+    summ = res["summary"]
+    st.subheader("Latest results")
+    m = st.columns(5)
+    m[0].metric("Tasks", summ.get("tasks_ok", 0))
+    m[1].metric("Grid", f"0…{s['grid_max']}")
+    m[2].metric("c (ρ = c/λ_max)", f"{s['c']:g}", help=f"source: {res.get('c_source', 'given')}")
+    m[3].metric("Backend", f"{res['backend']} × {res['workers']}")
+    m[4].metric("Wall time", f"{res['wall_seconds'] / 60:.1f} min")
+    st.caption(f"File `{path.name}` · model {s['model']} · seed {s['seed']} · created {res['created']} · "
+               f"failed tasks: {len(summ.get('tasks_failed', []))}")
+    sentences = findings(summ)
+    if sentences:
+        st.markdown("**What did and did not reproduce** (computed from these numbers):\n\n"
+                    + "\n".join(f"* {x}" for x in sentences))
+    for kind, block in (summ.get("exp1") or {}).items():
+        st.markdown(f"#### Exp1 — {block['subspace']} heads of layers {block['first_layer']}–{block.get('last_layer')} "
+                    f"({block['blocks']} blocks)")
+        left, right = st.columns([3, 2])
+        left.caption("This run (measured nonlinear GD; the best fixed T is chosen on the same tasks: optimistic)")
+        left.dataframe(_exp1_table(block), hide_index=True, key=f"repro_exp1_{kind}")
+        right.caption(f"The paper's Table 1 (published: {PAPER_EXP1['model']}, {PAPER_EXP1['subspace']}, "
+                      f"{PAPER_EXP1['tasks']} tasks)")
+        right.dataframe(_paper_table(), hide_index=True, key=f"repro_paper_{kind}")
+    if summ.get("exp1"):
+        st.plotly_chart(reproduction_figure(summ), key="repro_fig_exp1")
+        how_to_read(r"\overline{\mathrm{MSE}}(T)=\frac1m\sum_{j=1}^m (f_T(x_j)-y_j)^2",
+                    "Mean query MSE over the tasks after a fixed number of GD steps T (T = 0 is ICL), one line per "
+                    "update subspace; the star is the evidence-selected horizon (profiled σ) at its mean selected T.",
+                    "the star below the curve at T = 8: choosing T per prompt beats one fixed horizon.",
+                    "the star on or above the curve: the evidence does not beat a fixed T on these tasks.", "§5, §7.1")
+    ex2 = summ.get("exp2") or {}
+    for src, what in (("gd", "measured GD"), ("linear", "linearised kernel prediction")):
+        if ex2.get(src):
+            st.markdown(f"#### Exp2 — block selection ({what}, T = {s['fixed_T']}, {ex2.get('candidates')} candidates)")
+            st.caption("ΔMSE = MSE(Random) − MSE(method), mean and SEM over tasks; positive = better than Random.")
+            st.dataframe(_exp2_table(ex2[src]), hide_index=True, key=f"repro_exp2_{src}")
+
+st.divider()
+st.subheader("Run a small reproduction now")
+st.caption("Runs here, in this process, with the sidebar's model (serial backend); results are written to "
+           f"`{results_dir()}` and shown above. Larger runs: the command line (`python -m ttt_core reproduce`).")
+c1, c2, c3 = st.columns(3)
+n_tasks = c1.number_input("Tasks", min_value=1, max_value=50, value=2, step=1, key="repro_tasks")
+grid = c2.number_input("Grid max T", min_value=8, max_value=30, value=8, step=1, key="repro_grid")
+exp2 = c3.selectbox("Exp2", ["linear", "off"], key="repro_exp2", help="Exp2 with the linearised query error (cheap).")
+if st.button("Run reproduction", key="repro_run"):
+    lm = get_model()
+    if lm is not None:
+        bar = st.progress(0.0, text="Starting…")
+        try:
+            settings = ReproSettings(model=lm.name, tasks=int(n_tasks), grid_max=int(grid), exp2=exp2)
+            res = run_reproduction(settings, backend="serial", lm=lm,
+                                   progress=lambda d, t, txt: bar.progress(d / max(t, 1), text=txt))
+            if not res["summary"].get("tasks_ok"):
+                st.error("Every task failed: " + "; ".join(t["error"] for t in res["summary"].get("tasks_failed", [])))
+            else:
+                jp, _ = write_results(res)
+                bar.empty()
+                st.success(f"Done: {res['summary']['tasks_ok']} task(s) in {res['wall_seconds']:.0f} s → `{jp.name}`.")
+                st.rerun()
+        except Exception as exc:  # the app stays up
+            bar.empty()
+            st.error(f"The reproduction failed: {exc}")

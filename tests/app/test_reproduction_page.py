@@ -1,0 +1,81 @@
+"""AppTest: the Paper reproduction page through app.py — no results yet, then a small run from the
+button; the tables and the figure show exactly the numbers in the results JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ttt_core.reproduce import PAPER_EXP1, latest_results
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+MODEL = "tiny-random-llama"
+
+
+def decode(v) -> np.ndarray:
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).astype(float)
+    return np.asarray(v, dtype=float)
+
+
+def app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_name"] = MODEL
+    at.session_state["model_preset"] = MODEL
+    at.run()
+    return at.switch_page("pages/reproduction.py").run()
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTT_LENS_REPRO_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_no_results_says_how_to_make_them(results_dir):
+    at = app()
+    assert not at.exception
+    text = " ".join(i.value for i in at.info)
+    assert "No reproduction results yet" in text and "python -m ttt_core reproduce" in text
+    assert not at.dataframe and not at.get("plotly_chart")  # no numbers that were not computed
+
+
+def test_button_runs_a_small_reproduction_and_the_page_shows_it(results_dir):
+    at = app()
+    at.number_input(key="repro_tasks").set_value(2)
+    at.number_input(key="repro_grid").set_value(8)
+    at.button(key="repro_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    found = latest_results(results_dir)
+    assert found is not None
+    path, res = found
+    summ = res["summary"]
+    assert summ["tasks_ok"] == 2 and res["settings"]["model"] == MODEL and res["backend"] == "serial"
+    assert {m.label: m.value for m in at.metric}["Tasks"] == "2"
+    frames = [d.value for d in at.dataframe]
+    # per subspace: this run's Exp1 table, then the paper's published table; then Exp2 (linearised)
+    assert len(frames) == 2 * len(summ["exp1"]) + 1
+    for i, block in enumerate(summ["exp1"].values()):
+        mine, paper = frames[2 * i], frames[2 * i + 1]
+        np.testing.assert_allclose(mine["Query MSE"].to_numpy(), [r["mse"] for r in block["rows"]], rtol=1e-12)
+        np.testing.assert_allclose(mine["Mean T"].to_numpy(), [r["mean_T"] for r in block["rows"]], rtol=1e-12)
+        assert list(mine["Method"]) == [r["label"] for r in block["rows"]]
+        np.testing.assert_allclose(paper["Query MSE"].to_numpy(), [r["mse"] for r in PAPER_EXP1["rows"]])
+    exp2 = frames[-1]
+    lin = summ["exp2"]["linear"]
+    assert list(exp2["Budget"]) == [int(b) for b in lin]
+    np.testing.assert_allclose(exp2["Query-Aware (greedy) ΔMSE"].to_numpy(),
+                               [e["query_aware"]["query_error"]["delta"] for e in lin.values()], rtol=1e-12)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    for kind, block in summ["exp1"].items():
+        tr = next(t for t in fig["data"] if t["name"] == f"mean query MSE, {block['subspace']} heads")
+        np.testing.assert_allclose(decode(tr["y"]), block["mean_error_by_T"], rtol=1e-12)
+    text = " ".join(m.value for m in at.markdown)
+    assert "What did and did not reproduce" in text and res["findings"][0] in text

@@ -1,0 +1,125 @@
+"""`python -m ttt_core diagnose`: one JSON report (or Markdown) per prompt; errors → stderr, exit 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ttt_core.cli import main
+from ttt_core.examples import EXAMPLES, EXAMPLES_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "tiny-random-llama"
+REQUIRED = {"eigenvalues": list, "tau2": float, "sigma2": float, "lambda_star": (float, type(None)), "t_map": int,
+            "prompt_kind": str, "n_positions": int, "effective_rank": dict, "when": dict, "how_far": dict,
+            "which": dict, "verdict": dict, "timings": dict, "versions": dict, "rho": float, "c": float}
+
+
+def _file(title: str) -> str:
+    return str(EXAMPLES_DIR / EXAMPLES[title])
+
+
+def _run(argv, capsys, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_schema(r: dict, grid: int, top_k: int, kind: str) -> None:
+    for key, typ in REQUIRED.items():
+        assert key in r, key
+        assert isinstance(r[key], typ), (key, type(r[key]))
+    assert r["prompt_kind"] == kind
+    n = r["n_positions"]
+    assert len(r["eigenvalues"]) == n and all(isinstance(x, float) for x in r["eigenvalues"])
+    assert r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True) and r["eigenvalues"][-1] >= 0
+    assert r["lambda_max"] == r["eigenvalues"][0]
+    hf = r["how_far"]
+    assert hf["T_grid"] == list(range(grid + 1))
+    assert len(hf["ell_fixed"]) == len(hf["ell_profiled"]) == grid + 1
+    assert r["t_map"] == hf["t_map_fixed"] == int(np.argmin(hf["ell_fixed"]))
+    assert hf["t_map_profiled"] == int(np.argmin(hf["ell_profiled"]))
+    pb = hf["pac_bayes"]
+    assert pb["plug_in"] is True and "plug-in" in pb["label"] and pb["slack"] > 0
+    assert pb["bound_at_t_map"] == pytest.approx(min(hf["ell_fixed"]) + pb["slack"])
+    assert r["when"]["plug_in"] is True and r["verdict"]["plug_in"] is True
+    assert r["when"]["gap_ttt"] >= 0 and r["when"]["gap_icl"] >= 0
+    assert len(r["when"]["gap_grid"]) == grid + 1
+    wh = r["which"]
+    assert len(wh["top_k"]) == min(top_k, len(wh["scores"]))
+    assert wh["top_k"] == [s["block"] for s in wh["scores"][:top_k]]
+    vals = [s[wh["ranked_by"]] for s in wh["scores"]]
+    assert vals == sorted(vals, reverse=True)
+    if r["lambda_star"] is not None:
+        assert r["lambda_star"] == pytest.approx(r["sigma2"] / r["tau2"])
+    assert r["rho"] == pytest.approx(r["c"] / r["lambda_max"])
+    assert set(r["versions"]) == {"torch", "transformers", "ttt_lens"}
+    assert r["timings"]["total_s"] > 0
+
+
+def test_fewshot_json(capsys):
+    code, out, err = _run(["diagnose", _file("Digit shift, clean labels"), "--model", TINY, "--grid", "12",
+                           "--top-k", "5", "--c", "0.2"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    check_schema(r, 12, 5, "few_shot")
+    assert r["n_positions"] == 10 and r["query"]["target"] is not None
+    assert r["which"]["ranked_by"] == "Query-Aware" and len(r["which"]["greedy_query_aware"]) == 5
+    assert r["subspace"] == "q"
+
+
+def test_long_context_json_v_subspace(capsys):
+    code, out, err = _run(["diagnose", _file("Needle in a haystack, short"), "--model", TINY, "--subspace", "v",
+                           "--max-positions", "24", "--grid", "10", "--top-k", "3"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    check_schema(r, 10, 3, "long_context")
+    assert r["n_positions"] == 24 and r["subspace"] == "v"
+
+
+def test_free_text_from_stdin_markdown(capsys, monkeypatch):
+    text = (EXAMPLES_DIR / EXAMPLES["Free text (no question)"]).read_text()
+    code, out, err = _run(["diagnose", "-", "--model", TINY, "--format", "md", "--max-positions", "32"], capsys,
+                          stdin=text, monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert out.startswith("# TTT Lens diagnosis") and "## When" in out and "## How far" in out and "## Which" in out
+    assert "plug-in" in out and "by Trace" in out
+
+
+def test_stdin_json_through_the_module_entry_point():
+    text = (EXAMPLES_DIR / EXAMPLES["Digit shift, noisy labels (p = 0.55)"]).read_text()
+    proc = subprocess.run([sys.executable, "-m", "ttt_core", "diagnose", "-", "--model", TINY, "--grid", "5"],
+                          input=text, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    check_schema(json.loads(proc.stdout), 5, 8, "few_shot")
+
+
+@pytest.mark.parametrize("text", ["", "1 -> 2\n3 -> 4\nnot a demo line\n5 -> 6\n7 ->"])
+def test_bad_prompt_exits_2_with_stderr(capsys, monkeypatch, text):
+    code, out, err = _run(["diagnose", "-", "--model", TINY], capsys, stdin=text, monkeypatch=monkeypatch)
+    assert code == 2 and out == "" and err.startswith("error:")
+
+
+def test_missing_file_and_bad_model_exit_2(capsys, tmp_path):
+    code, out, err = _run(["diagnose", str(tmp_path / "nope.txt"), "--model", TINY], capsys)
+    assert code == 2 and out == "" and "cannot read" in err
+    code, out, err = _run(["diagnose", _file("Digit shift, clean labels"), "--model", str(tmp_path / "no-such-model")],
+                          capsys)
+    assert code == 2 and out == "" and err.startswith("error:")
+
+
+@pytest.mark.smollm2
+def test_fewshot_json_smollm2(capsys):
+    code, out, err = _run(["diagnose", _file("Digit shift, clean labels"), "--grid", "30"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    check_schema(r, 30, 8, "few_shot")
+    assert r["model"].startswith("SmolLM2") and len(r["which"]["scores"]) == 30 * 9
