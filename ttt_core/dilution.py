@@ -1,0 +1,244 @@
+"""Score dilution: how much attention the answer position puts on a needle as the context grows,
+before and after qTTT, against the qTTT paper's bounds (DESIGN §8; Bansal et al. Lemma 2.2, 2.3).
+
+For one head at the answer position (the last prompt token, whose output predicts the first answer
+token) with pre-softmax logits z_j = q·k_j/√d_k over the T visible keys:
+
+* j* = the needle token with the largest logit; α* = its attention; the needle mass is the
+  attention summed over all needle tokens.
+* Lemma 2.2 (dilution): if m distractors have z_j ≥ z_{j*} − Δ (Δ ≥ 0), then
+  α* ≤ 1/(1 + m e^{−Δ}). Distractors here are the non-needle keys. `dilution_bound` at a given Δ,
+  and `tightest_bound`: the minimum of that bound over every Δ (Δ_m = the m-th smallest gap).
+* Lemma 2.3 (margin): if min_{j≠j*} (z_{j*} − z_j) ≥ log((T − 1)(1 − ε)/ε) then α* ≥ 1 − ε, so a
+  fixed target mass needs a margin growing like log T (`required_margin`). The retrieval margin
+  γ = z_{j*} − log Σ_{j≠j*} e^{z_j} satisfies α* = 1/(1 + e^{−γ}) exactly.
+
+Logits from attention probabilities: within one row z_j − z_l = log α_j − log α_l (the softmax
+normaliser cancels), so every quantity above is computed from the recorded probabilities'
+logarithms (keys with probability 0 in fp32 have z = −∞: they are never within Δ of the needle).
+The measurement runs the answer row against the frozen cache of the prefill
+(`attention.forward_with_frozen_kv` + `record_attention`), with the adapted W_Q after qTTT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Progress = Callable[[float, str], None] | None
+
+
+# ============================================================================================
+# the lemmas on logit rows
+# ============================================================================================
+
+
+def dilution_bound(m: Any, delta: Any) -> Any:
+    """Lemma 2.2: 1/(1 + m e^{−Δ})."""
+    return 1.0 / (1.0 + np.asarray(m, dtype=float) * np.exp(-np.asarray(delta, dtype=float)))
+
+
+def required_margin(T: Any, eps: float) -> Any:
+    """Lemma 2.3: the worst-case logit gap log((T − 1)(1 − ε)/ε) that guarantees α ≥ 1 − ε."""
+    if not 0.0 < eps < 1.0:
+        raise ValueError("ε must lie in (0, 1)")
+    T = np.asarray(T, dtype=float)
+    return np.log(np.maximum(T - 1.0, 1e-300) * (1.0 - eps) / eps)
+
+
+def margin_lower_bound(T: Any, gap: Any) -> Any:
+    """α* ≥ 1/(1 + (T − 1) e^{−gap}) for the minimum gap over the other T − 1 keys (Lemma 2.3's proof)."""
+    return 1.0 / (1.0 + (np.asarray(T, dtype=float) - 1.0) * np.exp(-np.asarray(gap, dtype=float)))
+
+
+def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
+
+
+@dataclass
+class RowStats:
+    """Lemma quantities of logit rows (..., T) for a needle key set; arrays of the leading shape."""
+
+    j_star: np.ndarray
+    alpha_star: np.ndarray
+    needle_mass: np.ndarray
+    gamma: np.ndarray        # retrieval margin z* − log Σ_{j≠j*} e^{z_j}
+    min_gap: np.ndarray      # z* − max_{j≠j*} z_j
+    m: np.ndarray            # distractors (non-needle keys) within Δ of z*
+    bound: np.ndarray        # 1/(1 + m e^{−Δ})
+    tight_bound: np.ndarray  # min over Δ of the Lemma 2.2 bound
+    delta: float
+    n_keys: int
+
+
+def row_stats(z: np.ndarray, needle: Sequence[int], delta: float) -> RowStats:
+    """Lemma 2.2/2.3 quantities for logit rows z (..., T) (any additive constant per row; −∞
+    allowed) and the needle key indices. α is softmax(z)."""
+    z = np.asarray(z, dtype=float)
+    if delta < 0:
+        raise ValueError("Δ must be ≥ 0")
+    needle = np.asarray(sorted(set(int(i) for i in needle)), dtype=int)
+    T = z.shape[-1]
+    if needle.size == 0 or needle.min() < 0 or needle.max() >= T:
+        raise ValueError("needle indices must be non-empty and inside the row")
+    lse = _logsumexp(z)
+    logp = z - lse[..., None]
+    zn = z[..., needle]
+    j_star = needle[np.argmax(zn, axis=-1)]
+    z_star = np.take_along_axis(z, j_star[..., None], axis=-1)[..., 0]
+    alpha_star = np.exp(z_star - lse)
+    mass = np.exp(logp[..., needle]).sum(-1)
+    others = z.copy()
+    np.put_along_axis(others, j_star[..., None], -np.inf, axis=-1)
+    with np.errstate(invalid="ignore"):
+        gamma = z_star - _logsumexp(others)
+        min_gap = z_star - np.max(others, axis=-1)
+    is_distr = np.ones(T, dtype=bool)
+    is_distr[needle] = False
+    gaps = z_star[..., None] - z[..., is_distr]       # ≥ 0 unless the distractor beats the needle
+    m = np.sum(gaps <= delta, axis=-1)
+    bound = dilution_bound(m, delta)
+    # tightest: sort gaps; with Δ_m = max(gap_(m), 0) at least m distractors are within Δ_m
+    g = np.sort(np.where(np.isfinite(gaps), gaps, np.inf), axis=-1)
+    ms = np.arange(1, g.shape[-1] + 1, dtype=float)
+    with np.errstate(over="ignore"):
+        cand = 1.0 / (1.0 + ms * np.exp(-np.maximum(g, 0.0)))
+    tight = np.minimum(1.0, cand.min(axis=-1)) if g.shape[-1] else np.ones(z_star.shape)
+    return RowStats(j_star=j_star, alpha_star=alpha_star, needle_mass=mass, gamma=gamma, min_gap=min_gap, m=m,
+                    bound=bound, tight_bound=tight, delta=float(delta), n_keys=int(T))
+
+
+# ============================================================================================
+# measuring a model
+# ============================================================================================
+
+
+@dataclass
+class Measurement:
+    """One answer-row measurement (all layers × query heads), before or after adaptation.
+
+    Arrays (L, H): needle mass, α*, γ, min gap, m(Δ), the Lemma 2.2 bound at Δ and the tightest
+    bound. answer_prob: probability of the whole expected answer (teacher forced), answer_first_prob:
+    of its first token; answer: the greedy answer; correct: it starts with the expected answer."""
+
+    n_keys: int
+    needle_tokens: list[int]
+    stats: RowStats
+    answer_prob: float
+    answer_first_prob: float
+    answer: str | None = None
+    correct: bool | None = None
+
+    @property
+    def mean_mass(self) -> float:
+        return float(np.mean(self.stats.needle_mass))
+
+
+def measure_answer_row(lm: Any, run: Any, deltas: dict | None, delta: float) -> Measurement:
+    """Attention of the answer row (the last prompt token) over the frozen cache of a prepared
+    `qttt.QTTTRun`, with `deltas` applied to W_Q (None/{} = base model); plus the teacher-forced
+    answer probability over the answer rows."""
+    import torch
+
+    from ttt_core.attention import forward_with_frozen_kv, record_attention
+
+    enc = run.enc
+    row = enc.n_prompt - 1
+    m = max(1, enc.answer_len)
+    with torch.no_grad(), lm.adapter.apply(deltas=deltas or {}):
+        with record_attention() as rec:
+            out = forward_with_frozen_kv(lm.model, enc.ids[:, row:row + m], run.cache, row)
+    layers = sorted(k for k in rec if isinstance(k, int))
+    P = torch.stack([rec[l][0, :, 0, : row + 1] for l in layers]).double().cpu().numpy()  # (L, H, T)
+    with np.errstate(divide="ignore"):
+        Z = np.log(P)
+    needle = [i for i in enc.needle if i <= row]
+    st = row_stats(Z, needle, delta)
+    if enc.answer_len:
+        tgt = enc.ids[0, enc.n_prompt:enc.n_prompt + enc.answer_len]
+        logp = torch.log_softmax(out.logits[0, : enc.answer_len].float(), -1).gather(-1, tgt[:, None])[:, 0]
+        ans_prob, first = float(logp.sum().exp()), float(logp[0].exp())
+    else:
+        ans_prob = first = float("nan")
+    return Measurement(n_keys=row + 1, needle_tokens=needle, stats=st, answer_prob=ans_prob, answer_first_prob=first)
+
+
+@dataclass
+class DilutionPoint:
+    """One context length and needle position: before/after measurements and the run."""
+
+    n_words: int
+    position: float
+    n_tokens: int
+    before: Measurement
+    after: Measurement
+    steps: int
+    span: int
+    lr: float
+    qttt_seconds: float
+    status: str
+
+
+def dilution_point(lm: Any, n_words: int, position: float, *, steps: int = 4, span: int = 64, lr: float = 1e-4,
+                   seed: int = 0, delta: float = 2.0, answers: bool = True) -> DilutionPoint:
+    """Needle-in-a-haystack prompt of `n_words` words, needle at `position`; measure the answer row
+    before and after `steps` qTTT steps (engine run, W_Q of every layer)."""
+    from ttt_core.generators import needle_haystack
+    from ttt_core.qttt import QTTTConfig, QTTTRun
+
+    prompt = needle_haystack(seed, n_words=int(n_words), position=float(position))
+    run = QTTTRun(lm, prompt, QTTTConfig(steps=int(steps), span=int(span), lr=float(lr), seed=int(seed),
+                                         max_new_tokens=8))
+    run.prepare()
+    before = measure_answer_row(lm, run, None, delta)
+    t0 = time.perf_counter()
+    secs = 0.0
+    for rec in run.steps():
+        secs += rec.step_s
+    deltas = {k: (d if run.masks.get(k) is None else d * run.masks[k]) for k, d in run.deltas.items()}
+    after = measure_answer_row(lm, run, deltas, delta)
+    if answers:
+        for meas, adapted in ((before, False), (after, True)):
+            meas.answer = run.generate(adapted=adapted, max_new_tokens=8)
+            meas.correct = bool(meas.answer.strip().startswith(str(prompt.answer)))
+    return DilutionPoint(n_words=int(n_words), position=float(position), n_tokens=int(run.enc.n_prompt),
+                         before=before, after=after, steps=len(run.records), span=int(run.span), lr=float(lr),
+                         qttt_seconds=secs, status=run.status)
+
+
+def dilution_sweep(lm: Any, lengths: Sequence[int] = (100, 400, 1000), positions: Sequence[float] = (0.5,), *,
+                   steps: int = 4, span: int = 64, lr: float = 1e-4, seed: int = 0, delta: float = 2.0,
+                   answers: bool = True, progress: Progress = None) -> list[DilutionPoint]:
+    """`dilution_point` for every (length, position); the prompt of point i uses seed + i."""
+    pts, jobs = [], [(int(n), float(p)) for n in lengths for p in positions]
+    for i, (n, p) in enumerate(jobs):
+        if progress is not None:
+            progress(i / len(jobs), f"{n} words, needle at {p:.0%} ({i + 1}/{len(jobs)})")
+        pts.append(dilution_point(lm, n, p, steps=steps, span=span, lr=lr, seed=seed + i, delta=delta,
+                                  answers=answers))
+    if progress is not None:
+        progress(1.0, "done")
+    return pts
+
+
+def sweep_table(points: Sequence[DilutionPoint], eps: float = 0.1) -> list[dict[str, Any]]:
+    """One row per point: mean needle mass, best-head γ, required margin, answer prob/correctness."""
+    rows = []
+    for p in points:
+        rows.append({
+            "words": p.n_words, "needle at": p.position, "tokens T": p.n_tokens,
+            "mass before": p.before.mean_mass, "mass after": p.after.mean_mass,
+            "max γ before": float(np.nanmax(p.before.stats.gamma)),
+            "max γ after": float(np.nanmax(p.after.stats.gamma)),
+            f"required margin (ε = {eps:g})": float(required_margin(p.n_tokens, eps)),
+            "answer p before": p.before.answer_prob, "answer p after": p.after.answer_prob,
+            "correct before": p.before.correct, "correct after": p.after.correct,
+            "qTTT steps": p.steps, "qTTT s": p.qttt_seconds,
+        })
+    return rows
