@@ -6,7 +6,10 @@ Run with `streamlit run app.py`. Builds the navigation over `pages/` and the sha
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting threads
 
 import streamlit as st
 

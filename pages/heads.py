@@ -3,6 +3,7 @@ subspace, a ranked recommendation and a drill-down into one head (DESIGN §6). U
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -104,6 +105,15 @@ rows = scores.ranked(rank_by)
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="heads_table")
 picked = [r["block"] for r in rows[:int(topk)]]
 st.success(f"Recommended {len(picked)} block(s) by {rank_by}: " + ", ".join(picked))
+# Publish this session's scores for Live qTTT's "Top-k by head scores" selection (per session only).
+st.session_state["head_scores"] = {
+    "subspace": subspace, "score": rank_by,
+    # greedy ranks are "smaller is better": negate so that larger always means "adapt first"
+    "scores": {(int(l), int(h)): (-1.0 if rank_by.startswith("Greedy") else 1.0) * float(available[rank_by][l, h])
+               for l, h in ev.blocks() if np.isfinite(available[rank_by][l, h])},
+}
+if subspace == "q":
+    st.caption("Live qTTT can now update exactly these top-ranked W_Q heads ('Top-k by head scores').")
 
 # ------------------------------------------------------------------ drill-down
 st.subheader("Drill-down")

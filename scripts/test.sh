@@ -13,6 +13,6 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "WARNING: /usr/bin/chromium is missing and this is not root; the browser tests will fail." >&2
   fi
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
 .venv/bin/python -m ttt_core prepare
 exec .venv/bin/python -m pytest "$@"

@@ -89,3 +89,16 @@ def test_heads_page_smollm2_default_model():
     lm = load_model()
     sc = score_blocks(compute_evidence(lm, parse_prompt(FEWSHOT), "q"))
     np.testing.assert_allclose(qa, sc.query_aware, rtol=1e-4)
+
+
+def test_heads_page_publishes_scores_for_live_qttt():
+    """The ranked scores reach Live qTTT's top-k head selection through this session's state."""
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_name"] = "tiny-random-llama"
+    at.session_state["model_preset"] = "tiny-random-llama"
+    at.run()
+    at.switch_page("pages/heads.py").run()
+    assert not at.exception
+    hs = at.session_state["head_scores"]
+    assert hs["subspace"] == "q" and len(hs["scores"]) == 3 * 4
+    assert all(isinstance(k, tuple) and len(k) == 2 for k in hs["scores"])
