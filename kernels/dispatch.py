@@ -127,6 +127,24 @@ def attention_with_cache_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     return _reference.attention_with_cache_dq(q, k, v, o, lse, do, q_offset, scale)
 
 
+# Largest attention-probability tensor (bytes, per call) the torch backend keeps for the backward.
+SAVED_PROBS_BUDGET = 64 << 20
+
+
+def saves_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> bool:
+    """True when `frozen_kv_attention` should run the torch backend's keep-P path
+    (`reference.attention_with_cache_probs` + `attention_dq_from_probs`): the backend is torch
+    and P (B·Hq·M·N_vis floats, N_vis = min(N, q_offset + M)) fits SAVED_PROBS_BUDGET. The
+    backward then costs two matmuls instead of recomputing q kᵀ, the mask and the exponentials.
+    Triton always recomputes (FlashAttention-2 style) from (o, lse)."""
+    if _choose((q, k, v)) != "torch":
+        return False
+    B, Hq, M, _ = q.shape
+    n_vis = min(k.shape[2], int(q_offset) + M)
+    item = 8 if q.dtype == torch.float64 else 4
+    return B * Hq * M * n_vis * item <= SAVED_PROBS_BUDGET
+
+
 def head_grams(a: torch.Tensor, b: torch.Tensor, n_heads: int) -> torch.Tensor:
     """K_h = (a aᵀ) ⊙ (b_h b_hᵀ) for all heads: fp32 (n_heads, n, n)."""
     if _choose((a, b)) == "triton":

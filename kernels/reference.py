@@ -60,14 +60,24 @@ def _row_chunk(B: int, Hq: int, M: int, N: int) -> int:
 
 def _masked_scores(qc: torch.Tensor, kt: torch.Tensor, row0: int, q_offset: int, scale: float) -> torch.Tensor:
     """qc (B, Hkv, G, m, D), kt (B, Hkv, D, N) -> scaled scores (B, Hkv, G, m, N), -inf where masked.
-    The G query heads of a kv head are stacked as rows of one batched matmul (no K expansion)."""
+    The G query heads of a kv head are stacked as rows of one batched matmul (no K expansion).
+    Keys j < q_offset + row0 are visible to every row of the chunk, so only the trailing columns
+    are masked."""
     B, Hkv, G, m, D = qc.shape
     N = kt.shape[-1]
     s = torch.matmul(qc.reshape(B, Hkv, G * m, D), kt).view(B, Hkv, G, m, N)
     s.mul_(scale)
-    rows = torch.arange(m, device=s.device)[:, None] + (q_offset + row0)
-    cols = torch.arange(N, device=s.device)[None, :]
-    return s.masked_fill_(cols > rows, float("-inf"))
+    c0 = q_offset + row0
+    if c0 < N:
+        rows = torch.arange(m, device=s.device)[:, None] + c0
+        cols = torch.arange(c0, N, device=s.device)[None, :]
+        s[..., c0:].masked_fill_(cols > rows, float("-inf"))
+    return s
+
+
+def _visible_keys(N: int, q_offset: int, M: int) -> int:
+    """Keys any of the M rows can see: j ≤ q_offset + M − 1 (keys beyond are never read)."""
+    return min(N, q_offset + M)
 
 
 def attention_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
@@ -77,9 +87,10 @@ def attention_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_of
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
+    N = _visible_keys(N, q_offset, M)
     acc = _acc_dtype(q.dtype)
     qf = q.to(acc).reshape(B, Hkv, G, M, D)
-    kt, vf = k.to(acc).transpose(-1, -2), v.to(acc)
+    kt, vf = k[:, :, :N].to(acc).transpose(-1, -2), v[:, :, :N].to(acc)
     o = torch.empty(B, Hkv, G, M, D, dtype=acc, device=q.device)
     lse = torch.empty(B, Hkv, G, M, dtype=acc, device=q.device)
     step = _row_chunk(B, Hq, M, N)
@@ -116,8 +127,9 @@ def attention_with_cache_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     dof = do.to(acc).reshape(B, Hkv, G, M, D)
     delta = (dof * o.to(acc).reshape(B, Hkv, G, M, D)).sum(-1)
     lsef = lse.to(acc).reshape(B, Hkv, G, M)
-    kf = k.to(acc)
-    kt, vt = kf.transpose(-1, -2), v.to(acc).transpose(-1, -2)
+    N = _visible_keys(N, q_offset, M)
+    kf = k[:, :, :N].to(acc)
+    kt, vt = kf.transpose(-1, -2), v[:, :, :N].to(acc).transpose(-1, -2)
     dq = torch.empty(B, Hkv, G, M, D, dtype=acc, device=q.device)
     step = _row_chunk(B, Hq, M, N)
     for r0 in range(0, M, step):
@@ -129,6 +141,42 @@ def attention_with_cache_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         ds = dp.sub_(delta[..., r0:r1].unsqueeze(-1)).mul_(p)            # dS = P∘(dP − Δ)
         dq[..., r0:r1, :] = torch.matmul(ds.view(B, Hkv, G * m, N), kf).view(B, Hkv, G, m, D) * scale
     return dq.reshape(B, Hq, M, D).to(q.dtype)
+
+
+def attention_with_cache_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
+                               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward that keeps the probabilities for a recompute-free backward (the CPU training path).
+
+    Same semantics as `attention_with_cache`; returns (o in q.dtype, P) with
+    P = softmax(scale·q kᵀ + mask) of shape (B, Hkv, G, M, N_vis) in the accumulation dtype,
+    N_vis = min(N, q_offset + M) (later keys are never visible). Memory: B·Hq·M·N_vis floats."""
+    q_offset, scale = check_attention_args(q, k, v, q_offset, scale)
+    B, Hq, M, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    N = _visible_keys(k.shape[2], q_offset, M)
+    acc = _acc_dtype(q.dtype)
+    s = _masked_scores(q.to(acc).reshape(B, Hkv, G, M, D), k[:, :, :N].to(acc).transpose(-1, -2), 0, q_offset, scale)
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p.view(B, Hkv, G * M, N), v[:, :, :N].to(acc)).view(B, Hq, M, D)
+    return o.to(q.dtype), p
+
+
+def attention_dq_from_probs(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                            do: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """dQ from saved probabilities P (B, Hkv, G, M, N_vis) of `attention_with_cache_probs`:
+    Δ = rowsum(dO∘O), dP = dO Vᵀ, dS = P∘(dP − Δ), dQ = scale·dS K (FlashAttention-2's formula
+    without recomputing P). o, do (B, Hq, M, D); k, v (B, Hkv, N, D) with N ≥ N_vis."""
+    B, Hkv, G, M, N = p.shape
+    D = k.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    acc = p.dtype
+    dof = do.to(acc).reshape(B, Hkv, G, M, D)
+    delta = (dof * o.to(acc).reshape(B, Hkv, G, M, D)).sum(-1, keepdim=True)
+    dp = torch.matmul(dof.reshape(B, Hkv, G * M, D), v[:, :, :N].to(acc).transpose(-1, -2)).view(B, Hkv, G, M, N)
+    ds = dp.sub_(delta).mul_(p)
+    dq = torch.matmul(ds.view(B, Hkv, G * M, N), k[:, :, :N].to(acc)).mul_(scale)
+    return dq.view(B, Hkv * G, M, D).to(do.dtype)
 
 
 def check_gram_args(a: torch.Tensor, b: torch.Tensor, n_heads: int) -> int:

@@ -20,11 +20,18 @@ Deltas, output probes and captures are applied by forward hooks installed once w
 is built; the hooks read per-thread state (contextvars), so the shared model's parameters are
 never touched and concurrent sessions cannot see each other's deltas. A delta ΔW on a logical
 projection changes its output by x Δᵀ, exactly as running with W + ΔW (DESIGN §1).
+
+Folding: for a plain fp32/fp64 `nn.Linear` that holds one whole logical projection, a delta with
+no probe or capture on it is applied as F.linear(x, W + ΔW, b) (one matmul instead of two, and
+one instead of two in the backward) by a per-instance `forward` installed beside the hook; the
+hook then skips that delta. Lower-precision weights are never folded (W + ΔW would round small
+deltas away in bf16/fp16); there the hook adds x ΔWᵀ computed in the activation dtype.
 """
 
 from __future__ import annotations
 
 import contextvars
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -73,6 +80,24 @@ class _HookState:
 
 
 _STATE: contextvars.ContextVar[_HookState | None] = contextvars.ContextVar("ttt_lens_adapter", default=None)
+_FOLD_DTYPES = (torch.float32, torch.float64)
+
+
+def _folds(module: Any, state: _HookState, key: Key, delta: torch.Tensor) -> bool:
+    """Whether `module` applies `delta` by folding it into its weight (module docstring)."""
+    return (getattr(module, "_ttt_lens_fold_key", None) == key and module.weight.dtype in _FOLD_DTYPES
+            and key not in state.probes and not (state.capture_keys and key in state.capture_keys))
+
+
+def _folding_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward with this thread's delta folded in: F.linear(x, W + ΔW, b)."""
+    state = _STATE.get()
+    if state is not None:
+        key = self._ttt_lens_fold_key
+        delta = state.deltas.get(key)
+        if delta is not None and _folds(self, state, key, delta):
+            return F.linear(x, self.weight + delta.to(self.weight.dtype), self.bias)
+    return torch.nn.Linear.forward(self, x)
 
 
 def _attr(obj: Any, dotted: str) -> Any:
@@ -233,6 +258,11 @@ class ModelAdapter:
     def _install_hooks(self) -> None:
         for module_name, specs in self._by_module.items():
             mod = _attr(self.model, module_name)
+            if (len(specs) == 1 and specs[0].layout == "linear" and specs[0].out_index is None
+                    and type(mod) is torch.nn.Linear):
+                mod._ttt_lens_fold_key = (specs[0].layer, specs[0].kind)
+                # a bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copy
+                mod.forward = types.MethodType(_folding_forward, mod)
             mod.register_forward_hook(self._make_hook(specs))
 
     @staticmethod
@@ -248,6 +278,8 @@ class ModelAdapter:
             for spec in specs:
                 key = (spec.layer, spec.kind)
                 delta = state.deltas.get(key)
+                if delta is not None and _folds(module, state, key, delta):
+                    delta = None  # already inside the module's weight (`_folding_forward`)
                 probe = state.probes.get(key)
                 want = state.capture_keys is not None and key in state.capture_keys
                 if delta is None and probe is None and not want:

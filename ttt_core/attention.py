@@ -43,6 +43,7 @@ class FrozenKV:
 class _FrozenState:
     cache: FrozenKV
     q_offset: int
+    segments: tuple[tuple[int, int], ...] | None = None  # (rows, absolute offset) per row segment
 
 
 _FROZEN: contextvars.ContextVar[_FrozenState | None] = contextvars.ContextVar("ttt_lens_frozen", default=None)
@@ -50,11 +51,18 @@ _RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ttt_lens_
 
 
 @contextmanager
-def frozen_kv(cache: FrozenKV, q_offset: int) -> Iterator[None]:
-    """Within this block (this thread only), attention reads keys/values from `cache`."""
-    if q_offset < 0:
-        raise ValueError(f"q_offset must be ≥ 0, got {q_offset}")
-    token = _FROZEN.set(_FrozenState(cache, int(q_offset)))
+def frozen_kv(cache: FrozenKV, q_offset: int,
+              segments: tuple[tuple[int, int], ...] | None = None) -> Iterator[None]:
+    """Within this block (this thread only), attention reads keys/values from `cache`.
+
+    segments: optional ((rows, offset), …): the current chunk is the concatenation of row
+    segments, segment s holding `rows` rows at absolute positions offset … offset+rows−1 (each
+    segment runs its own frozen-cache attention; `record_attention` then keeps the last segment's
+    probabilities only)."""
+    if q_offset < 0 or (segments is not None and any(o < 0 or r <= 0 for r, o in segments)):
+        raise ValueError(f"offsets must be ≥ 0 and segments non-empty; got {q_offset}, {segments}")
+    token = _FROZEN.set(_FrozenState(cache, int(q_offset),
+                                     None if segments is None else tuple((int(r), int(o)) for r, o in segments)))
     try:
         yield
     finally:
@@ -120,9 +128,16 @@ def ttt_lens_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
         layer = _layer_index(module)
         k = frozen.cache.keys[layer].to(query.dtype)
         v = frozen.cache.values[layer].to(query.dtype)
-        out = frozen_kv_attention(query, k, v, frozen.q_offset, scale=scale)
+        if frozen.segments is None:
+            out = frozen_kv_attention(query, k, v, frozen.q_offset, scale=scale)
+            last_q, last_off = query, frozen.q_offset
+        else:
+            parts = torch.split(query, [r for r, _ in frozen.segments], dim=2)
+            out = torch.cat([frozen_kv_attention(qp, k, v, off, scale=scale)
+                             for qp, (_, off) in zip(parts, frozen.segments)], dim=2)
+            last_q, last_off = parts[-1], frozen.segments[-1][1]
         if record is not None and (record["__layers__"] is None or layer in record["__layers__"]):
-            record[layer] = _explicit_probs(query.detach(), k, scale, frozen.q_offset)
+            record[layer] = _explicit_probs(last_q.detach(), k, scale, last_off)
         return out.transpose(1, 2).contiguous(), None
     if record is not None:
         layer = _layer_index(module)
@@ -177,3 +192,22 @@ def forward_with_frozen_kv(model: Any, input_ids: torch.Tensor, cache: FrozenKV,
     pos = torch.arange(q_offset, q_offset + m, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
     with frozen_kv(cache, q_offset):
         return model(input_ids=input_ids, position_ids=pos, use_cache=False, **kwargs)
+
+
+def forward_rows_with_frozen_kv(model: Any, ids: torch.Tensor, cache: FrozenKV,
+                                segments: list[tuple[int, int]], **kwargs: Any) -> Any:
+    """One forward over several row segments of `ids` (1, N) against the frozen `cache`.
+
+    segments: [(start, length), …]; the model sees the concatenated rows ids[:, start:start+length]
+    at their absolute positions, each segment with the causal-offset mask of its own start, so row
+    outputs equal those of separate `forward_with_frozen_kv` calls (DESIGN §7.2: rows are
+    independent under frozen keys/values). Logits come back in segment order, (1, Σ length, V)."""
+    if not segments:
+        raise ValueError("no row segments")
+    for s, m in segments:
+        if s < 0 or m <= 0 or s + m > cache.length:
+            raise ValueError(f"segment rows {s}..{s + m - 1} outside the cache of length {cache.length}")
+    rows = torch.cat([ids[:, s:s + m] for s, m in segments], dim=1)
+    pos = torch.cat([torch.arange(s, s + m, device=ids.device) for s, m in segments]).unsqueeze(0)
+    with frozen_kv(cache, segments[0][0], segments=tuple((m, s) for s, m in segments)):
+        return model(input_ids=rows, position_ids=pos, use_cache=False, **kwargs)

@@ -41,25 +41,27 @@ class AdamWConfig:
 
 
 def global_grad_norm(grads: dict[Key, torch.Tensor]) -> float:
-    """‖g‖₂ over all tensors together (fp32/fp64 accumulation); inf/nan propagate."""
+    """‖g‖₂ over all tensors together; inf/nan propagate. Per-tensor norms come from one fused
+    `torch._foreach_norm` (fp32 accumulation inside a tensor) and are combined in float64."""
     if not grads:
         return 0.0
-    total = torch.zeros((), dtype=torch.float64)
-    for g in grads.values():
-        total = total + g.detach().double().pow(2).sum().cpu()
+    norms = torch._foreach_norm([g.detach() for g in grads.values()])
+    total = torch.stack([n.double().cpu() for n in norms]).pow(2).sum()
     return float(total.sqrt())
 
 
-def clip_grad_norm(grads: dict[Key, torch.Tensor], max_norm: float) -> tuple[dict[Key, torch.Tensor], float]:
+def clip_grad_norm(grads: dict[Key, torch.Tensor], max_norm: float,
+                   norm: float | None = None) -> tuple[dict[Key, torch.Tensor], float]:
     """Scale all gradients by min(1, max_norm / (‖g‖₂ + 1e-6)) (torch's rule). Returns (clipped
-    gradients (new tensors), the norm before clipping)."""
-    norm = global_grad_norm(grads)
+    gradients (new tensors), the norm before clipping). `norm`: ‖g‖₂ when the caller has it."""
+    norm = global_grad_norm(grads) if norm is None else float(norm)
     if not math.isfinite(norm) or max_norm is None or max_norm <= 0:
         return dict(grads), norm
     coef = min(1.0, float(max_norm) / (norm + 1e-6))
     if coef >= 1.0:
         return dict(grads), norm
-    return {k: g * coef for k, g in grads.items()}, norm
+    keys = list(grads)
+    return dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], coef))), norm
 
 
 class DeltaAdamW:
@@ -89,19 +91,24 @@ class DeltaAdamW:
         bc2 = 1.0 - b2 ** self.t
         step_size = c.lr / bc1
         sqrt_bc2 = math.sqrt(bc2)
-        out: dict[Key, torch.Tensor] = {}
-        for k, d in deltas.items():
-            g = grads[k].float()
-            m = self.m[k] * b1 + g * (1.0 - b1)
-            v = self.v[k] * b2 + g * g * (1.0 - b2)
-            self.m[k], self.v[k] = m, v
-            new = d
-            if c.weight_decay:
-                decay = (self.base[k] + d) * (c.lr * c.weight_decay)
+        keys = list(deltas)
+        g = [grads[k].float() for k in keys]
+        m = [self.m[k] for k in keys]
+        v = [self.v[k] for k in keys]
+        # the moment buffers belong to this optimiser: update them in place (fused over all tensors)
+        torch._foreach_lerp_(m, g, 1.0 - b1)                       # m ← β1·m + (1−β1)·g
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - b2)                 # v ← β2·v + (1−β2)·g²
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, sqrt_bc2)
+        torch._foreach_add_(denom, c.eps)                          # √v / √(1−β2ᵗ) + eps
+        new = torch._foreach_addcdiv([deltas[k] for k in keys], m, denom, -step_size)
+        if c.weight_decay:
+            decay = torch._foreach_add([self.base[k] for k in keys], [deltas[k] for k in keys])
+            torch._foreach_mul_(decay, c.lr * c.weight_decay)     # lr·wd·(W0 + Δ)
+            for i, k in enumerate(keys):
                 mask = self.masks.get(k)
                 if mask is not None:
-                    decay = decay * mask
-                new = new - decay
-            new = new - step_size * m / (v.sqrt() / sqrt_bc2 + c.eps)
-            out[k] = new
-        return out
+                    decay[i].mul_(mask)
+            torch._foreach_sub_(new, decay)
+        return dict(zip(keys, new))

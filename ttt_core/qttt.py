@@ -72,7 +72,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ttt_core.attention import FrozenKV, forward_with_frozen_kv, record_attention
+from contextlib import nullcontext
+
+from ttt_core.attention import FrozenKV, forward_rows_with_frozen_kv, forward_with_frozen_kv, record_attention
 from ttt_core.optim import AdamWConfig, DeltaAdamW, clip_grad_norm, global_grad_norm
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, Prompt, parse_prompt
 
@@ -364,7 +366,13 @@ def _greedy(lm: Any, prompt_ids: torch.Tensor, deltas: dict[Key, torch.Tensor] |
 class _Run:
     """Skeleton shared by both modes: prepare → loop of (loss+grad, update, evaluate) with the
     divergence rule and the stop flag (module docstring). Subclasses implement `_prepare`,
-    `_loss_grads`, `_update`, `_evaluate`, `_reference_loss`."""
+    `_loss_grads`, `_update`, `_evaluate`, `_reference_loss`.
+
+    Look-ahead: the metrics after step t's update and the loss of step t+1 are computed at the
+    same deltas, so `_evaluate(new, lookahead=True)` may run both in ONE forward (with the graph
+    kept) and leave it in `_pending`; step t+1's `_loss_grads` then only back-propagates. Results
+    are those of separate passes (the same rows at the same deltas); a step's forward is then
+    timed in the previous record's `eval_s`."""
 
     mode = ""
 
@@ -381,6 +389,8 @@ class _Run:
         self.deltas: dict[Key, torch.Tensor] = {}  # last good deltas (fp32 master copies)
         self.masks: dict[Key, torch.Tensor | None] = {}
         self._prepared = False
+        self._pending: Any = None  # look-ahead: the next step's forward, run with the evaluation
+        self.lookahead = True      # False: every step runs its own forward (same results, slower)
         self._t0 = 0.0
         self.backend, self.backend_label = "", ""
 
@@ -407,6 +417,12 @@ class _Run:
     def steps(self) -> Iterator[StepRecord]:
         """Run the configured number of steps, yielding a StepRecord after each. Stops early on a
         stop request or a divergent step (then `status`/`reason` say why)."""
+        try:
+            yield from self._steps()
+        finally:
+            self._pending = None  # a look-ahead forward nobody will back-propagate
+
+    def _steps(self) -> Iterator[StepRecord]:
         self.prepare()
         if self.status == "diverged":
             return
@@ -434,6 +450,7 @@ class _Run:
                 return
             self.deltas = cur  # verified: gave a sane loss
             gnorm = global_grad_norm(grads) if grads else 0.0
+            self._gnorm = gnorm
             if not math.isfinite(gnorm):
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the gradient norm is {gnorm} (not finite)",
                                      cur, last_metrics, ts, info)
@@ -445,7 +462,8 @@ class _Run:
                 return
             step_s = time.perf_counter() - ts
             te = time.perf_counter()
-            metrics = self._evaluate(new)
+            ahead = self.lookahead and t < self.config.steps and not self._stop_event.is_set()
+            metrics = self._evaluate(new, lookahead=ahead)
             eval_s = time.perf_counter() - te
             bad = [k for k in ("answer_nll", "query_error", "context_nll") if not _finite(metrics.get(k))]
             if bad:
@@ -501,7 +519,7 @@ class _Run:
     def _prepare(self) -> None: ...
     def _loss_grads(self, deltas: dict[Key, torch.Tensor], t: int) -> tuple[torch.Tensor, dict | None, dict]: ...
     def _update(self, deltas: dict[Key, torch.Tensor], grads: dict) -> dict[Key, torch.Tensor]: ...
-    def _evaluate(self, deltas: dict[Key, torch.Tensor]) -> dict[str, Any]: ...
+    def _evaluate(self, deltas: dict[Key, torch.Tensor], lookahead: bool = False) -> dict[str, Any]: ...
     def _reference_loss(self, info: dict[str, Any]) -> float: ...
     def _baseline_loss(self) -> float | None: ...
     def _baseline_loss_per_token(self) -> float | None: ...
@@ -572,49 +590,81 @@ class QTTTRun(_Run):
         ref = float(self.base_token_nll[s:s + k].sum())
         return max(ref, LOSS_FLOOR_PER_TOKEN * k)
 
+    def _draw_start(self) -> int:
+        hi = self.enc.n_ctx - 1 - self.span  # start ∈ {0, …, hi}: the last target is token n_ctx − 1
+        return int(torch.randint(0, hi + 1, (1,), generator=self._gen))
+
     def _loss_grads(self, deltas, t):
         k = self.span
-        hi = self.enc.n_ctx - 1 - k  # start ∈ {0, …, hi}: the last target is token n_ctx − 1
-        start = int(torch.randint(0, hi + 1, (1,), generator=self._gen))
-        loss, grads = span_loss_and_grads(self.lm, self.cache, self.enc.ids, start, k, deltas, self.masks)
+        pend, self._pending = self._pending, None
+        if pend is not None and pend["deltas"] is deltas:   # forward already run by the look-ahead
+            start, loss = pend["start"], pend["loss"]
+            grads = None
+            if torch.isfinite(loss):
+                g = torch.autograd.grad(loss, list(pend["leaves"].values()))
+                grads = dict(zip(pend["leaves"], g))
+            loss = loss.detach()
+        else:
+            start = pend["start"] if pend is not None else self._draw_start()
+            loss, grads = span_loss_and_grads(self.lm, self.cache, self.enc.ids, start, k, deltas, self.masks)
         return loss, grads, {"start": start, "span": k, "per_token": float(loss) / k}
 
     def _update(self, deltas, grads):
-        clipped, _ = clip_grad_norm(grads, self.config.clip)
+        clipped, _ = clip_grad_norm(grads, self.config.clip, norm=getattr(self, "_gnorm", None))
         return self.opt.step(deltas, clipped)
 
+    def _eval_rows(self) -> tuple[int, int] | None:
+        """(first row, rows) of the forward behind the metrics, None when no metric needs one:
+        the query row (few-shot), or the rows predicting the answer (≥ 1) when the prompt has a
+        question or a marked needle."""
+        row0 = self.enc.n_prompt - 1
+        if isinstance(self.prompt, FewShotPrompt):
+            return row0, 1
+        if self.prompt.question is not None or self.enc.needle:
+            return row0, max(1, self.enc.answer_len)
+        return None
+
+    def _row_metrics(self, logits: torch.Tensor, rec: dict | None) -> dict[str, Any]:
+        """Metrics from the evaluation rows' logits (m, V) and, for a marked needle, the attention
+        probabilities recorded for those rows."""
+        enc, res = self.enc, {}
+        if isinstance(self.prompt, FewShotPrompt):
+            res.update(_label_metrics(logits[-1], self.labels, self.label_ids, self.label_values, self.prompt))
+            return res
+        if rec is not None:
+            idx = torch.tensor(enc.needle, device=logits.device)
+            layers = [v for key, v in rec.items() if isinstance(key, int)]
+            mass = [probs[0, :, 0].index_select(-1, idx).sum(-1).mean() for probs in layers]
+            res["needle_mass"] = float(torch.stack(mass).mean()) if mass else None
+        if enc.answer_len:
+            tgt = enc.ids[0, enc.n_prompt:enc.n_prompt + enc.answer_len]
+            nll = float(F.cross_entropy(logits[:enc.answer_len].float(), tgt, reduction="sum"))
+            res["answer_nll"] = nll
+            res["answer_prob"] = math.exp(-nll) if math.isfinite(nll) else float("nan")
+        return res
+
     @torch.no_grad()
-    def _evaluate(self, deltas) -> dict[str, Any]:
-        """Metrics with the (adapted) W_Q against the frozen cache of the full text."""
+    def _evaluate(self, deltas, lookahead: bool = False) -> dict[str, Any]:
+        """Metrics with the (adapted) W_Q against the frozen cache of the full text. With
+        `lookahead`, the same forward also runs the next step's span (class `_Run` docstring)."""
         lm, enc = self.lm, self.enc
         res: dict[str, Any] = {}
-        eff = _effective(deltas, self.masks)
-        row0 = enc.n_prompt - 1
-        if isinstance(self.prompt, FewShotPrompt):
-            with lm.adapter.apply(deltas=eff):
-                out = forward_with_frozen_kv(lm.model, enc.ids[:, row0:row0 + 1], self.cache, row0)
-            res.update(_label_metrics(out.logits[0, -1], self.labels, self.label_ids, self.label_values, self.prompt))
-        else:
-            p: LongContextPrompt = self.prompt
-            want_needle = bool(enc.needle)
-            if p.question is not None or want_needle:
-                m = max(1, enc.answer_len)
-                rows = enc.ids[:, row0:row0 + m]
-                with lm.adapter.apply(deltas=eff):
-                    if want_needle:
-                        with record_attention() as rec:
-                            out = forward_with_frozen_kv(lm.model, rows, self.cache, row0)
-                        idx = torch.tensor(enc.needle, device=rows.device)
-                        layers = [v for key, v in rec.items() if isinstance(key, int)]
-                        mass = [probs[0, :, 0].index_select(-1, idx).sum(-1).mean() for probs in layers]
-                        res["needle_mass"] = float(torch.stack(mass).mean()) if mass else None
-                    else:
-                        out = forward_with_frozen_kv(lm.model, rows, self.cache, row0)
-                if enc.answer_len:
-                    tgt = enc.ids[0, enc.n_prompt:enc.n_prompt + enc.answer_len]
-                    nll = float(F.cross_entropy(out.logits[0, :enc.answer_len].float(), tgt, reduction="sum"))
-                    res["answer_nll"] = nll
-                    res["answer_prob"] = math.exp(-nll) if math.isfinite(nll) else float("nan")
+        rows = self._eval_rows()
+        want_needle = bool(enc.needle) and not isinstance(self.prompt, FewShotPrompt)
+        if rows is not None and lookahead:
+            k, start = self.span, self._draw_start()
+            leaves = {key: d.detach().requires_grad_(True) for key, d in deltas.items()}
+            with torch.enable_grad(), lm.adapter.apply(deltas=_effective(leaves, self.masks)):
+                with record_attention() if want_needle else nullcontext() as rec:
+                    out = forward_rows_with_frozen_kv(lm.model, enc.ids, self.cache, [(start, k), rows])
+                loss = F.cross_entropy(out.logits[0, :k].float(), enc.ids[0, start + 1:start + k + 1], reduction="sum")
+            self._pending = {"deltas": deltas, "start": start, "loss": loss, "leaves": leaves}
+            res.update(self._row_metrics(out.logits[0, k:].detach(), rec))
+        elif rows is not None:
+            with lm.adapter.apply(deltas=_effective(deltas, self.masks)):
+                with record_attention() if want_needle else nullcontext() as rec:
+                    out = forward_with_frozen_kv(lm.model, enc.ids[:, rows[0]:rows[0] + rows[1]], self.cache, rows[0])
+            res.update(self._row_metrics(out.logits[0], rec))
         if self.config.eval_context_nll:
             res["context_nll"] = self.context_nll(deltas)
         return res
@@ -770,17 +820,26 @@ class PaperRun(_Run):
     def _reference_loss(self, info: dict[str, Any]) -> float:
         return self.n / 2.0
 
-    def _loss_grads(self, deltas, t):
+    def _loo_forward(self, deltas) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """LOO predictions s (n,) at deltas with the graph kept: (leaves, s, ½‖r‖²)."""
         leaves = {k: d.detach().requires_grad_(True) for k, d in deltas.items()}
         with torch.enable_grad():
             s = loo_predictions(self.lm, self.batch, self.label_ids, self.label_values, _effective(leaves, self.masks))
-            r = self.y - s
-            half_sq = 0.5 * (r ** 2).sum()  # ½‖r‖²; L = ½‖r‖²/σ̂²
-            loss = half_sq.detach() / self.sigma2
-            if not torch.isfinite(loss):
-                return loss, None, {"per_token": float("nan")}
-            grads = torch.autograd.grad(half_sq, list(leaves.values()))
-        info = {"per_token": float((r.detach() ** 2).mean()), "s": s.detach().cpu().tolist()}
+            half_sq = 0.5 * ((self.y - s) ** 2).sum()  # ½‖r‖²; L = ½‖r‖²/σ̂²
+        return leaves, s, half_sq
+
+    def _loss_grads(self, deltas, t):
+        pend, self._pending = self._pending, None
+        if pend is not None and pend["deltas"] is deltas:   # forward already run by the look-ahead
+            leaves, s, half_sq = pend["leaves"], pend["s"], pend["half_sq"]
+        else:
+            leaves, s, half_sq = self._loo_forward(deltas)
+        r = (self.y - s).detach()
+        loss = half_sq.detach() / self.sigma2
+        if not torch.isfinite(loss):
+            return loss, None, {"per_token": float("nan")}
+        grads = torch.autograd.grad(half_sq, list(leaves.values()))
+        info = {"per_token": float((r ** 2).mean()), "s": s.detach().cpu().tolist()}
         return loss, {k: g for k, g in zip(leaves, grads)}, info
 
     def _update(self, deltas, grads):
@@ -788,13 +847,20 @@ class PaperRun(_Run):
         return {k: d - self.rho * grads[k].float() for k, d in deltas.items()}
 
     @torch.no_grad()
-    def _evaluate(self, deltas) -> dict[str, Any]:
+    def _evaluate(self, deltas, lookahead: bool = False) -> dict[str, Any]:
+        """Query metrics and the LOO predictions at `deltas`; with `lookahead` the LOO forward keeps
+        its graph for the next step's gradient (class `_Run` docstring)."""
         eff = _effective(deltas, self.masks)
         with self.lm.adapter.apply(deltas=eff):
             logits = self.lm.model(input_ids=self.query_ids, use_cache=False).logits[0, -1]
         res = _label_metrics(logits, self.labels, self.label_ids, self.label_values, self.prompt)
-        res["prompt_predictions"] = loo_predictions(self.lm, self.batch, self.label_ids, self.label_values,
-                                                    eff).cpu().tolist()
+        if lookahead:
+            leaves, s, half_sq = self._loo_forward(deltas)
+            self._pending = {"deltas": deltas, "leaves": leaves, "s": s, "half_sq": half_sq}
+            res["prompt_predictions"] = s.detach().cpu().tolist()
+        else:
+            res["prompt_predictions"] = loo_predictions(self.lm, self.batch, self.label_ids, self.label_values,
+                                                        eff).cpu().tolist()
         return res
 
     def loo_predictions(self, deltas: dict[Key, torch.Tensor] | None = None) -> torch.Tensor:

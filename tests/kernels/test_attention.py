@@ -271,8 +271,24 @@ def test_frozen_kv_attention_dq_direct(backend, device):
     assert err(dq, dq_t) < 2e-5
 
 
-def test_frozen_kv_attention_gradcheck_fp64(monkeypatch, device):
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_keep_p_forward_and_dq_vs_sdpa_autograd(case, device):
+    """The CPU training path (P kept from the forward) against float64 SDPA autograd."""
+    _, B, Hq, Hkv, M, N, D, off = case
+    q, k, v, do = make_inputs(B, Hq, Hkv, M, N, D, torch.float32, device, seed=12)
+    o_t, _, dq_t = sdpa_truth(q, k, v, do, off)
+    o_b, dq_b = lowprec_baseline(q, k, v, do, off)
+    o, p = reference.attention_with_cache_probs(q, k, v, off)
+    assert p.shape == (B, Hkv, Hq // Hkv, M, min(N, off + M))
+    dq = reference.attention_dq_from_probs(p, k, v, o, do)
+    assert_close_rule("o", o, o_t, o_b, torch.float32)
+    assert_close_rule("dq", dq, dq_t, dq_b, torch.float32)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["recompute", "keep_p"])
+def test_frozen_kv_attention_gradcheck_fp64(monkeypatch, device, budget):
     monkeypatch.setenv("TTT_LENS_KERNELS", "torch")
+    monkeypatch.setattr(kernels.dispatch, "SAVED_PROBS_BUDGET", budget)
     q, k, v, _ = make_inputs(1, 4, 2, 5, 9, 8, torch.float64, device, seed=11)
     q.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: kernels.frozen_kv_attention(x, k, v, 3), (q,))

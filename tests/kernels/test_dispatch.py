@@ -98,12 +98,37 @@ def test_auto_uses_reference_for_cpu_tensors(monkeypatch):
 
 def test_frozen_kv_backward_dispatches_dq_only(monkeypatch, device):
     monkeypatch.setenv("TTT_LENS_KERNELS", "torch")
+    monkeypatch.setattr(dispatch, "SAVED_PROBS_BUDGET", 0)     # force the recompute path
     calls: list[str] = []
     _spy(monkeypatch, reference, "attention_with_cache_dq", calls, "dq")
     q = torch.randn(1, 2, 4, 16, device=device, requires_grad=True)
     k = torch.randn(1, 1, 6, 16, device=device)
     kernels.frozen_kv_attention(q, k, k, 2).sum().backward()
     assert calls == ["dq"] and q.grad is not None and k.grad is None
+
+
+@pytest.mark.parametrize("budget,expected", [(1 << 30, ["probs", "dq_from_probs"]), (0, ["fwd", "dq"])])
+def test_keep_p_path_is_chosen_by_budget(monkeypatch, device, budget, expected):
+    """The torch backend keeps P when it fits the budget (backward = two matmuls), else recomputes."""
+    monkeypatch.setenv("TTT_LENS_KERNELS", "torch")
+    monkeypatch.setattr(dispatch, "SAVED_PROBS_BUDGET", budget)
+    calls: list[str] = []
+    _spy(monkeypatch, reference, "attention_with_cache_probs", calls, "probs")
+    _spy(monkeypatch, reference, "attention_dq_from_probs", calls, "dq_from_probs")
+    _spy(monkeypatch, reference, "attention_with_cache", calls, "fwd")
+    _spy(monkeypatch, reference, "attention_with_cache_dq", calls, "dq")
+    q = torch.randn(1, 4, 5, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16, device=device)
+    kernels.frozen_kv_attention(q, k, k, 3).sum().backward()
+    assert calls == expected and q.grad is not None
+
+
+def test_saves_probs_counts_only_visible_keys(monkeypatch):
+    monkeypatch.setenv("TTT_LENS_KERNELS", "torch")
+    q, k = torch.zeros(1, 9, 128, 64), torch.zeros(1, 3, 4096, 64)
+    monkeypatch.setattr(dispatch, "SAVED_PROBS_BUDGET", 9 * 128 * 228 * 4)
+    assert dispatch.saves_probs(q, k, k, 100)          # sees 228 keys
+    assert not dispatch.saves_probs(q, k, k, 101)      # sees 229 keys
 
 
 _SCRIPT_NO_INTERPRETER = r"""

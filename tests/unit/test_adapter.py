@@ -177,3 +177,43 @@ def test_bad_inputs(lm):
         with a.apply(deltas={(0, "q"): torch.zeros(3, 3)}):
             pass
     assert set(KINDS) >= {"q", "k", "v", "o"}
+
+
+def test_folded_delta_equals_hooked_delta(lm, monkeypatch):
+    """Plain fp32 Linear projections fold ΔW into the weight (one matmul); the logits and the
+    gradient with respect to ΔW equal those of the unfolded hook path (x ΔWᵀ added to W x)."""
+    import ttt_core.adapter as adapter_mod
+
+    a = lm.adapter
+    ids = _ids(lm)
+    keys = [(0, "q"), (1, "mlp_down")]
+    g = torch.Generator().manual_seed(3)
+    init = {k: torch.randn(a.spec(*k).out_features, a.spec(*k).in_features, generator=g) * 0.05 for k in keys}
+
+    def run():
+        leaves = {k: v.clone().requires_grad_(True) for k, v in init.items()}
+        with a.apply(deltas=leaves):
+            logits = lm.model(ids).logits
+        grads = torch.autograd.grad(logits.square().mean(), list(leaves.values()))
+        return logits.detach(), grads
+
+    folded_keys: list = []
+    real_folds = adapter_mod._folds
+
+    def spy(module, state, key, delta):
+        ok = real_folds(module, state, key, delta)
+        if ok:
+            folded_keys.append(key)
+        return ok
+
+    monkeypatch.setattr(adapter_mod, "_folds", spy)
+    folded_logits, folded_grads = run()
+    expected = {"llama": set(keys), "neox": {(1, "mlp_down")}, "gpt2": set()}[a.family]
+    assert set(folded_keys) == expected                             # Conv1D / fused qkv never fold
+    monkeypatch.setattr(adapter_mod, "_FOLD_DTYPES", ())           # disable folding
+    folded_keys.clear()
+    plain_logits, plain_grads = run()
+    assert folded_keys == []
+    torch.testing.assert_close(folded_logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for gf, gp in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-7)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ttt_core.qttt as qttt
-from ttt_core.attention import forward_with_frozen_kv, prefill
+from ttt_core.attention import forward_rows_with_frozen_kv, forward_with_frozen_kv, prefill, record_attention
 from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
                                   quality_figure, step_time_figure)
 from ttt_core.generators import digit_shift_task, needle_haystack
@@ -208,6 +208,87 @@ def test_qttt_few_shot_label_distribution(llama):
     assert recs[-1].query_error is not None
     after = run.label_distribution(adapted=True)
     assert after != before
+
+
+# ------------------------------------------------------------------ look-ahead (one forward per step)
+def test_row_segments_forward_equals_separate_forwards(llama, needle):
+    ids = torch.tensor([llama.tokenizer(needle.full_text()).input_ids])
+    _, cache = prefill(llama.model, ids)
+    n = ids.shape[1]
+    segs = [(3, 7), (n - 4, 4)]
+    with record_attention([1]) as rec:
+        joint = forward_rows_with_frozen_kv(llama.model, ids, cache, segs).logits[0]
+    parts = [forward_with_frozen_kv(llama.model, ids[:, s:s + m], cache, s).logits[0] for s, m in segs]
+    torch.testing.assert_close(joint, torch.cat(parts), rtol=1e-5, atol=1e-5)
+    with record_attention([1]) as rec_last:
+        forward_with_frozen_kv(llama.model, ids[:, n - 4:], cache, n - 4)
+    torch.testing.assert_close(rec[1], rec_last[1])          # probabilities of the last segment only
+    with pytest.raises(ValueError, match="outside the cache"):
+        forward_rows_with_frozen_kv(llama.model, ids, cache, [(n - 2, 4)])
+
+
+def _same_records(a, b, keys):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.span_start == rb.span_start
+        for k in keys:
+            va, vb = getattr(ra, k), getattr(rb, k)
+            assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), (ra.step, k, va, vb)
+
+
+@pytest.mark.parametrize("kind", ["needle", "few_shot"])
+def test_qttt_lookahead_equals_separate_passes(llama, needle, kind, monkeypatch):
+    """The metrics forward that also runs the next step's span gives the records and deltas of a
+    run that does every pass separately (same spans, same losses, same metrics)."""
+    real, joint = qttt.forward_rows_with_frozen_kv, []
+    monkeypatch.setattr(qttt, "forward_rows_with_frozen_kv", lambda *a, **kw: joint.append(1) or real(*a, **kw))
+    prompt = needle if kind == "needle" else digit_shift_task(5).prompt
+    keys = ["loss", "answer_nll", "needle_mass"] if kind == "needle" else ["loss", "query_error", "query_prediction"]
+    runs = []
+    for ahead in (True, False):
+        run = QTTTRun(llama, prompt, QTTTConfig(steps=5, span=12, lr=1e-2, seed=4))
+        run.lookahead = ahead
+        run.run_to_end()
+        assert run.status == "done" and run._pending is None
+        assert len(joint) == (4 if ahead else 0)           # steps 2…5 reused the look-ahead forward
+        joint.clear()
+        runs.append(run)
+    _same_records(runs[0].records, runs[1].records, keys)
+    for k in runs[0].deltas:
+        assert _rel(runs[0].deltas[k], runs[1].deltas[k]) < 1e-4
+
+
+def test_paper_lookahead_equals_separate_passes(llama):
+    p = digit_shift_task(4, noise=0.0).prompt
+    runs = []
+    for ahead in (True, False):
+        run = PaperRun(llama, p, PaperConfig(steps=4, c=0.05, kind="v", heads=[(1, 0), (2, 1)]))
+        run.lookahead = ahead
+        run.run_to_end()
+        runs.append(run)
+    _same_records(runs[0].records, runs[1].records, ["loss", "query_error", "query_prediction"])
+    for ra, rb in zip(runs[0].records, runs[1].records):
+        np.testing.assert_allclose(ra.prompt_predictions, rb.prompt_predictions, rtol=1e-5, atol=1e-7)
+
+
+def test_lookahead_nan_metrics_stop_and_keep_last_good(llama, needle, monkeypatch):
+    """A non-finite forward inside the look-ahead (metrics and next loss) stops the run at that step."""
+    real = qttt.forward_rows_with_frozen_kv
+    calls = {"n": 0}
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 2:
+            out.logits = out.logits * float("nan")
+        return out
+
+    monkeypatch.setattr(qttt, "forward_rows_with_frozen_kv", faulty)
+    run = QTTTRun(llama, needle, QTTTConfig(steps=5, span=12, lr=1e-2))
+    recs = run.run_to_end()
+    assert [r.status for r in recs] == ["ok", "diverged"] and "not finite" in run.reason
+    assert run.status == "diverged" and run._pending is None
+    assert recs[-1].delta_norms == recs[0].delta_norms      # the update of step 2 was discarded
 
 
 # ------------------------------------------------------------------ divergence and stop
