@@ -8,8 +8,12 @@
    only for the checked layers (all 30 layers × n × 331,776 fp32 floats would need 10 GB at
    n = 256); the reference's Gram time is measured on those layers and scaled linearly to 30
    layers (identical shapes per layer). `speedup_n*` = (reference backward + Gram) / factorised;
-   `speedup_backward_only_n*` leaves the Gram out (a lower bound). Max relative error (Frobenius)
-   over the checked layers' layer kernels and all their per-head kernels.
+   `speedup_backward_only_n*` leaves the Gram out (a lower bound). Relative error (Frobenius)
+   over the checked layers' layer kernels and all their per-head kernels, twice on the same
+   prompt: in fp32 (`fp32_max_rel_err_n*`, the timed run) and on a float64 copy of the model
+   (`max_rel_err_n*`, the error of the factorisation itself). In fp32 both routes sit ~1e-4 from
+   the float64 truth (`fp32_reference_vs_fp64_n*`, `fp32_factorised_vs_fp64_n*`): that is the
+   model's fp32 round-off floor, not a property of the factorisation.
 2. End-to-end: prompt → evidence → spectrum → Query-Aware + Trace scores for all 270 W_Q heads,
    on a ~256-token needle prompt with a question and answer (model already loaded).
 3. Peak RSS (resource.getrusage, in a fresh subprocess each) for a 2048-token prompt at
@@ -114,7 +118,7 @@ def compare(ev, phi, lm) -> dict:
     return {"layer": max(layer), "head_scaled": max(head_scaled), "head_own": max(head_own)}
 
 
-def kernel_speed(lm, n: int) -> dict:
+def kernel_speed(lm, n: int, lm64=None) -> dict:
     prompt = free_text(n + 16, lm.tokenizer)
     t0 = time.perf_counter()
     ev = compute_evidence(lm, prompt, "q", max_positions=n)
@@ -126,30 +130,42 @@ def kernel_speed(lm, n: int) -> dict:
         P @ P.T
     t_gram = (time.perf_counter() - gram0) * lm.adapter.n_layers / len(phi)
     err = compare(ev, phi, lm)
-    del phi
     out = {f"factorised_s_n{n}": round(t_fact, 3), f"reference_backward_s_n{n}": round(t_ref, 3),
            f"reference_gram_s_n{n}": round(t_gram, 3),
            f"speedup_n{n}": round((t_ref + t_gram) / t_fact, 1),
            f"speedup_backward_only_n{n}": round(t_ref / t_fact, 1),
-           f"max_rel_err_n{n}": max(err["layer"], err["head_scaled"]),
-           f"max_rel_err_layer_kernels_n{n}": err["layer"],
-           f"max_rel_err_head_vs_layer_norm_n{n}": err["head_scaled"],
-           f"max_rel_err_head_own_norm_fp32_n{n}": err["head_own"]}
+           f"fp32_max_rel_err_n{n}": max(err["layer"], err["head_scaled"]),
+           f"fp32_max_rel_err_layer_kernels_n{n}": err["layer"],
+           f"fp32_max_rel_err_head_vs_layer_norm_n{n}": err["head_scaled"],
+           f"fp32_max_rel_err_head_own_norm_n{n}": err["head_own"]}
+    if lm64 is not None:
+        out.update(fp64_check(lm64, prompt, n, ev32=ev, phi32=phi))
+    del phi
     print(json.dumps(out), flush=True)
     return out
 
 
-def fp64_check(n: int = 32) -> dict:
-    """Same comparison on a private float64 copy of the model: separates the algebra (exact) from
-    fp32 round-off (batched rows vs single rows reduce in different orders)."""
-    lm64 = load_model()
-    lm64.model.double()
-    prompt = free_text(n + 16, lm64.tokenizer)
+def fp64_check(lm64, prompt, n: int, ev32=None, phi32=None) -> dict:
+    """The same comparison on a private float64 copy of the model and the same prompt: the error
+    of the factorisation itself (`max_rel_err_n*`), free of fp32 round-off. Given the fp32
+    results it also reports the fp32 floor: how far the fp32 *reference* and the fp32 factorised
+    kernels each are from the float64 truth (SmolLM2's fp32 forward leaves ~1e-4 in these
+    gradients: p(1 − p) of confident next-token predictions amplifies logit round-off)."""
     ev = compute_evidence(lm64, prompt, "q", max_positions=n)
     _, phi = reference(lm64, prompt, n, dtype=torch.float64)
     err = compare(ev, phi, lm64)
-    out = {f"fp64_max_rel_err_layer_kernels_n{n}": err["layer"], f"fp64_max_rel_err_head_own_norm_n{n}": err["head_own"]}
-    print(json.dumps(out), flush=True)
+    out = {f"max_rel_err_n{n}": max(err["layer"], err["head_scaled"]),
+           f"fp64_max_rel_err_layer_kernels_n{n}": err["layer"],
+           f"fp64_max_rel_err_head_own_norm_n{n}": err["head_own"]}
+    if ev32 is not None and phi32 is not None:
+        ref32, fact32 = [], []
+        for l, P in phi.items():
+            K64 = (P @ P.T).numpy()
+            P32 = phi32[l].double()
+            ref32.append(rel((P32 @ P32.T).numpy(), K64))
+            fact32.append(rel(ev32.layer_kernel(l), K64))
+        out[f"fp32_reference_vs_fp64_n{n}"] = max(ref32)
+        out[f"fp32_factorised_vs_fp64_n{n}"] = max(fact32)
     return out
 
 
@@ -272,11 +288,14 @@ def main() -> None:
     sections = set(args.sections.split(","))
     sizes = (32, 64) if args.quick else (128, 256)
     if "kernel" in sections:
+        lm64 = load_model()
+        lm64.model.double()
         for n in sizes:
-            result.update(kernel_speed(lm, n))
+            result.update(kernel_speed(lm, n, lm64))
+        del lm64
         result.update(full_graph_reference(lm, sizes[0]))
-        result.update(fp64_check(32))
         result["max_rel_err"] = max(v for k, v in result.items() if re.fullmatch(r"max_rel_err_n\d+", k))
+        result["max_rel_err_fp32"] = max(v for k, v in result.items() if re.fullmatch(r"fp32_max_rel_err_n\d+", k))
     if "e2e" in sections:
         result.update(end_to_end(lm))
     if "memory" in sections and not args.quick:
