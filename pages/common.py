@@ -86,6 +86,26 @@ def _on_example() -> None:
     st.session_state["prompt_text"] = load_example(st.session_state["example"])
 
 
+def _prompt_box_key() -> str:
+    """Widget key of the prompt box. The canonical text lives in session_state["prompt_text"]; the
+    box is a keyed text area whose *default* is that text, re-created under a new key whenever the
+    text changes outside the box (example picker, tour, tests). With the text as the widget's
+    default, a box the browser mounts before it has received its value (e.g. after a page switch
+    right after loading) starts from the prompt, not from an empty string that the next
+    interaction would send back and so erase the prompt (seen in Chromium)."""
+    ss = st.session_state
+    key = f"prompt_box_{ss.setdefault('prompt_box_version', 0)}"
+    if key in ss and ss[key] != ss["prompt_text"]:   # changed outside the box: new box, new default
+        ss["prompt_box_version"] += 1
+        key = f"prompt_box_{ss['prompt_box_version']}"
+    return key
+
+
+def _on_prompt_edit() -> None:
+    key = f"prompt_box_{st.session_state['prompt_box_version']}"
+    st.session_state["prompt_text"] = st.session_state[key]
+
+
 def render_sidebar() -> None:
     """Draw the shared sidebar. Values live in st.session_state (per browser session):
     model_name, trust_remote_code, prompt_text, example, max_tokens."""
@@ -103,7 +123,8 @@ def render_sidebar() -> None:
                     help="Off by default. Only tick it for a model whose custom code you trust.")
         st.subheader("Prompt")
         st.selectbox("Example", list(EXAMPLES), key="example", on_change=_on_example)
-        st.text_area("Prompt", key="prompt_text", height=220,
+        st.text_area("Prompt", value=st.session_state["prompt_text"], key=_prompt_box_key(), height=220,
+                     on_change=_on_prompt_edit,
                      help="Few-shot: 'x -> y' lines, then a query 'x ->' (optional '# answer: y'). "
                           "Long context: text, then 'Question: …' and optionally 'Answer: …'. "
                           "Mark a needle with <needle>…</needle>.")

@@ -34,11 +34,24 @@ def test_example_picker_switches_prompt_and_kind():
     at = _app()
     at.selectbox(key="example").set_value("Needle in a haystack, short").run()
     assert not at.exception
-    assert "secret number" in at.text_area(key="prompt_text").value
+    box = next(t for t in at.text_area if t.label == "Prompt")
+    assert "secret number" in box.value and "secret number" in at.session_state["prompt_text"]
     assert any("long context + question" in m.value for m in at.markdown)
     assert any(m.label == "Marked needles" and m.value == "1" for m in at.metric)
     # needle tokens are outlined in the token view
     assert "2px solid" in at.get("html")[0].proto.body
+
+
+def test_editing_the_prompt_box_changes_the_prompt_and_outside_changes_refresh_the_box():
+    at = _app()
+    box = next(t for t in at.text_area if t.label == "Prompt")
+    box.set_value("a -> 1\nb -> 2\nc ->").run()
+    assert not at.exception and at.session_state["prompt_text"] == "a -> 1\nb -> 2\nc ->"
+    assert any("few-shot" in m.value for m in at.markdown)
+    at.session_state["prompt_text"] = "x -> 3\ny -> 4\nz ->"       # as the tour / a test sets it
+    at.run()
+    box = next(t for t in at.text_area if t.label == "Prompt")
+    assert box.value == "x -> 3\ny -> 4\nz ->"                    # a new box shows the new text
 
 
 @pytest.mark.parametrize(

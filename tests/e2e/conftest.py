@@ -25,9 +25,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def app_url():
-    """Start the real app (embedded SmolLM2 default) and yield its URL; stop it afterwards."""
+    """Start the real app (embedded SmolLM2 default) and yield its URL; stop it afterwards.
+
+    One server per test module: stopping it also stops work that a closed browser session left
+    running (Streamlit finishes a script run after its tab is gone), which otherwise competes for
+    the CI machine's two cores with the next module's runs."""
     port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit_e2e.log", "w")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.e2e.conftest import ARTIFACTS
@@ -38,3 +40,18 @@ def test_guided_tour_opens_and_loads_an_example(app_url, page):
     page.get_by_text("The secret number is").first.wait_for()
     assert "secret number" in page.get_by_role("textbox", name="Prompt", exact=True).input_value()
     page.screenshot(path=str(ARTIFACTS / "e2e_tour.png"), full_page=True)
+
+
+def test_prompt_survives_a_page_switch_right_after_loading(app_url, page):
+    """Regression: switching page as soon as Home shows its content used to mount the sidebar's
+    prompt box empty, and the next interaction sent the empty text back (prompt lost)."""
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Model card").first.wait_for(timeout=120_000)
+    page.get_by_role("link", name="GP lab").first.click()               # no wait for the sidebar
+    box = page.get_by_role("textbox", name="Prompt", exact=True)
+    box.wait_for(timeout=60_000)
+    page.wait_for_timeout(3_000)
+    assert "->" in box.input_value()                                     # the default few-shot example
+    page.get_by_role("link", name="Home").first.click()                 # an interaction: a rerun
+    page.get_by_text(re.compile(r"few-shot \(\d+ demonstrations")).first.wait_for(timeout=60_000)
+    assert page.get_by_text("The prompt is empty").count() == 0

@@ -1,10 +1,9 @@
-"""End-to-end: the Spectrum & SNR and Heads & blocks pages in Debian's Chromium (SmolLM2).
-
-Live qTTT and Steps & bounds browser checks passed when run alone but timed out when run after
-the other pages against one shared server on a loaded 2-core machine; they are not in CI yet
-(see the issue notes). Their pages are covered by AppTest."""
+"""End-to-end: the Spectrum & SNR, Heads & blocks and Steps & bounds pages in Debian's Chromium
+(SmolLM2), including a click on a heatmap cell that must select that head for the drill-down."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -13,28 +12,72 @@ from tests.e2e.conftest import ARTIFACTS
 pytestmark = [pytest.mark.e2e, pytest.mark.smollm2]
 
 
-def _open(page, app_url, link: str):
+def open_page(page, app_url, link: str):
     page.goto(app_url, wait_until="domcontentloaded")
     page.get_by_text("Model card").first.wait_for(timeout=120_000)
+    page.get_by_role("textbox", name="Prompt", exact=True).wait_for(timeout=60_000)
     page.get_by_role("link", name=link).first.click()
 
 
-def _wait_plots(page, n: int, timeout: int = 240_000) -> None:
+def wait_plots(page, n: int, timeout: int = 240_000) -> None:
     """Wait until at least `n` plotly figures are in the page (some sit in hidden tabs)."""
     page.locator(".js-plotly-plot").nth(n - 1).wait_for(state="attached", timeout=timeout)
     page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=timeout)
 
 
+def set_number(page, label: str, value: str) -> None:
+    box = page.get_by_role("spinbutton", name=label, exact=True)
+    box.wait_for(timeout=180_000)
+    box.fill(value)
+    box.press("Enter")
+
+
 def test_spectrum_page_shows_real_spectrum(app_url, page):
-    _open(page, app_url, "Spectrum & SNR")
-    _wait_plots(page, 4)
+    open_page(page, app_url, "Spectrum & SNR")
+    wait_plots(page, 4)
     page.get_by_text("plug-in").first.wait_for()
     assert page.locator(".js-plotly-plot").count() >= 4
     page.screenshot(path=str(ARTIFACTS / "e2e_spectrum.png"), full_page=True)
 
 
-def test_heads_page_shows_heatmaps(app_url, page):
-    _open(page, app_url, "Heads & blocks")
-    _wait_plots(page, 2)
+def drilldown_block(page) -> str:
+    return page.get_by_role("combobox", name="Block").input_value()
+
+
+def test_heads_page_click_on_heatmap_cell_selects_that_head(app_url, page):
+    open_page(page, app_url, "Heads & blocks")
+    wait_plots(page, 2)
     page.get_by_text("Query-Aware").first.wait_for()
+    heat = page.locator(".js-plotly-plot").first
+    heat.scroll_into_view_if_needed()
+    before = drilldown_block(page)
+    assert re.fullmatch(r"L\d+\.qH\d+", before)
+    # the data coordinates under a point of the plot area, from plotly's own axes
+    target = heat.evaluate("""(el) => {
+        const fl = el._fullLayout, xa = fl.xaxis, ya = fl.yaxis;
+        const fx = 0.62, fy = 0.37;   // fractions of the plot area, away from the selected marker
+        const x = xa.range[0] + fx * (xa.range[1] - xa.range[0]);
+        const y = ya.range[0] + (1 - fy) * (ya.range[1] - ya.range[0]);
+        const box = el.querySelector('.nsewdrag').getBoundingClientRect();
+        return {px: box.left + fx * box.width, py: box.top + fy * box.height,
+                head: Math.round(x), layer: Math.round(y)};
+    }""")
+    expected = f"L{target['layer']}.qH{target['head']}"
+    assert expected != before, "pick another point: the clicked cell is already selected"
+    page.mouse.click(target["px"], target["py"])
+    page.wait_for_function("(name) => [...document.querySelectorAll('input[role=combobox]')]"
+                           ".some(e => e.getAttribute('aria-label') === 'Block' && e.value === name)",
+                           arg=expected, timeout=120_000)            # the drill-down follows the click
+    assert drilldown_block(page) == expected
+    page.get_by_text(f"Spectrum of {expected}").first.wait_for(state="attached", timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "e2e_heads.png"), full_page=True)
+
+
+def test_steps_page_runs_a_short_trajectory(app_url, page):
+    """Steps & bounds with a 0…3 grid: the real paper-mode trajectory (SmolLM2, W_V heads of the
+    last 4 layers) finishes and its plots appear. The 0…30 default is covered by AppTest."""
+    open_page(page, app_url, "Steps & bounds")
+    set_number(page, "Grid max T", "3")
+    page.get_by_text(re.compile(r"T_MAP|T⋆|picks T")).first.wait_for(timeout=420_000)
+    wait_plots(page, 2, timeout=420_000)
+    page.screenshot(path=str(ARTIFACTS / "e2e_steps.png"), full_page=True)

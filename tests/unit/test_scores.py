@@ -174,6 +174,12 @@ def test_figures_carry_report_data(ev_fs):
     hm = hfig.score_heatmap(sc.trace, "Trace", selected=(1, 2))
     np.testing.assert_allclose(np.asarray(hm.data[0].z), sc.trace)
     assert hm.data[0].colorscale[0][1] != "RdBu"
+    cells = hm.data[1]                      # the clickable per-cell markers (heatmaps cannot be selected)
+    L, H = sc.trace.shape
+    assert cells.mode == "markers" and len(cells.x) == L * H and hm.data[0].hoverinfo == "skip"
+    i = 1 * H + 2                           # cell (layer 1, head 2)
+    assert (cells.y[i], cells.x[i]) == (1, 2) and cells.customdata[i][2] == pytest.approx(sc.trace[1, 2])
+    assert hm.data[2].name == "selected" and (hm.data[2].y[0], hm.data[2].x[0]) == (1, 2)
     signed = hfig.score_heatmap(sc.trace - sc.trace.mean(), "diff")
     assert signed.data[0].zmid == 0.0
     rows = sc.ranked("Query-Aware", 3)

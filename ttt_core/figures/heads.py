@@ -17,7 +17,8 @@ from ttt_core.figures.style import DIVERGING_SCALE, OKABE_ITO, SEQUENTIAL_SCALE,
 
 def score_heatmap(values: np.ndarray, name: str, block_word: str = "head",
                   selected: tuple[int, int] | None = None) -> go.Figure:
-    """Heatmap of a (L, H) score: z[l][h], x = block index, y = layer (layer 0 at the bottom).
+    """Heatmap of a (L, H) score: z[l][h], x = block index, y = layer (layer 0 at the bottom), with a
+    transparent marker per cell (trace 1) that carries the hover text and the click selection.
 
     Uses the sequential scale, or the diverging one centred at 0 when values take both signs."""
     z = np.asarray(values, dtype=float)
@@ -27,9 +28,15 @@ def score_heatmap(values: np.ndarray, name: str, block_word: str = "head",
     layers, heads = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
     custom = np.stack([layers, heads], axis=-1)
     kw = dict(colorscale=DIVERGING_SCALE, zmid=0.0) if signed else dict(colorscale=SEQUENTIAL_SCALE)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=np.arange(H), y=np.arange(L), customdata=custom, colorbar=dict(title=name),
-        hovertemplate=f"layer %{{y}}, {block_word} %{{x}}<br>{name} = %{{z:.4g}}<extra></extra>", **kw))
+    fig = go.Figure(go.Heatmap(z=z, x=np.arange(H), y=np.arange(L), colorbar=dict(title=name), hoverinfo="skip", **kw))
+    # Plotly heatmaps cannot be selected (no click/selection events in select mode), so an invisible
+    # square marker sits on every cell: hovering shows the value, clicking selects that (layer, block).
+    zs = np.where(np.isfinite(z), z, np.nan).ravel()
+    fig.add_trace(go.Scatter(
+        x=heads.ravel(), y=layers.ravel(), mode="markers", name="cells", showlegend=False,
+        marker=dict(symbol="square", size=12, color="rgba(0,0,0,0)"),
+        customdata=np.column_stack([custom.reshape(-1, 2), zs]),
+        hovertemplate=f"layer %{{y}}, {block_word} %{{x}}<br>{name} = %{{customdata[2]:.4g}}<extra></extra>"))
     if selected is not None:
         fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", name="selected",
                                  marker=dict(symbol="square-open", size=16, color=OKABE_ITO[3], line=dict(width=3)),
