@@ -65,7 +65,7 @@ def test_heads_page_drill_down_by_selectbox():
     P = decode(att["z"])
     np.testing.assert_allclose(P.sum(1), 1.0, atol=1e-5)
     # selected block highlighted on the heatmaps
-    sel = chart(at, "heads_heat_Trace")["data"][1]
+    sel = chart(at, "heads_heat_Trace")["data"][2]          # [heatmap, clickable cells, selected]
     assert (decode(sel["x"])[0], decode(sel["y"])[0]) == (3, 2)
     share = decode(chart(at, "heads_share")["data"][0]["y"])
     sc = score_blocks(ev)
