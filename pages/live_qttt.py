@@ -204,8 +204,8 @@ with g4:
                 "the mass grows: the adapted queries find the needle (score dilution undone, DESIGN §8).",
                 "flat or falling mass while the loss falls.", "§8")
 time_slot = st.empty()
-how_to_read(None, "Wall-clock seconds of each step: the update (forward and backward of the span against the frozen "
-            "cache, AdamW) and the metric evaluation.",
+how_to_read(None, "Wall-clock seconds of each step: the backward pass and AdamW, and one forward after the update that "
+            "gives the metrics and, in the same pass, the next step's span loss (so no pass is run twice).",
             "flat bars; on CPU about a second per step for SmolLM2 at k = 128.",
             "growing bars (memory pressure) or metrics dominating the update.", "§8")
 

@@ -48,6 +48,21 @@ class _FrozenState:
 
 _FROZEN: contextvars.ContextVar[_FrozenState | None] = contextvars.ContextVar("ttt_lens_frozen", default=None)
 _RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ttt_lens_record", default=None)
+_DETACH_KV: contextvars.ContextVar[bool] = contextvars.ContextVar("ttt_lens_detach_kv", default=False)
+
+
+@contextmanager
+def detached_kv() -> Iterator[None]:
+    """Within this block (this thread only), ordinary attention uses its keys and values (cached
+    and new) detached from autograd: gradients reach the model through the queries only. With the
+    current rows' K/V equal to what a prefill would have cached (no deltas on the K/V path), this
+    is the frozen-KV gradient of every row (DESIGN §2 "qTTT makes positions independent") without
+    a separate prefill of those rows."""
+    token = _DETACH_KV.set(True)
+    try:
+        yield
+    finally:
+        _DETACH_KV.reset(token)
 
 
 @contextmanager
@@ -139,6 +154,8 @@ def ttt_lens_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
         if record is not None and (record["__layers__"] is None or layer in record["__layers__"]):
             record[layer] = _explicit_probs(last_q.detach(), k, scale, last_off)
         return out.transpose(1, 2).contiguous(), None
+    if _DETACH_KV.get():
+        key, value = key.detach(), value.detach()
     if record is not None:
         layer = _layer_index(module)
         if record["__layers__"] is None or layer in record["__layers__"]:

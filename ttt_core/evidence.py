@@ -26,11 +26,14 @@ Routes (how the per-position gradients b are obtained)
   position is gathered). Samples are independent, so ONE backward of Σ_i s_i + s_x gives every
   b_{i,t} = ∂s_i/∂y_{i,t} at every position t exactly (adapter output probes), and the kernel is
   K_ij = Σ_{t,t'} (a_{i,t}·a_{j,t'})(b_{i,t}·b_{j,t'}) (DESIGN §2), stored as `RowFactors`.
-* ``qttt-frozen-kv`` (long context, W_Q): prefill the full text once, then run the rows with
-  `forward_with_frozen_kv` (keys/values frozen): positions are independent, so one backward of
-  Σ_i s_i (+ s_x) gives every b_i exactly and K^(h) = (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel
-  (the kernel of the update qTTT actually makes), not the exact-model W_Q kernel. Rows are run in
-  chunks of ``row_chunk``, so memory does not grow with the context length.
+* ``qttt-frozen-kv`` (long context, W_Q): keys/values held at their unadapted values, so positions
+  are independent and one backward of Σ_i s_i (+ s_x) gives every b_i exactly; K^(h) =
+  (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT actually makes), not the
+  exact-model W_Q kernel. When the rows fit one chunk (``row_chunk``, default 384): a no-grad
+  prefill of the tokens before the first row, then one forward of the rows with their own K/V
+  detached (`attention.detached_kv`) and one backward. Longer spans: prefill the full text once, then
+  run the rows in chunks of ``row_chunk`` with `forward_with_frozen_kv`, so memory does not grow
+  with the context length.
 * ``exact-per-output`` (long context, W_K/W_V/W_O/MLP, or W_Q with ``qttt=False``): positions
   are not independent (s_i depends on the block at every t ≤ i), so each output needs its own
   backward. The full sequence is replicated ``chunk`` times in a batch and each copy back-propagates
@@ -56,7 +59,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ttt_core.attention import FrozenKV, forward_with_frozen_kv, record_attention
+from ttt_core.attention import FrozenKV, detached_kv, forward_with_frozen_kv, record_attention
 from ttt_core.kernel_factors import FeatureFactors, LayerFactors, RowFactors
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt
 
@@ -374,7 +377,40 @@ def _prefill_cache(model: Any, ids: torch.Tensor) -> FrozenKV:
     return FrozenKV(keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers])
 
 
+def _frozen_q_single_pass(lm: Any, li: LongContextInputs, wanted: list[int], targets: list[int],
+                          progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+    """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
+    of the rows with their own keys/values detached (`attention.detached_kv`) and one backward.
+    Same features as the frozen-cache route (the rows' K/V are the values a prefill would cache),
+    without prefilling the rows first. Returns ({key: A rows}, {key: B rows}, s)."""
+    ids = torch.tensor(li.ids, device=lm.device)[None]
+    start, stop = wanted[0], wanted[-1] + 1
+    cache = None
+    if start > 0:
+        _report(progress, 0.05, f"Prefill of the {start} tokens before the supervised rows")
+        with torch.no_grad():
+            cache = lm.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1).past_key_values
+    keys = _keys(lm, "q")
+    rows = torch.tensor([p - start for p in wanted], dtype=torch.long, device=lm.device)
+    tg = torch.tensor(targets, dtype=torch.long, device=lm.device)
+    _report(progress, 0.3, f"Rows {start}…{stop - 1}: one forward (keys/values detached) + one backward")
+    probes = _probes(lm, keys, 1, stop - start)
+    with detached_kv(), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+        out = lm.model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=cache is not None,
+                       logits_to_keep=rows)
+        s = token_prob(out.logits[0], tg)
+        grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+    A = {k: _store(st.capture_in[k][0].index_select(0, rows)) for k in keys}
+    B = {k: _store(g[0].index_select(0, rows)) for k, g in zip(keys, grads)}
+    return A, B, s.detach()
+
+
 def _frozen_q_evidence(lm: Any, li: LongContextInputs, row_chunk: int, progress: Progress) -> dict:
+    wanted0 = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    if wanted0[-1] + 1 - wanted0[0] <= row_chunk:
+        targets0 = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+        A1, B1, s1 = _frozen_q_single_pass(lm, li, wanted0, targets0, progress)
+        return _frozen_q_result(lm, li, {k: [a] for k, a in A1.items()}, {k: [b] for k, b in B1.items()}, [s1])
     ids = torch.tensor(li.ids, device=lm.device)[None]
     _report(progress, 0.05, f"Prefill of {len(li.ids)} tokens (frozen keys/values)")
     cache = _prefill_cache(lm.model, ids)
@@ -403,6 +439,11 @@ def _frozen_q_evidence(lm: Any, li: LongContextInputs, row_chunk: int, progress:
         for k, g in zip(keys, grads):
             A_parts[k].append(_store(st.capture_in[k][0].index_select(0, rows)))
             B_parts[k].append(_store(g[0].index_select(0, rows)))
+    return _frozen_q_result(lm, li, A_parts, B_parts, vals)
+
+
+def _frozen_q_result(lm: Any, li: LongContextInputs, A_parts: dict, B_parts: dict, vals: list) -> dict:
+    keys = list(A_parts)
     s_all = torch.cat(vals).double().cpu().numpy()
     n = len(li.positions)
     H = _blocks_per_layer(lm, "q")
@@ -413,8 +454,8 @@ def _frozen_q_evidence(lm: Any, li: LongContextInputs, row_chunk: int, progress:
         Bx = B[n:] if li.query_position is not None else None
         factors.append(_row_factors("q", A[:n], B[:n], H, n, None, Ax, Bx))
     return dict(route="qttt-frozen-kv",
-                route_note=("qTTT kernel: keys/values frozen from one prefill, so each position's W_Q "
-                            "features come from its own row (one backward for all positions)."),
+                route_note=("qTTT kernel: keys/values held at their unadapted (prefill) values, so each "
+                            "position's W_Q features come from its own row (one backward for all positions)."),
                 values=s_all[:n], factors=factors, qvalue=s_all[n] if li.query_position is not None else None)
 
 
@@ -500,7 +541,7 @@ def compute_evidence(
     max_positions: int = DEFAULT_MAX_POSITIONS,
     qttt: bool = True,
     chunk: int = 8,
-    row_chunk: int = 256,
+    row_chunk: int = 384,
     feature_budget_bytes: int = 1 << 30,
     progress: Progress = None,
 ) -> PromptEvidence:

@@ -136,7 +136,9 @@ class StepRecord:
     Metrics (query_*, answer_*, needle_mass, context_nll) are evaluated *after* the update.
     delta_norms: ‖ΔW_l‖_F for every layer l (0 for layers not trained), after the update (after a
       divergence: of the restored last good deltas).
-    step_s: forward+backward+update seconds; eval_s: metric seconds; wall_s = step_s + eval_s;
+    step_s: seconds of the gradient and update (the span's forward too, unless the previous step's
+      look-ahead ran it); eval_s: seconds of the metric forward after the update (with look-ahead it
+      also runs the next step's span forward); wall_s = step_s + eval_s;
     elapsed_s: since the run began (prefill included).
     """
 

@@ -172,11 +172,20 @@ def test_long_context_exact_route_layer_groups(tiny):
     assert rel(b.K, a.K) <= 1e-6 and rel(b.k_x, a.k_x) <= 1e-6
 
 
-def test_long_context_qttt_route_matches_frozen_reference(tiny):
+@pytest.mark.parametrize("row_chunk", [7, 384], ids=["chunked_frozen_cache", "single_pass_detached_kv"])
+def test_long_context_qttt_route_matches_frozen_reference(tiny, row_chunk, monkeypatch):
+    """Both W_Q routes (rows in chunks against a frozen prefill cache; one pass with the rows' own
+    K/V detached after a prefill of the tokens before them) against per-position backward passes."""
+    import ttt_core.evidence as evidence_mod
+
+    used = []
+    real = evidence_mod._frozen_q_single_pass
+    monkeypatch.setattr(evidence_mod, "_frozen_q_single_pass", lambda *a, **k: used.append(1) or real(*a, **k))
     prompt = parse_prompt(LONG_TEXT)
-    ev = compute_evidence(tiny, prompt, "q", max_positions=20, row_chunk=7)
-    assert ev.route == "qttt-frozen-kv"
-    ref, vals = reference_long(tiny, prompt, "q", 20, frozen=True)
+    ev = compute_evidence(tiny, prompt, "q", max_positions=8, row_chunk=row_chunk)
+    assert ev.route == "qttt-frozen-kv" and ev.n == 8
+    assert len(used) == (1 if row_chunk == 384 else 0)
+    ref, vals = reference_long(tiny, prompt, "q", 8, frozen=True)
     check_against_reference(ev, ref, vals)
 
 

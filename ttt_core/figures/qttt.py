@@ -123,12 +123,14 @@ def delta_heatmap(records: Sequence[Rec]) -> go.Figure:
 
 
 def step_time_figure(records: Sequence[Rec]) -> go.Figure:
-    """Seconds per step: the update (forward+backward+optimiser) and the metric evaluation."""
+    """Seconds per step, stacked: `step_s` (the backward and the optimiser; also the span's forward
+    when no look-ahead ran it) and `eval_s` (the forward after the update, which yields the metrics
+    and, with look-ahead, the next step's span loss: `qttt._Run`)."""
     rows = [r for r in records if _get(r, "step")]
     x = [int(_get(r, "step")) for r in rows]
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=x, y=[float(_get(r, "step_s") or 0) for r in rows], name="update (fwd + bwd + optimiser)"))
-    fig.add_trace(go.Bar(x=x, y=[float(_get(r, "eval_s") or 0) for r in rows], name="metrics"))
+    fig.add_trace(go.Bar(x=x, y=[float(_get(r, "step_s") or 0) for r in rows], name="backward + optimiser"))
+    fig.add_trace(go.Bar(x=x, y=[float(_get(r, "eval_s") or 0) for r in rows], name="forward: metrics + next span"))
     fig.update_layout(barmode="stack")
     base_layout(fig, "Seconds per step", "step", "seconds")
     return fig
