@@ -249,7 +249,9 @@ def memory_child(max_positions: int) -> None:
                       "rss_before_mb": round(rss0 / 1024, 1),
                       "peak_rss_during_evidence_mb": round(hwm / 1024, 1) if reset else None,
                       "extra_over_model_mb": round((hwm - rss0) / 1024, 1) if reset else None,
-                      "process_peak_rss_mb": round(peak / 1024, 1)}))
+                      # Linux keeps ru_maxrss across fork+exec: this includes the parent bench's RSS
+                      # at the fork (the float64 model copy and Φ), so it is not this child's peak
+                      "ru_maxrss_mb_includes_parent_at_fork": round(peak / 1024, 1)}))
 
 
 def memory(max_positions: int) -> dict:
