@@ -206,7 +206,7 @@ with g4:
 time_slot = st.empty()
 how_to_read(None, "Wall-clock seconds of each step: the backward pass and AdamW, and one forward after the update that "
             "gives the metrics and, in the same pass, the next step's span loss (so no pass is run twice).",
-            "flat bars; on CPU about a second per step for SmolLM2 at k = 128.",
+            "flat bars; on a 2-core CPU about 1.5 s per step for SmolLM2 at k = 128 and 1,024 tokens (bench/qttt_step.py).",
             "growing bars (memory pressure) or metrics dominating the update.", "§8")
 
 
