@@ -3,6 +3,8 @@ subspace, a ranked recommendation and a drill-down into one head (DESIGN §6). U
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -61,6 +63,29 @@ last_clicks = st.session_state.setdefault("_heads_last_click", {})
 
 # ------------------------------------------------------------------ heatmaps (click a cell to drill down)
 available = scores.available()
+
+
+def _clicked_cell(event: Any) -> tuple[int, int] | None:
+    """(layer, block) of the first selected point of a heatmap's selection state, if any."""
+    pts = []
+    try:
+        pts = list(event.selection.points) if event is not None else []
+    except AttributeError:
+        pts = list((event or {}).get("selection", {}).get("points", []))
+    if not pts:
+        return None
+    return int(round(float(pts[0]["y"]))), int(round(float(pts[0]["x"])))
+
+
+# A click reruns the page with the chart's selection already in session_state: apply it before
+# drawing, so the heatmaps' highlight and the drill-down show the clicked block in the same run.
+for name in available:
+    key = f"heads_heat_{name}"
+    click = _clicked_cell(st.session_state.get(key))
+    if (click is not None and last_clicks.get(key) != click
+            and 0 <= click[0] < ev.n_layers and 0 <= click[1] < ev.n_blocks_per_layer):
+        last_clicks[key] = click
+        st.session_state["heads_pick"] = ev.block_label(click)
 selected = ev.blocks()[labels.index(st.session_state["heads_pick"])]
 HELP = {
     "Query-Aware": (r"s_b = k_x^{(b)\top}(K_{\mathrm{full}}+\sigma^2 I)^{-1}k_x^{(b)}",
@@ -76,19 +101,8 @@ tabs = st.tabs(list(available))
 for tab, (name, values) in zip(tabs, available.items()):
     with tab:
         key = f"heads_heat_{name}"
-        event = st.plotly_chart(figs.score_heatmap(values, name, word, selected), key=key,
-                                on_select="rerun", selection_mode="points")
-        pts = []
-        try:
-            pts = list(event.selection.points) if event is not None else []
-        except AttributeError:
-            pts = list((event or {}).get("selection", {}).get("points", []))
-        if pts:
-            p = pts[0]
-            click = (int(round(float(p["y"]))), int(round(float(p["x"]))))
-            if last_clicks.get(key) != click and 0 <= click[0] < ev.n_layers and 0 <= click[1] < ev.n_blocks_per_layer:
-                last_clicks[key] = click
-                st.session_state["heads_pick"] = ev.block_label(click)
+        st.plotly_chart(figs.score_heatmap(values, name, word, selected), key=key,
+                        on_select="rerun", selection_mode="points")
         latex, what = HELP.get(name, (None, name))
         how_to_read(latex, what + " Click a cell to drill into that block.",
                     "a few bright cells: the score singles out a small set of blocks to update.",

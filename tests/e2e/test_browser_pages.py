@@ -69,6 +69,11 @@ def test_heads_page_click_on_heatmap_cell_selects_that_head(app_url, page):
                            ".some(e => e.getAttribute('aria-label') === 'Block' && e.value === name)",
                            arg=expected, timeout=120_000)            # the drill-down follows the click
     assert drilldown_block(page) == expected
+    # the heatmap's highlight moved to the clicked cell in the same rerun
+    page.wait_for_function("([h, l]) => { const el = document.querySelector('.js-plotly-plot');"
+                           " const t = el && el.data && el.data.find(d => d.name === 'selected');"
+                           " return t && t.x[0] === h && t.y[0] === l; }",
+                           arg=[target["head"], target["layer"]], timeout=60_000)
     page.get_by_text(f"Spectrum of {expected}").first.wait_for(state="attached", timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "e2e_heads.png"), full_page=True)
 

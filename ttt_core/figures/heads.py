@@ -40,6 +40,7 @@ def score_heatmap(values: np.ndarray, name: str, block_word: str = "head",
     if selected is not None:
         fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", name="selected",
                                  marker=dict(symbol="square-open", size=16, color=OKABE_ITO[3], line=dict(width=3)),
+                                 unselected=dict(marker=dict(opacity=1.0)),   # never dimmed by a selection
                                  hoverinfo="skip", showlegend=False))
     base_layout(fig, f"{name} per layer and {block_word}", block_word, "layer")
     fig.update_xaxes(dtick=1)
