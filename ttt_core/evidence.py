@@ -406,17 +406,15 @@ def _frozen_q_single_pass(lm: Any, li: LongContextInputs, wanted: list[int], tar
 
 
 def _frozen_q_evidence(lm: Any, li: LongContextInputs, row_chunk: int, progress: Progress) -> dict:
-    wanted0 = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
-    if wanted0[-1] + 1 - wanted0[0] <= row_chunk:
-        targets0 = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
-        A1, B1, s1 = _frozen_q_single_pass(lm, li, wanted0, targets0, progress)
+    wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+    if wanted[-1] + 1 - wanted[0] <= row_chunk:
+        A1, B1, s1 = _frozen_q_single_pass(lm, li, wanted, targets, progress)
         return _frozen_q_result(lm, li, {k: [a] for k, a in A1.items()}, {k: [b] for k, b in B1.items()}, [s1])
     ids = torch.tensor(li.ids, device=lm.device)[None]
     _report(progress, 0.05, f"Prefill of {len(li.ids)} tokens (frozen keys/values)")
     cache = _prefill_cache(lm.model, ids)
     keys = _keys(lm, "q")
-    wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
-    targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     start, stop = wanted[0], wanted[-1] + 1
     A_parts: dict = {k: [] for k in keys}
     B_parts: dict = {k: [] for k in keys}

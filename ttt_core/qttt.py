@@ -393,6 +393,7 @@ class _Run:
         self._prepared = False
         self._pending: Any = None  # look-ahead: the next step's forward, run with the evaluation
         self.lookahead = True      # False: every step runs its own forward (same results, slower)
+        self._gnorm: float | None = None  # this step's gradient norm, reused by the clipping
         self._t0 = 0.0
         self.backend, self.backend_label = "", ""
 
@@ -612,7 +613,7 @@ class QTTTRun(_Run):
         return loss, grads, {"start": start, "span": k, "per_token": float(loss) / k}
 
     def _update(self, deltas, grads):
-        clipped, _ = clip_grad_norm(grads, self.config.clip, norm=getattr(self, "_gnorm", None))
+        clipped, _ = clip_grad_norm(grads, self.config.clip, norm=self._gnorm)
         return self.opt.step(deltas, clipped)
 
     def _eval_rows(self) -> tuple[int, int] | None:

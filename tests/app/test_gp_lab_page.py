@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ttt_core import gp_sim, theory
+from tests.app.plotly_json import charts, decode
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "pages" / "gp_lab.py"  # AppTest resolves relative paths against this test file
@@ -19,21 +18,6 @@ DEFAULT = gp_sim.LabSettings(
     kernel="rbf", n=48, d=1, lengthscale=0.2, alpha=1.5, tau2=1.0, sigma2=0.05, c=0.5, T_max=30,
     x_query=0.5, n_draws=300, seed=0, delta=0.05, sigma2_b=2.0, projector_rank=8, floor_rank=8,
 )
-
-
-def decode(v: object) -> np.ndarray:
-    """Plotly JSON array → numpy (plotly ≥ 6 encodes arrays as {"dtype", "bdata", "shape"?})."""
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float)
-        if "shape" in v:
-            shape = v["shape"]
-            arr = arr.reshape([int(s) for s in shape.split(",")] if isinstance(shape, str) else shape)
-        return arr
-    return np.array(v, dtype=float)
-
-
-def charts(at: AppTest) -> dict[str, dict]:
-    return {el.key: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
 
 
 def close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-12) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.app.test_spectrum_page import FEWSHOT, chart, decode
+from tests.app.plotly_json import chart, decode
+from tests.app.test_spectrum_page import FEWSHOT
 from ttt_core.evidence import compute_evidence
 from ttt_core.models import load_model
 from ttt_core.prompts import parse_prompt

@@ -3,7 +3,6 @@ result survives reruns, Reset clears it, paper mode runs on a few-shot prompt.""
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 NEEDLE = ("The river bends twice before it reaches the old mill. Farmers in the valley grow barley. "
@@ -27,17 +27,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
-
-
-def decode(v: object) -> np.ndarray:
-    """Plotly JSON array → numpy (plotly ≥ 6 encodes arrays as {"dtype", "bdata", "shape"?})."""
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float)
-        if "shape" in v:
-            shape = v["shape"]
-            arr = arr.reshape([int(s) for s in shape.split(",")] if isinstance(shape, str) else shape)
-        return arr
-    return np.array(v, dtype=float)
 
 
 def charts(at: AppTest) -> dict[str, dict]:

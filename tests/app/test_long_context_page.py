@@ -4,8 +4,6 @@ and the FLOP calculator shows ttt_core.flops' numbers (DESIGN §8)."""
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +14,9 @@ from ttt_core import dilution as D
 from ttt_core import flops as Fl
 from ttt_core.models import build_tiny_model
 from ttt_core.qttt import DEFAULT_LR
+from tests.app.plotly_json import charts, decode
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
-
-
-def decode(v: object) -> np.ndarray:
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float)
-        if "shape" in v:
-            shape = v["shape"]
-            arr = arr.reshape([int(s) for s in shape.split(",")] if isinstance(shape, str) else shape)
-        return arr
-    return np.array(v, dtype=float)
-
-
-def charts(at: AppTest) -> dict[str, dict]:
-    return {el.key: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
 
 
 @pytest.fixture()

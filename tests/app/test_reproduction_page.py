@@ -3,7 +3,6 @@ button; the tables and the figure show exactly the numbers in the results JSON."
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -12,15 +11,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ttt_core.reproduce import PAPER_EXP1, latest_results
+from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 MODEL = "tiny-random-llama"
-
-
-def decode(v) -> np.ndarray:
-    if isinstance(v, dict) and "bdata" in v:
-        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).astype(float)
-    return np.asarray(v, dtype=float)
 
 
 def app() -> AppTest:

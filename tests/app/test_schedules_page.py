@@ -4,8 +4,6 @@ honest comparison sentence is on the page (issue 7)."""
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +11,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ttt_core import schedules as S
+from tests.app.plotly_json import charts, decode
 
 N_TASKS = 5
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
-
-
-def decode(v: object) -> np.ndarray:
-    """Plotly JSON array → numpy (plotly ≥ 6 encodes arrays as {"dtype", "bdata", "shape"?})."""
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float)
-        if "shape" in v:
-            shape = v["shape"]
-            arr = arr.reshape([int(s) for s in shape.split(",")] if isinstance(shape, str) else shape)
-        return arr
-    return np.array(v, dtype=float)
-
-
-def charts(at: AppTest) -> dict[str, dict]:
-    return {el.key: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
 
 
 @pytest.fixture()

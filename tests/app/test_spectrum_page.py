@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +12,12 @@ from ttt_core.evidence import compute_evidence
 from ttt_core.models import load_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.spectrum import DEFAULT_C, evidence_spectrum
+from tests.app.plotly_json import chart, decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 FEWSHOT = "6->5\n6->5\n8->7\n5->4\n7->6\n2->1\n0->9\n3->2\n2->\n# answer: 1"
 LONG = ("The river bends twice before it reaches the old mill. The secret number is 4821. Sheep graze above the "
         "orchard.\nQuestion: What is the secret number?\nAnswer: 4821")
-
-
-def decode(v):
-    """plotly ≥ 6 JSON arrays: {"dtype", "bdata"} (base64) or plain lists."""
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
-        if "shape" in v:
-            arr = arr.reshape([int(s) for s in str(v["shape"]).split(",")])
-        return arr
-    return np.asarray(v, dtype=float)
-
-
-def chart(at: AppTest, key_suffix: str) -> dict:
-    for c in at.get("plotly_chart"):
-        if c.proto.id and key_suffix in c.proto.id:
-            return json.loads(c.proto.spec)
-    raise AssertionError(f"no chart with key {key_suffix}: {[c.proto.id for c in at.get('plotly_chart')]}")
 
 
 def run_page(model: str, prompt: str) -> AppTest:

@@ -3,7 +3,6 @@ computes (measured trajectory, linearised prediction, evidence, plug-in bound, G
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -15,20 +14,11 @@ from ttt_core.examples import load_example
 from ttt_core.models import build_tiny_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.steps import PLUG_IN_LABEL, StepsSettings, compute_steps
+from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 MODEL = "tiny-random-llama"
 CLEAN = load_example("Digit shift, clean labels")
-
-
-def decode(v) -> np.ndarray:
-    """plotly ≥ 6 arrays are {"dtype", "bdata"} (base64); older ones plain lists (None → NaN)."""
-    if isinstance(v, dict) and "bdata" in v:
-        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"])).astype(float)
-        if "shape" in v:
-            arr = arr.reshape([int(s) for s in str(v["shape"]).split(",")])
-        return arr
-    return np.array([np.nan if x is None else x for x in v], dtype=float)
 
 
 def figs(at: AppTest) -> dict[str, dict]:
