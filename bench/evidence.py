@@ -42,12 +42,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ttt_core.attention import forward_with_frozen_kv, prefill  # noqa: E402
-from ttt_core.evidence import compute_evidence, longcontext_inputs, token_prob  # noqa: E402
+from ttt_core.encoding import encode_long_context  # noqa: E402
+from ttt_core.prompt_kernel import compute_prompt_kernel, token_prob  # noqa: E402
 from ttt_core.generators import FILLER, needle_haystack  # noqa: E402
 from ttt_core.models import load_model  # noqa: E402
 from ttt_core.prompts import LongContextPrompt  # noqa: E402
 from ttt_core.scores import score_blocks  # noqa: E402
-from ttt_core.spectrum import evidence_spectrum  # noqa: E402
+from ttt_core.spectrum import kernel_spectrum  # noqa: E402
 
 CHECK_LAYERS = (0, 15, 29)
 
@@ -69,7 +70,7 @@ def reference(lm, prompt, n: int, single_row: bool = True, dtype=torch.float32) 
     single_row=False runs all rows in one graph and back-propagates each output through it
     (retain_graph) — the textbook form, far slower (every backward traverses all n rows)."""
     a = lm.adapter
-    li = longcontext_inputs(lm, prompt, n)
+    li = encode_long_context(lm, prompt, n)
     ids = torch.tensor(li.ids)[None]
     t0 = time.perf_counter()
     _, cache = prefill(lm.model, ids)
@@ -121,7 +122,7 @@ def compare(ev, phi, lm) -> dict:
 def kernel_speed(lm, n: int, lm64=None) -> dict:
     prompt = free_text(n + 16, lm.tokenizer)
     t0 = time.perf_counter()
-    ev = compute_evidence(lm, prompt, "q", max_positions=n)
+    ev = compute_prompt_kernel(lm, prompt, "q", max_positions=n)
     t_fact = time.perf_counter() - t0
     assert ev.n == n, ev.n
     t_ref, phi = reference(lm, prompt, n)
@@ -151,7 +152,7 @@ def fp64_check(lm64, prompt, n: int, ev32=None, phi32=None) -> dict:
     results it also reports the fp32 floor: how far the fp32 *reference* and the fp32 factorised
     kernels each are from the float64 truth (SmolLM2's fp32 forward leaves ~1e-4 in these
     gradients: p(1 − p) of confident next-token predictions amplifies logit round-off)."""
-    ev = compute_evidence(lm64, prompt, "q", max_positions=n)
+    ev = compute_prompt_kernel(lm64, prompt, "q", max_positions=n)
     _, phi = reference(lm64, prompt, n, dtype=torch.float64)
     err = compare(ev, phi, lm64)
     out = {f"max_rel_err_n{n}": max(err["layer"], err["head_scaled"]),
@@ -174,7 +175,7 @@ def full_graph_reference(lm, n: int, probe: int = 6) -> dict:
     output): time `probe` backward passes and scale to n (each backward costs the same)."""
     a = lm.adapter
     prompt = free_text(n + 16, lm.tokenizer)
-    li = longcontext_inputs(lm, prompt, n)
+    li = encode_long_context(lm, prompt, n)
     ids = torch.tensor(li.ids)[None]
     _, cache = prefill(lm.model, ids)
     deltas = [torch.zeros(a.spec(l, "q").out_features, a.spec(l, "q").in_features, requires_grad=True)
@@ -200,9 +201,9 @@ def end_to_end(lm) -> dict:
     prompt = needle_haystack(1, n_words=190, position=0.4)
     n_tok = len(lm.tokenizer(prompt.full_text()).input_ids)
     t0 = time.perf_counter()
-    ev = compute_evidence(lm, prompt, "q", max_positions=256)
+    ev = compute_prompt_kernel(lm, prompt, "q", max_positions=256)
     t1 = time.perf_counter()
-    rep = evidence_spectrum(ev, T=8, c=0.5)
+    rep = kernel_spectrum(ev, T=8, c=0.5)
     t2 = time.perf_counter()
     sc = score_blocks(ev, spectrum=rep)
     t3 = time.perf_counter()
@@ -239,8 +240,8 @@ def memory_child(max_positions: int) -> None:
     except OSError:
         reset = False
     t0 = time.perf_counter()
-    ev = compute_evidence(lm, prompt, "q", max_positions=max_positions)
-    rep = evidence_spectrum(ev)
+    ev = compute_prompt_kernel(lm, prompt, "q", max_positions=max_positions)
+    rep = kernel_spectrum(ev)
     score_blocks(ev, spectrum=rep)
     secs = time.perf_counter() - t0
     hwm = _status_kb("VmHWM")
@@ -285,7 +286,7 @@ def main() -> None:
     lm = load_model()
     result: dict = {"device": "cpu", "threads": torch.get_num_threads(), "model": lm.name,
                     "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
-    compute_evidence(lm, free_text(40, lm.tokenizer), "q", max_positions=16)   # warm-up (allocator, kernels)
+    compute_prompt_kernel(lm, free_text(40, lm.tokenizer), "q", max_positions=16)   # warm-up (allocator, kernels)
     reference(lm, free_text(40, lm.tokenizer), 2)
     sections = set(args.sections.split(","))
     sizes = (32, 64) if args.quick else (128, 256)

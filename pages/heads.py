@@ -10,10 +10,11 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
-from ttt_core.evidence import SUBSPACES, EvidenceError, attention_pattern, cached, cached_evidence, evidence_key
+from pages.state import cached_prompt_kernel, cached_result
+from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError, attention_pattern
 from ttt_core.figures import heads as figs
 from ttt_core.prompts import LongContextPrompt
-from ttt_core.scores import score_blocks
+from ttt_core.scores import HeadScores, score_blocks
 from ttt_core.spectrum import compute_spectrum
 
 page_header("Heads & blocks",
@@ -39,13 +40,12 @@ if long and subspace != "q":
 bar = st.progress(0.0, text="Computing prompt evidence…")
 try:
     with st.spinner(f"Per-head kernels of {SUBSPACES[subspace]} on {lm.name}…"):
-        ev = cached_evidence(st.session_state, lm, prompt, subspace, max_positions=int(max_pos),
-                             progress=lambda f, t: bar.progress(f, text=t))
+        ev = cached_prompt_kernel(st.session_state, lm, prompt, subspace, max_positions=int(max_pos),
+                                  progress=lambda f, t: bar.progress(f, text=t))
     bar.progress(1.0, text="Scoring every block…")
-    base_key = evidence_key(lm, prompt, subspace, int(max_pos))
-    scores = cached(st.session_state, base_key + ("scores", int(budget)),
-                    lambda: score_blocks(ev, greedy_budget=int(budget)))
-except EvidenceError as exc:
+    scores = cached_result(st.session_state, lm, prompt, subspace, "scores", (int(budget),),
+                           lambda: score_blocks(ev, greedy_budget=int(budget)), max_positions=int(max_pos))
+except PromptKernelError as exc:
     bar.empty()
     st.error(str(exc))
     st.stop()
@@ -120,12 +120,7 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, key="heads_table")
 picked = [r["block"] for r in rows[:int(topk)]]
 st.success(f"Recommended {len(picked)} block(s) by {rank_by}: " + ", ".join(picked))
 # Publish this session's scores for Live qTTT's "Top-k by head scores" selection (per session only).
-st.session_state["head_scores"] = {
-    "subspace": subspace, "score": rank_by,
-    # greedy ranks are "smaller is better": negate so that larger always means "adapt first"
-    "scores": {(int(l), int(h)): (-1.0 if rank_by.startswith("Greedy") else 1.0) * float(available[rank_by][l, h])
-               for l, h in ev.blocks() if np.isfinite(available[rank_by][l, h])},
-}
+st.session_state["head_scores"] = HeadScores.from_scores(scores, subspace, rank_by)
 if subspace == "q":
     st.caption("Live qTTT can now update exactly these top-ranked W_Q heads ('Top-k by head scores').")
 
@@ -135,8 +130,8 @@ pick = st.selectbox("Block", labels, key="heads_pick")
 layer, head = ev.blocks()[labels.index(pick)]
 Kb = ev.head_kernel(layer, head)
 kx = None if ev.head_couplings is None else ev.head_couplings[layer, head]
-rep = cached(st.session_state, base_key + ("block_spectrum", layer, head),
-             lambda: compute_spectrum(Kb, ev.residuals, kx, label=pick))
+rep = cached_result(st.session_state, lm, prompt, subspace, "block_spectrum", (layer, head),
+                    lambda: compute_spectrum(Kb, ev.residuals, kx, label=pick), max_positions=int(max_pos))
 d = st.columns(4)
 d[0].metric("Share tr(K⁽ᵇ⁾)/tr(K)", f"{scores.share[layer, head]:.3%}")
 d[1].metric("Query-Aware", "—" if scores.query_aware is None else f"{scores.query_aware[layer, head]:.3g}")

@@ -8,7 +8,8 @@ import streamlit as st
 from pathlib import Path
 
 from pages.common import get_model, get_prompt, page_header, render_tour, token_view_html
-from ttt_core.inspect_prompt import greedy_answer, tokenise
+from ttt_core.encoding import EncodingError
+from ttt_core.token_view import greedy_answer, tokenise
 from ttt_core.prompts import FewShotPrompt
 
 page_header("TTT Lens", "Does test-time training help on this prompt — when to adapt, how far, and in which directions?")
@@ -56,8 +57,13 @@ if prompt is not None:
         for s, e in prompt.needle_spans:
             st.markdown(f"**Needle:** “{prompt.context[s:e]}”")
 
+tp = None
 if lm is not None and prompt is not None:
-    tp = tokenise(lm, prompt)
+    try:
+        tp = tokenise(lm, prompt)
+    except EncodingError as exc:
+        st.warning(f"The prompt cannot be tokenised for the engines: {exc}")
+if tp is not None:
     st.subheader(f"Tokens ({len(tp.ids):,})")
     st.caption("What the model reads, one chip per token (hover for the index). Needle tokens are outlined.")
     shown = 1500

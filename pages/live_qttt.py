@@ -13,8 +13,11 @@ from pages.common import get_model, get_prompt, how_to_read, page_header
 from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
                                   quality_figure, step_time_figure)
 from ttt_core.prompts import FewShotPrompt
-from ttt_core.qttt import (DEFAULT_LR, PAPER_LR_RANGE, PaperConfig, QTTTConfig, head_label, make_run,
-                           parse_head_label)
+from ttt_core.paper_gd import PaperConfig
+from ttt_core.qttt import DEFAULT_LR, PAPER_LR_RANGE, QTTTConfig
+from ttt_core.runs import make_run
+from ttt_core.scores import HeadScores
+from ttt_core.types import block_label, parse_block_label
 
 SS = st.session_state
 RESULT = "qttt_result"  # this session's run: settings, records (dicts), answers, status
@@ -22,38 +25,10 @@ RUN_OBJ = "qttt_run_obj"  # the engine object (holds this session's deltas; the 
 LRS = [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 
 
-def parse_head_scores(obj: Any, kind: str, n_layers: int, n_heads: int) -> dict[tuple[int, int], float]:
-    """Read st.session_state["head_scores"] written by the Heads & blocks page. Accepted shapes:
-    {(layer, head): s}, {"L3.H2": s}, {"L3.qH2": s} (evidence block labels), {(layer, kind, head): s},
-    {"kind"/"subspace": k, "scores": {...}}. Entries of another projection kind or out of range are dropped."""
-    if not isinstance(obj, dict):
-        return {}
-    if "scores" in obj and isinstance(obj["scores"], dict):
-        if obj.get("kind", obj.get("subspace")) not in (None, kind):
-            return {}
-        obj = obj["scores"]
-    out: dict[tuple[int, int], float] = {}
-    for key, val in obj.items():
-        try:
-            if isinstance(key, str):
-                m = re.fullmatch(r"L(\d+)\.([a-z_]*)H(\d+)", key.strip())
-                if m is None or m.group(2) not in ("", kind):
-                    continue
-                layer, head = int(m.group(1)), int(m.group(3))
-            elif isinstance(key, tuple) and len(key) == 2:
-                layer, head = int(key[0]), int(key[1])
-            elif isinstance(key, tuple) and len(key) == 3:
-                if key[1] != kind:
-                    continue
-                layer, head = int(key[0]), int(key[2])
-            else:
-                continue
-            v = float(val)
-        except (ValueError, TypeError):
-            continue
-        if 0 <= layer < n_layers and 0 <= head < n_heads and math.isfinite(v):
-            out[(layer, head)] = v
-    return out
+def session_head_scores(kind: str, n_layers: int, n_heads: int) -> dict[tuple[int, int], float]:
+    """This session's scores from the Heads & blocks page (a `HeadScores`), for `kind`'s heads."""
+    hs = SS.get("head_scores")
+    return hs.for_kind(kind, n_layers, n_heads) if isinstance(hs, HeadScores) else {}
 
 
 def _reset() -> None:
@@ -138,7 +113,7 @@ seed = c4.number_input("Seed", 0, 10_000, 0, key="qttt_seed") if mode == "qttt" 
 
 # ---------------------------------------------------------------- head selection
 n_heads = a.heads_of(kind)
-scores = parse_head_scores(SS.get("head_scores"), kind, a.n_layers, n_heads)
+scores = session_head_scores(kind, a.n_layers, n_heads)
 sel_modes = ["All heads", "Top-k by head scores", "Manual"]
 h1, h2 = st.columns([1, 2])
 sel = h1.radio("Heads to update", sel_modes, key="qttt_head_mode")
@@ -149,13 +124,13 @@ if sel == "Top-k by head scores":
                 "(they are kept in this session). Until then all heads are updated.")
     else:
         k_top = h2.slider("k", 1, len(scores), min(8, len(scores)), key="qttt_topk")
-        heads = [hk for hk, _ in sorted(scores.items(), key=lambda kv: -kv[1])[:k_top]]
-        h2.caption("Selected: " + ", ".join(head_label(*hk) for hk in heads))
+        heads = SS["head_scores"].top_k(k_top)
+        h2.caption("Selected: " + ", ".join(block_label(*hk, kind) for hk in heads))
 elif sel == "Manual":
-    options = [head_label(layer, h) for layer in range(a.n_layers) for h in range(n_heads)]
+    options = [block_label(layer, h, kind) for layer in range(a.n_layers) for h in range(n_heads)]
     chosen = h2.multiselect(f"{kind.upper()} heads", options, key=f"qttt_manual_{kind}",
                             help="Only these heads' rows of the projection get updates.")
-    heads = [parse_head_label(s) for s in chosen] if chosen else []
+    heads = [parse_block_label(s)[:2] for s in chosen] if chosen else []
     if not chosen:
         h2.warning("Choose at least one head.")
 

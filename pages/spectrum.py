@@ -7,10 +7,11 @@ import numpy as np
 import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
-from ttt_core.evidence import SUBSPACES, EvidenceError, cached, cached_evidence, evidence_key
+from pages.state import cached_prompt_kernel, cached_result
+from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError
 from ttt_core.figures import spectrum as figs
 from ttt_core.prompts import LongContextPrompt
-from ttt_core.spectrum import DEFAULT_C, evidence_spectrum
+from ttt_core.spectrum import DEFAULT_C, kernel_spectrum
 
 page_header("Spectrum & SNR",
             "Does adapting on this prompt beat plain in-context prediction, and which eigen-directions "
@@ -47,8 +48,8 @@ def _progress(frac: float, text: str) -> None:
 
 try:
     with st.spinner(f"Kernel of {SUBSPACES[subspace]} on {lm.name}…"):
-        ev = cached_evidence(st.session_state, lm, prompt, subspace, max_positions=int(max_pos), progress=_progress)
-except EvidenceError as exc:
+        ev = cached_prompt_kernel(st.session_state, lm, prompt, subspace, max_positions=int(max_pos), progress=_progress)
+except PromptKernelError as exc:
     bar.empty()
     st.error(str(exc))
     st.stop()
@@ -58,9 +59,9 @@ block_opts = ["Full kernel"] + [ev.block_label(b) for b in ev.blocks()]
 choice = st.selectbox("Kernel to decompose", block_opts, key="spec_block",
                       help="The full kernel K = Σ_b K⁽ᵇ⁾ of the subspace, or one block's K⁽ᵇ⁾ (its own τ², σ² fit).")
 block = None if choice == "Full kernel" else ev.blocks()[block_opts.index(choice) - 1]
-key = evidence_key(lm, prompt, subspace, int(max_pos)) + ("spectrum", block, float(T), float(c))
 try:
-    rep = cached(st.session_state, key, lambda: evidence_spectrum(ev, block, T=float(T), c=float(c)))
+    rep = cached_result(st.session_state, lm, prompt, subspace, "spectrum", (block, float(T), float(c)),
+                        lambda: kernel_spectrum(ev, block, T=float(T), c=float(c)), max_positions=int(max_pos))
 except ValueError as exc:
     st.error(f"Spectrum failed: {exc}")
     st.stop()

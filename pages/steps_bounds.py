@@ -8,7 +8,8 @@ import numpy as np
 import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
-from ttt_core.evidence import SUBSPACES, cached, cached_evidence, evidence_key
+from pages.state import cached_prompt_kernel, cached_result
+from ttt_core.prompt_kernel import SUBSPACES
 from ttt_core.figures import steps as figs
 from ttt_core.prompts import LongContextPrompt
 from ttt_core.steps import DEFAULT_C, PLUG_IN_LABEL, StepsSettings, compute_steps
@@ -52,9 +53,9 @@ def _progress(frac: float, text: str) -> None:
 
 
 try:
-    ev = cached_evidence(st.session_state, lm, prompt, subspace, progress=lambda f, t: _progress(0.3 * f, t))
-    key = evidence_key(lm, prompt, subspace, 256) + ("steps",) + settings.heavy_key()
-    base = cached(st.session_state, key, lambda: compute_steps(lm, prompt, settings, ev=ev, progress=_progress))
+    ev = cached_prompt_kernel(st.session_state, lm, prompt, subspace, progress=lambda f, t: _progress(0.3 * f, t))
+    base = cached_result(st.session_state, lm, prompt, subspace, "steps", settings.heavy_key(),
+                         lambda: compute_steps(lm, prompt, settings, ev=ev, progress=_progress))
     rep = base.with_bounds(float(delta), float(beta))
 except Exception as exc:  # the app stays up whatever fails
     bar.empty()

@@ -39,13 +39,15 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from ttt_core.partial_forward import PartialForward, supports_partial_forward
+from ttt_core.types import Key
+
 KINDS: tuple[str, ...] = ("q", "k", "v", "o", "mlp_up", "mlp_down")
 SUPPORTED = (
     "Llama family with separate q_proj/k_proj/v_proj/o_proj (Llama, Qwen2, Qwen3, Mistral, SmolLM2), "
     "GPT-2 family (fused c_attn), GPT-NeoX (fused query_key_value)"
 )
 
-Key = tuple[int, str]  # (layer, kind)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -247,6 +249,13 @@ class ModelAdapter:
         before, after = s.start, n_axis - s.stop
         pad = (0, 0, before, after) if axis == 0 else (before, after, 0, 0)
         return F.pad(block, pad)
+
+    def partial_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> PartialForward | None:
+        """A `PartialForward` of this model on the batch (ids, mask), or None when the family does
+        not support running from a middle layer (then run the whole model)."""
+        if not supports_partial_forward(self.model, self.family):
+            return None
+        return PartialForward(self.model, ids, mask)
 
     def _check(self, layer: int, kind: str) -> None:
         if kind not in KINDS:

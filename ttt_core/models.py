@@ -180,18 +180,25 @@ def convert_embedded(force: bool = False) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def byte_tokenizer() -> Any:
-    """A byte-level tokenizer with 256 byte tokens plus <eos>; built offline in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(add_bos: bool = False) -> Any:
+    """A byte-level tokenizer with 256 byte tokens plus <eos> (and <bos>, prepended to every
+    encoded text with special tokens, when `add_bos`: a Llama-style tokenizer); built offline in
+    milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<eos>"] = len(vocab)
+    if add_bos:
+        vocab["<bos>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    if not add_bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", bos_token="<bos>")
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
@@ -221,18 +228,21 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     raise ModelLoadError(f"No tiny model for family {family!r}; choose one of {TINY_FAMILIES}.")
 
 
-def build_tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> LoadedModel:
-    """A tiny randomly initialised model of `family` with the byte tokenizer (fp32, CPU)."""
+def build_tiny_model(family: str = "llama", seed: int = 0, add_bos: bool = False, **overrides: Any) -> LoadedModel:
+    """A tiny randomly initialised model of `family` with the byte tokenizer (fp32, CPU); with
+    `add_bos` the tokenizer prepends <bos> like Llama's (the vocabulary grows by one)."""
     from transformers import AutoModelForCausalLM
 
     register_attention()
     t0 = time.perf_counter()
+    if add_bos:
+        overrides.setdefault("vocab_size", 258)
     config = tiny_config(family, **overrides)
     config._attn_implementation = ATTN_IMPLEMENTATION
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
     model = _freeze(model.to(torch.float32))
-    return LoadedModel(model=model, tokenizer=byte_tokenizer(), name=f"{TINY_PREFIX}{family}",
+    return LoadedModel(model=model, tokenizer=byte_tokenizer(add_bos), name=f"{TINY_PREFIX}{family}" + ("-bos" if add_bos else ""),
                        source=f"random init (seed {seed}), built from config", load_seconds=time.perf_counter() - t0,
                        adapter=ModelAdapter(model))
 

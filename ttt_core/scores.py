@@ -23,6 +23,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
 from ttt_core import theory
+from ttt_core.types import Block
 
 GREEDY_T = 8
 GREEDY_C = theory.DEFAULT_C
@@ -86,6 +87,36 @@ class BlockScores:
             row.update({name: float(a[l, h]) for name, a in arrs.items()})
             rows.append(row)
         return rows[:k] if k else rows
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """The Heads & blocks page's ranking handed to Live qTTT's "top-k" selection (one session).
+
+    subspace: the projection kind scored ("q", "v", …); score: the score's name; scores: block →
+    value, larger = adapt first (a greedy rank r is stored as −r)."""
+
+    subspace: str
+    score: str
+    scores: dict[Block, float]
+
+    @classmethod
+    def from_scores(cls, bs: "BlockScores", subspace: str, score: str) -> "HeadScores":
+        arr = bs.available()[score]
+        sign = -1.0 if score == "Greedy rank" else 1.0
+        L, H = arr.shape
+        return cls(subspace, score, {(l, h): sign * float(arr[l, h]) for l in range(L) for h in range(H)
+                                     if np.isfinite(arr[l, h])})
+
+    def for_kind(self, kind: str, n_layers: int, n_heads: int) -> dict[Block, float]:
+        """The scores of `kind`'s blocks that exist in a model of n_layers × n_heads ({} for another kind)."""
+        if self.subspace != kind:
+            return {}
+        return {b: v for b, v in self.scores.items() if 0 <= b[0] < n_layers and 0 <= b[1] < n_heads}
+
+    def top_k(self, k: int) -> list[Block]:
+        """The k highest-scored blocks (ties by layer, head)."""
+        return [b for b, _ in sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
 def resolvent(lam: np.ndarray, U: np.ndarray, sigma2: float) -> np.ndarray:
@@ -187,7 +218,7 @@ def score_blocks(ev, sigma2: float | None = None, *, spectrum=None, hutchinson_p
     """Query-Aware, Trace, kernel share (and optionally Hutchinson and greedy) for every block.
 
     Args:
-        ev: PromptEvidence.
+        ev: PromptKernel.
         sigma2: noise variance in M = (K + σ²I)⁻¹; default: fitted σ² (see module docstring).
         spectrum: a SpectrumReport of ev.K to reuse its eigendecomposition (optional).
         hutchinson_probes: R > 0 also computes the Hutchinson trace estimate with R probes.

@@ -143,8 +143,8 @@ def compute_spectrum(K: np.ndarray, r: np.ndarray, k_x: np.ndarray | None = None
     )
 
 
-def evidence_spectrum(ev, block: tuple[int, int] | None = None, **kw) -> SpectrumReport:
-    """`compute_spectrum` of a PromptEvidence's full kernel (block None) or of one block
+def kernel_spectrum(ev, block: tuple[int, int] | None = None, **kw) -> SpectrumReport:
+    """`compute_spectrum` of a PromptKernel's full kernel (block None) or of one block
     (layer, head), whose k_x is that block's coupling k_x^(b)."""
     if block is None:
         return compute_spectrum(ev.K, ev.residuals, ev.k_x, label=f"full kernel ({ev.subspace})", **kw)

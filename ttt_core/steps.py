@@ -96,7 +96,7 @@ def block_kernel(ev: Any, blocks: Sequence[Block]) -> tuple[np.ndarray, np.ndarr
 
 def blocks_label(ev: Any, blocks: Sequence[Block]) -> str:
     """Human description of a block set, e.g. "W_V heads of layers 26–29 (12 blocks)"."""
-    from ttt_core.evidence import SUBSPACES
+    from ttt_core.prompt_kernel import SUBSPACES
 
     layers = sorted({l for l, _ in blocks})
     span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
@@ -261,8 +261,8 @@ class Measured:
 
 def measure_fewshot(lm: Any, prompt: FewShotPrompt, subspace: str, blocks: Sequence[Block], rho: float,
                     lambda_max: float, grid_max: int, progress: Progress = None) -> Measured:
-    """Paper-mode GD (`qttt.PaperRun`) with ρ = the theory's ρ; records every step."""
-    from ttt_core.qttt import PaperConfig, PaperRun
+    """Paper-mode GD (`paper_gd.PaperRun`) with ρ = the theory's ρ; records every step."""
+    from ttt_core.paper_gd import PaperConfig, PaperRun
 
     t0 = time.perf_counter()
     cfg = PaperConfig(steps=int(grid_max), rho=float(rho), lambda_max=float(lambda_max), kind=subspace,
@@ -438,19 +438,19 @@ def compute_steps(lm: Any, prompt: FewShotPrompt | LongContextPrompt, settings: 
         lm: LoadedModel (never mutated).
         prompt: parsed prompt.
         settings: StepsSettings (subspace, c, grid_max, δ, β, last_layers, measure, qTTT lr/span/seed).
-        ev: a PromptEvidence of the same prompt and subspace to reuse (optional).
+        ev: a PromptKernel of the same prompt and subspace to reuse (optional).
         progress: callback(fraction, text).
     Raises:
-        EvidenceError (from the evidence module) or ValueError for impossible settings.
+        PromptKernelError (from the evidence module) or ValueError for impossible settings.
     """
-    from ttt_core.evidence import compute_evidence
+    from ttt_core.prompt_kernel import compute_prompt_kernel
 
     s = settings or StepsSettings()
     if int(s.grid_max) < 1:
         raise ValueError("grid_max must be ≥ 1")
     t0 = time.perf_counter()
     if ev is None:
-        ev = compute_evidence(lm, prompt, s.subspace,
+        ev = compute_prompt_kernel(lm, prompt, s.subspace,
                               progress=None if progress is None else (lambda f, t: progress(0.3 * f, t)))
     t1 = time.perf_counter()
     blocks = select_blocks(ev, s.last_layers)

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from tests.app.plotly_json import chart, decode
 from tests.app.test_spectrum_page import FEWSHOT
-from ttt_core.evidence import compute_evidence
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.models import load_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.scores import score_blocks
@@ -37,7 +37,7 @@ def heat(at: AppTest, name: str) -> np.ndarray:
 def test_heads_page_heatmaps_match_scores_tiny():
     at = run_page("tiny-random-llama", FEWSHOT)
     lm = load_model("tiny-random-llama")
-    ev = compute_evidence(lm, parse_prompt(FEWSHOT), "q")
+    ev = compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "q")
     sc = score_blocks(ev, greedy_budget=4)
     np.testing.assert_allclose(heat(at, "Query-Aware"), sc.query_aware, rtol=1e-6)
     np.testing.assert_allclose(heat(at, "Trace"), sc.trace, rtol=1e-6)
@@ -57,7 +57,7 @@ def test_heads_page_drill_down_by_selectbox():
     at.selectbox(key="heads_pick").set_value("L2.qH3").run()
     assert not at.exception
     lm = load_model("tiny-random-llama")
-    ev = compute_evidence(lm, parse_prompt(FEWSHOT), "q")
+    ev = compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "q")
     rep = compute_spectrum(ev.head_kernel(2, 3), ev.residuals, ev.head_couplings[2, 3])
     lam_plot = decode(chart(at, "heads_block_spectrum")["data"][0]["y"])
     np.testing.assert_allclose(lam_plot, np.where(rep.lam > 1e-300, rep.lam, np.nan), rtol=1e-6, equal_nan=True)
@@ -88,7 +88,7 @@ def test_heads_page_smollm2_default_model():
     qa = heat(at, "Query-Aware")
     assert qa.shape == (30, 9)
     lm = load_model()
-    sc = score_blocks(compute_evidence(lm, parse_prompt(FEWSHOT), "q"))
+    sc = score_blocks(compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "q"))
     np.testing.assert_allclose(qa, sc.query_aware, rtol=1e-4)
 
 
@@ -101,5 +101,5 @@ def test_heads_page_publishes_scores_for_live_qttt():
     at.switch_page("pages/heads.py").run()
     assert not at.exception
     hs = at.session_state["head_scores"]
-    assert hs["subspace"] == "q" and len(hs["scores"]) == 3 * 4
-    assert all(isinstance(k, tuple) and len(k) == 2 for k in hs["scores"])
+    assert hs.subspace == "q" and len(hs.scores) == 3 * 4
+    assert all(isinstance(k, tuple) and len(k) == 2 for k in hs.scores)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 from tests.app.plotly_json import decode
+from ttt_core.scores import HeadScores
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 NEEDLE = ("The river bends twice before it reaches the old mill. Farmers in the valley grow barley. "
@@ -105,12 +106,12 @@ def test_manual_heads_and_missing_scores():
     at = _app(NEEDLE)
     at.radio(key="qttt_head_mode").set_value("Top-k by head scores").run()
     assert not at.exception and any("No head scores" in i.value for i in at.info)
-    at.session_state["head_scores"] = {(2, 1): 3.0, (0, 0): 1.0, (1, 3): 2.0}
+    at.session_state["head_scores"] = HeadScores("q", "Query-Aware", {(2, 1): 3.0, (0, 0): 1.0, (1, 3): 2.0})
     at.run()
     at.slider(key="qttt_topk").set_value(2).run()
-    assert any("L2.H1, L1.H3" in c.value for c in at.caption)
+    assert any("L2.qH1, L1.qH3" in c.value for c in at.caption)
     at.radio(key="qttt_head_mode").set_value("Manual").run()
-    at.multiselect(key="qttt_manual_q").set_value(["L1.H2"]).run()
+    at.multiselect(key="qttt_manual_q").set_value(["L1.qH2"]).run()
     at.number_input(key="qttt_steps").set_value(2)
     at.number_input(key="qttt_span").set_value(16)
     at.button(key="qttt_run").click().run()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core.evidence import compute_evidence
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.models import load_model
 from ttt_core.prompts import parse_prompt
-from ttt_core.spectrum import DEFAULT_C, evidence_spectrum
+from ttt_core.spectrum import DEFAULT_C, kernel_spectrum
 from tests.app.plotly_json import chart, decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
@@ -41,7 +41,7 @@ def test_spectrum_page_plots_ttt_core_eigenvalues_tiny():
     spec = chart(at, "spec_scree")
     lam_plot = decode(spec["data"][0]["y"])
     lm = load_model("tiny-random-llama")
-    rep = evidence_spectrum(compute_evidence(lm, parse_prompt(FEWSHOT), "q"), T=8, c=DEFAULT_C)
+    rep = kernel_spectrum(compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "q"), T=8, c=DEFAULT_C)
     expected = np.where(rep.lam > 1e-300, rep.lam, np.nan)
     np.testing.assert_allclose(lam_plot, expected, rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(decode(spec["data"][1]["y"]), rep.cum_energy, rtol=1e-6)
@@ -61,8 +61,8 @@ def test_spectrum_page_subspace_and_block_controls():
     at.selectbox(key="spec_block").set_value("L1.vH2").run()
     assert not at.exception
     lm = load_model("tiny-random-gpt2")
-    ev = compute_evidence(lm, parse_prompt(FEWSHOT), "v")
-    rep = evidence_spectrum(ev, (1, 2), T=8, c=DEFAULT_C)
+    ev = compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "v")
+    rep = kernel_spectrum(ev, (1, 2), T=8, c=DEFAULT_C)
     lam_plot = decode(chart(at, "spec_scree")["data"][0]["y"])
     np.testing.assert_allclose(lam_plot, np.where(rep.lam > 1e-300, rep.lam, np.nan), rtol=1e-6, equal_nan=True)
 
@@ -80,8 +80,8 @@ def test_spectrum_page_long_context_smollm2():
     assert any("squared-loss frame" in c.value for c in at.caption)
     spec = chart(at, "spec_scree")
     lm = load_model()
-    ev = compute_evidence(lm, parse_prompt(LONG), "q", max_positions=256)
-    rep = evidence_spectrum(ev, T=8, c=DEFAULT_C)
+    ev = compute_prompt_kernel(lm, parse_prompt(LONG), "q", max_positions=256)
+    rep = kernel_spectrum(ev, T=8, c=DEFAULT_C)
     np.testing.assert_allclose(decode(spec["data"][0]["y"]), np.where(rep.lam > 1e-300, rep.lam, np.nan),
                                rtol=1e-4, equal_nan=True)
     assert at.metric[0].value == str(ev.n)

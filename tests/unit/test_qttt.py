@@ -15,12 +15,13 @@ from ttt_core.attention import forward_rows_with_frozen_kv, forward_with_frozen_
 from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
                                   quality_figure, step_time_figure)
 from ttt_core.generators import digit_shift_task, needle_haystack
-from ttt_core.inspect_prompt import greedy_answer
+from ttt_core.token_view import greedy_answer
 from ttt_core.models import build_tiny_model
 from ttt_core.optim import AdamWConfig, DeltaAdamW, clip_grad_norm
 from ttt_core.prompts import LongContextPrompt
-from ttt_core.qttt import (PaperConfig, PaperRun, QTTTConfig, QTTTRun, head_masks, selected_kernel,
-                           span_loss_and_grads)
+from ttt_core.engine import head_masks
+from ttt_core.paper_gd import PaperConfig, PaperRun, selected_kernel
+from ttt_core.qttt import QTTTConfig, QTTTRun, span_loss_and_grads
 
 REPETITIVE = LongContextPrompt(context="abcdefgh " * 40)
 
@@ -430,7 +431,7 @@ def test_paper_mode_loss_decreases_and_first_step_is_rho_K_r(llama):
     heads = [(1, 0), (2, 1)]
     run = PaperRun(llama, p, PaperConfig(steps=6, c=0.05, kind="v", heads=heads))
     base = run.prepare()
-    assert run.rho_source.startswith("evidence") and run.rho > 0
+    assert run.rho_source.startswith("prompt kernel") and run.rho > 0
     K, r = selected_kernel(llama, p, "v", heads)
     assert abs(run.rho - 0.05 / np.linalg.eigvalsh(K)[-1]) < 1e-9 * run.rho
     s0 = np.array(base.prompt_predictions)
@@ -456,7 +457,7 @@ def test_paper_mode_first_step_matches_autograd_jacobian(llama):
     leaves = {k: torch.zeros(llama.adapter.spec(*k).out_features, llama.adapter.spec(*k).in_features,
                              requires_grad=True) for k in masks}
     eff = {k: v * masks[k] if masks[k] is not None else v for k, v in leaves.items()}
-    s = qttt.loo_predictions(llama, run.batch, run.label_ids, run.label_values, eff)
+    s = run.predictions(eff)[:p.n]
     phi = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(s[i], list(leaves.values()),
                                                                             retain_graph=True)])
                        for i in range(p.n)]).double()

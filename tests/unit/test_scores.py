@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from ttt_core import theory
-from ttt_core.evidence import compute_evidence
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.figures import heads as hfig
 from ttt_core.figures import spectrum as sfig
 from ttt_core.generators import digit_shift_task, needle_haystack
 from ttt_core.models import build_tiny_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.scores import greedy_query_aware, hutchinson_trace, resolvent, score_blocks
-from ttt_core.spectrum import compute_spectrum, effective_rank, evidence_spectrum
+from ttt_core.spectrum import compute_spectrum, effective_rank, kernel_spectrum
 
 LONG = ("The river bends twice before it reaches the old mill. Farmers grow barley there. The bell rings."
         "\nQuestion: What do farmers grow?\nAnswer: barley")
@@ -26,12 +26,12 @@ def lm():
 
 @pytest.fixture(scope="module")
 def ev_fs(lm):
-    return compute_evidence(lm, digit_shift_task(7, n=10).prompt, "q")
+    return compute_prompt_kernel(lm, digit_shift_task(7, n=10).prompt, "q")
 
 
 @pytest.fixture(scope="module")
 def ev_exact(lm):
-    return compute_evidence(lm, parse_prompt(LONG), "o", max_positions=14, qttt=False, chunk=8)
+    return compute_prompt_kernel(lm, parse_prompt(LONG), "o", max_positions=14, qttt=False, chunk=8)
 
 
 def dense_blocks(ev):
@@ -102,7 +102,7 @@ def test_greedy_matches_brute_force(ev_fs):
 
 
 def test_greedy_power_iteration_route_for_large_n(lm):
-    ev = compute_evidence(lm, needle_haystack(0, n_words=60), "q", max_positions=140)
+    ev = compute_prompt_kernel(lm, needle_haystack(0, n_words=60), "q", max_positions=140)
     assert ev.n > 128
     steps = greedy_query_aware(ev, budget=1)
     h2 = {b: _dense_h(ev.head_kernel(*b), ev.head_couplings[b], ev.residuals, 8, 0.5)[0] ** 2 for b in ev.blocks()}
@@ -110,19 +110,19 @@ def test_greedy_power_iteration_route_for_large_n(lm):
 
 
 def test_no_query_scores(lm):
-    ev = compute_evidence(lm, parse_prompt("Free text with no question, just a sentence or two here."), "v",
+    ev = compute_prompt_kernel(lm, parse_prompt("Free text with no question, just a sentence or two here."), "v",
                           max_positions=20, qttt=False)
     sc = score_blocks(ev, greedy_budget=3)
     assert sc.query_aware is None and sc.greedy is None and "needs a query" in sc.greedy_note
     assert "Query-Aware" not in sc.available()
-    rep = evidence_spectrum(ev)
+    rep = kernel_spectrum(ev)
     assert rep.alignment is None and "no query" in rep.verdict
     g = theory.gd_filter(rep.lam, rep.rho, rep.T)
     assert rep.gap_ttt == pytest.approx(theory.prompt_excess_risk(rep.lam, rep.tau2, rep.sigma2, g))
 
 
 def test_spectrum_report_identities(ev_fs):
-    rep = evidence_spectrum(ev_fs, T=6, c=0.4)
+    rep = kernel_spectrum(ev_fs, T=6, c=0.4)
     lam, U = np.linalg.eigh(ev_fs.K)
     np.testing.assert_allclose(np.sort(rep.lam), np.clip(lam, 0, None), rtol=1e-8, atol=1e-12 * lam.max())
     tau2, s2, _ = theory.fit_signal_noise(rep.lam, rep.r_tilde)
@@ -158,7 +158,7 @@ def test_verdict_on_synthetic_gp_kernel():
 
 
 def test_figures_carry_report_data(ev_fs):
-    rep = evidence_spectrum(ev_fs)
+    rep = kernel_spectrum(ev_fs)
     sc = score_blocks(ev_fs)
     f = sfig.scree_figure(rep)
     np.testing.assert_allclose(f.data[0].y, np.where(rep.lam > 1e-300, rep.lam, np.nan), equal_nan=True)
@@ -198,15 +198,16 @@ def test_figures_carry_report_data(ev_fs):
 def test_validation_probe_route_equals_adapter_deltas(lm, kind):
     import torch
 
-    from ttt_core.evidence import fewshot_inputs, fewshot_scalar
+    from ttt_core.encoding import encode_few_shot
+    from ttt_core.prompt_kernel import fewshot_scalar
     from ttt_core.validation import adapted_query_values, block_deltas
 
     task = digit_shift_task(np.random.default_rng(3))
-    ev = compute_evidence(lm, task.prompt, kind)
+    ev = compute_prompt_kernel(lm, task.prompt, kind)
     deltas, rhos = block_deltas(ev, lm, 0.5)
     s_probe = adapted_query_values(lm, ev, task.prompt, deltas, batch=5)
     assert sorted(s_probe) == list(range(len(ev.blocks())))
-    fs = fewshot_inputs(lm, task.prompt)
+    fs = encode_few_shot(lm, task.prompt)
     ids = torch.tensor(fs.seqs[-1])[None]
     for b, (l, h) in enumerate(ev.blocks()):
         with torch.no_grad(), lm.adapter.apply(deltas={(l, kind): deltas[b]}):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ttt_core import theory
-from ttt_core.evidence import compute_evidence
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.examples import load_example
 from ttt_core.figures.steps import all_figures
 from ttt_core.models import build_tiny_model
@@ -62,7 +62,7 @@ def _check_second_order(gaps):
 
 @pytest.mark.parametrize("subspace", ["v", "q"])
 def test_measured_matches_linearised_to_first_order_tiny(tiny, clean, subspace):
-    ev = compute_evidence(tiny, clean, subspace)
+    ev = compute_prompt_kernel(tiny, clean, subspace)
     _check_second_order(_gaps(tiny, clean, ev, subspace, [0.1, 0.05]))
 
 
@@ -71,13 +71,13 @@ def test_measured_matches_linearised_to_first_order_smollm2(clean):
     from ttt_core.models import load_model
 
     lm = load_model()
-    ev = compute_evidence(lm, clean, "v")
+    ev = compute_prompt_kernel(lm, clean, "v")
     _check_second_order(_gaps(lm, clean, ev, "v", [0.1, 0.05], grid=2))  # T = 1, 2 (each engine step: 3 forwards)
 
 
 def test_engine_step_is_the_theory_rho(tiny, clean):
     """One engine step moves the query by ≈ ρ k_xᵀ r with ρ = c/λ_max of the same kernel."""
-    ev = compute_evidence(tiny, clean, "q")
+    ev = compute_prompt_kernel(tiny, clean, "q")
     rep = compute_steps(tiny, clean, StepsSettings(subspace="q", c=0.05, grid_max=1, last_layers=2), ev=ev)
     K, kx = block_kernel(ev, select_blocks(ev, 2))
     rho = 0.05 / np.linalg.eigvalsh(K)[-1]

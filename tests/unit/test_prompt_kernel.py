@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ttt_core.attention import forward_with_frozen_kv, prefill
-from ttt_core.evidence import (EvidenceError, compute_evidence, fewshot_inputs, fewshot_scalar,
-                               longcontext_inputs, token_prob)
+from ttt_core.encoding import EncodingError, encode_few_shot, encode_long_context
+from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel, fewshot_scalar, token_prob
 from ttt_core.generators import digit_shift_task
 from ttt_core.models import build_tiny_model, load_model
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, parse_prompt
@@ -76,7 +76,7 @@ def _kernels_from_grads(lm, kind, grads, n):
 
 
 def reference_fewshot(lm, prompt, kind):
-    fs = fewshot_inputs(lm, prompt)
+    fs = encode_few_shot(lm, prompt)
     grads, vals = [], []
     for seq in fs.seqs:                       # n LOO prompts then the full prompt
         d = _deltas(lm, kind)
@@ -90,7 +90,7 @@ def reference_fewshot(lm, prompt, kind):
 
 
 def reference_long(lm, prompt, kind, max_positions, frozen):
-    li = longcontext_inputs(lm, prompt, max_positions)
+    li = encode_long_context(lm, prompt, max_positions)
     ids = torch.tensor(li.ids)[None]
     outs = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     tg = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
@@ -132,7 +132,7 @@ def check_against_reference(ev, ref, vals_ref, has_query=True):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fewshot_kernels_match_reference_tiny(tiny, kind):
     prompt = digit_shift_task(1, n=6).prompt
-    ev = compute_evidence(tiny, prompt, kind)
+    ev = compute_prompt_kernel(tiny, prompt, kind)
     ref, vals = reference_fewshot(tiny, prompt, kind)
     assert ev.route == "loo-exact"
     check_against_reference(ev, ref, vals)
@@ -141,7 +141,7 @@ def test_fewshot_kernels_match_reference_tiny(tiny, kind):
 
 def test_fewshot_residual_signs_and_query_error(tiny):
     task = digit_shift_task(2, n=5)
-    ev = compute_evidence(tiny, task.prompt, "q")
+    ev = compute_prompt_kernel(tiny, task.prompt, "q")
     vals = task.prompt.label_values()
     targets = np.array([vals[y] for _, y in task.prompt.demos])
     np.testing.assert_allclose(ev.targets, targets)
@@ -155,7 +155,7 @@ def test_fewshot_residual_signs_and_query_error(tiny):
 @pytest.mark.parametrize("kind", ["q", "v", "o", "mlp_down"])
 def test_long_context_exact_route_matches_reference_tiny(tiny, kind):
     prompt = parse_prompt(LONG_TEXT)
-    ev = compute_evidence(tiny, prompt, kind, max_positions=12, qttt=False, chunk=5)
+    ev = compute_prompt_kernel(tiny, prompt, kind, max_positions=12, qttt=False, chunk=5)
     assert ev.route == "exact-per-output" and ev.n == 12
     ref, vals = reference_long(tiny, prompt, kind, 12, frozen=False)
     check_against_reference(ev, ref, vals)
@@ -167,8 +167,8 @@ def test_long_context_exact_route_matches_reference_tiny(tiny, kind):
 def test_long_context_exact_route_layer_groups(tiny):
     """A tiny feature budget forces one layer per group: same kernels."""
     prompt = parse_prompt(LONG_TEXT)
-    a = compute_evidence(tiny, prompt, "k", max_positions=10, qttt=False, chunk=4)
-    b = compute_evidence(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3, feature_budget_bytes=1)
+    a = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=4)
+    b = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3, feature_budget_bytes=1)
     assert rel(b.K, a.K) <= 1e-6 and rel(b.k_x, a.k_x) <= 1e-6
 
 
@@ -176,13 +176,13 @@ def test_long_context_exact_route_layer_groups(tiny):
 def test_long_context_qttt_route_matches_frozen_reference(tiny, row_chunk, monkeypatch):
     """Both W_Q routes (rows in chunks against a frozen prefill cache; one pass with the rows' own
     K/V detached after a prefill of the tokens before them) against per-position backward passes."""
-    import ttt_core.evidence as evidence_mod
+    import ttt_core.kernel_routes as routes_mod
 
     used = []
-    real = evidence_mod._frozen_q_single_pass
-    monkeypatch.setattr(evidence_mod, "_frozen_q_single_pass", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = routes_mod._frozen_q_single_pass
+    monkeypatch.setattr(routes_mod, "_frozen_q_single_pass", lambda *a, **k: used.append(1) or real(*a, **k))
     prompt = parse_prompt(LONG_TEXT)
-    ev = compute_evidence(tiny, prompt, "q", max_positions=8, row_chunk=row_chunk)
+    ev = compute_prompt_kernel(tiny, prompt, "q", max_positions=8, row_chunk=row_chunk)
     assert ev.route == "qttt-frozen-kv" and ev.n == 8
     assert len(used) == (1 if row_chunk == 384 else 0)
     ref, vals = reference_long(tiny, prompt, "q", 8, frozen=True)
@@ -191,7 +191,7 @@ def test_long_context_qttt_route_matches_frozen_reference(tiny, row_chunk, monke
 
 def test_free_text_has_no_query(tiny):
     prompt = parse_prompt("Just some free text without any question at all, a few words long.")
-    ev = compute_evidence(tiny, prompt, "q", max_positions=16)
+    ev = compute_prompt_kernel(tiny, prompt, "q", max_positions=16)
     assert ev.k_x is None and ev.head_couplings is None and ev.query is None
     assert "k_x" in ev.query_note
     ref, vals = reference_long(tiny, prompt, "q", 16, frozen=True)
@@ -200,17 +200,17 @@ def test_free_text_has_no_query(tiny):
 
 def test_errors_are_readable(tiny):
     shared = FewShotPrompt(demos=[("a", "good"), ("b", "great"), ("c", "good")], query_x="d", spaced=True)
-    with pytest.raises(EvidenceError, match="share their first token"):
-        compute_evidence(tiny, shared, "q")
-    with pytest.raises(EvidenceError, match="No supervised positions"):
-        compute_evidence(tiny, LongContextPrompt(context="x"), "q")
-    with pytest.raises(EvidenceError, match="Unknown subspace"):
-        compute_evidence(tiny, digit_shift_task(0).prompt, "W_Z")
+    with pytest.raises(PromptKernelError, match="share their first token"):
+        compute_prompt_kernel(tiny, shared, "q")
+    with pytest.raises(PromptKernelError, match="No supervised positions"):
+        compute_prompt_kernel(tiny, LongContextPrompt(context="x"), "q")
+    with pytest.raises(PromptKernelError, match="Unknown subspace"):
+        compute_prompt_kernel(tiny, digit_shift_task(0).prompt, "W_Z")
 
 
 def test_model_is_not_mutated(tiny):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    compute_evidence(tiny, digit_shift_task(4, n=4).prompt, "v")
+    compute_prompt_kernel(tiny, digit_shift_task(4, n=4).prompt, "v")
     after = tiny.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in tiny.model.parameters())
@@ -219,7 +219,7 @@ def test_model_is_not_mutated(tiny):
 def test_large_row_count_is_blocked(tiny):
     """Row blocking (N > block_rows) gives the same kernels, couplings and traces."""
     prompt = digit_shift_task(5, n=6).prompt
-    ev = compute_evidence(tiny, prompt, "o")
+    ev = compute_prompt_kernel(tiny, prompt, "o")
     K0, hk0, kx0 = ev.K.copy(), ev.factors[1].head_kernels().numpy(), ev.factors[1].query_couplings().numpy()
     M = np.random.default_rng(0).standard_normal((ev.n, ev.n))
     M = M @ M.T
@@ -242,7 +242,7 @@ SMOL_FEWSHOT = "3 -> 5\n8 -> 0\n1 -> 3\n6 ->\n# answer: 8"
 @pytest.mark.parametrize("kind", ["q", "k", "v", "o", "mlp_up", "mlp_down"])
 def test_fewshot_kernels_match_reference_smollm2(smol, kind):
     prompt = parse_prompt(SMOL_FEWSHOT)
-    ev = compute_evidence(smol, prompt, kind)
+    ev = compute_prompt_kernel(smol, prompt, kind)
     ref, vals = reference_fewshot(smol, prompt, kind)
     check_against_reference(ev, ref, vals)
 
@@ -250,10 +250,10 @@ def test_fewshot_kernels_match_reference_smollm2(smol, kind):
 @pytest.mark.smollm2
 def test_long_context_kernels_match_reference_smollm2(smol):
     prompt = parse_prompt(LONG_TEXT)
-    ev = compute_evidence(smol, prompt, "q", max_positions=8)
+    ev = compute_prompt_kernel(smol, prompt, "q", max_positions=8)
     ref, vals = reference_long(smol, prompt, "q", 8, frozen=True)
     check_against_reference(ev, ref, vals)
-    ev = compute_evidence(smol, prompt, "v", max_positions=6, qttt=False, chunk=7)
+    ev = compute_prompt_kernel(smol, prompt, "v", max_positions=6, qttt=False, chunk=7)
     ref, vals = reference_long(smol, prompt, "v", 6, frozen=False)
     check_against_reference(ev, ref, vals)
 
@@ -263,7 +263,7 @@ def test_fewshot_full_kernel_smollm2_fp32():
     """The shipped fp32 model: full kernel and query coupling within 1e-4 of the reference."""
     lm = load_model()
     prompt = parse_prompt(SMOL_FEWSHOT)
-    ev = compute_evidence(lm, prompt, "q")
+    ev = compute_prompt_kernel(lm, prompt, "q")
     ref, vals = reference_fewshot(lm, prompt, "q")
     assert rel(ev.K, sum(K for K, _ in ref.values())) <= TOL
     assert rel(ev.k_x, sum(kx for _, kx in ref.values())) <= TOL

@@ -1,0 +1,292 @@
+"""How the per-position gradients behind a prompt kernel are obtained (DESIGN §2; paper A.1, A.2).
+
+Each route returns a `RouteResult`: the n supervised outputs' values, the per-layer factor stores
+(`kernel_factors`) and the query output's value. `prompt_kernel.compute_prompt_kernel` picks the
+route and assembles the `PromptKernel`.
+
+Routes (how the per-position gradients b are obtained)
+------------------------------------------------------
+* ``loo-exact`` (few-shot, every subspace): the n LOO prompts and the full prompt form one
+  right-padded batch (causal attention makes right padding harmless; each prompt's last real
+  position is gathered). Samples are independent, so ONE backward of Σ_i s_i + s_x gives every
+  b_{i,t} = ∂s_i/∂y_{i,t} at every position t exactly (adapter output probes), and the kernel is
+  K_ij = Σ_{t,t'} (a_{i,t}·a_{j,t'})(b_{i,t}·b_{j,t'}) (DESIGN §2), stored as `RowFactors`.
+* ``qttt-frozen-kv`` (long context, W_Q): keys/values held at their unadapted values, so positions
+  are independent and one backward of Σ_i s_i (+ s_x) gives every b_i exactly; K^(h) =
+  (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT actually makes), not the
+  exact-model W_Q kernel. When the rows fit one chunk (``row_chunk``, default 384): a no-grad
+  prefill of the tokens before the first row, then one forward of the rows with their own K/V
+  detached (`attention.detached_kv`) and one backward. Longer spans: prefill the full text once, then
+  run the rows in chunks of ``row_chunk`` with `forward_with_frozen_kv`, so memory does not grow
+  with the context length.
+* ``exact-per-output`` (long context, W_K/W_V/W_O/MLP, or W_Q with ``qttt=False``): positions
+  are not independent (s_i depends on the block at every t ≤ i), so each output needs its own
+  backward. The full sequence is replicated ``chunk`` times in a batch and each copy back-propagates
+  one output (one backward per ``chunk`` outputs). Per-output features G_i = B_iᵀ A (rows
+  compressed to an orthonormal basis of the input row space when the sequence is shorter than the
+  input width) are stored as `FeatureFactors`. Cost: ⌈(n+1)/chunk⌉ forward+backward passes over
+  ``chunk`` copies of the sequence, times the number of layer groups needed to keep the features
+  under ``feature_budget_bytes`` (n·out·min(N, in)·4 bytes per layer) — far more expensive than
+  the other two routes. The batch holds at most ``tokens_per_batch`` tokens (chunk is lowered
+  for long sequences: a 2048-token context back-propagates one output at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ttt_core.attention import FrozenKV, detached_kv, forward_with_frozen_kv
+from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
+from ttt_core.kernel_factors import FeatureFactors, LayerFactors, RowFactors
+from ttt_core.models import LoadedModel
+from ttt_core.types import Key, Progress
+
+
+@dataclass
+class RouteResult:
+    """route / route_note: the route's name and a sentence for the UI; values (n,) float64: the
+    supervised outputs s_i; factors[l]: layer l's factor store; query_value: s_x, or None
+    without a query output."""
+
+    route: str
+    route_note: str
+    values: np.ndarray
+    factors: list[LayerFactors]
+    query_value: float | None
+
+
+def fewshot_scalar(logits: torch.Tensor, label_ids: Sequence[int], label_values: Sequence[float]) -> torch.Tensor:
+    """s = Σ_y v(y) softmax(logits[label_ids])_y. logits (..., V) → (...)."""
+    idx = torch.tensor(list(label_ids), device=logits.device)
+    logits = _upcast(logits)
+    vals = torch.tensor(list(label_values), dtype=logits.dtype, device=logits.device)
+    p = torch.softmax(logits.index_select(-1, idx), dim=-1)
+    return p @ vals
+
+
+def token_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """softmax(logits)[target]: logits (B, V), targets (B,) → (B,)."""
+    return torch.log_softmax(_upcast(logits), -1).gather(-1, targets[:, None]).squeeze(-1).exp()
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _store(t: torch.Tensor) -> torch.Tensor:
+    """Factor storage dtype: fp64 stays fp64 (exact tests), everything else becomes fp32."""
+    t = t.detach()
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _keys(lm: LoadedModel, kind: str, layers: Sequence[int] | None = None) -> list[tuple[int, str]]:
+    layers = range(lm.adapter.n_layers) if layers is None else layers
+    return [(l, kind) for l in layers]
+
+
+def blocks_per_layer(lm: LoadedModel, kind: str) -> int:
+    return lm.adapter.heads_of(kind) or 1
+
+
+def _probes(lm: LoadedModel, keys: list, batch: int, length: int) -> dict:
+    return {k: torch.zeros(batch, length, lm.adapter.spec(*k).out_features, device=lm.device,
+                           dtype=lm.dtype, requires_grad=True) for k in keys}
+
+
+def _row_factors(kind: str, A: torch.Tensor, B: torch.Tensor, n_heads: int, n: int,
+                 seg: torch.Tensor | None, Ax: torch.Tensor | None, Bx: torch.Tensor | None) -> RowFactors:
+    """Assign head/other sides: q/k/v/MLP heads slice B (outputs), o heads slice A (inputs)."""
+    if kind == "o":
+        return RowFactors(H=A, O=B, n_heads=n_heads, n=n, seg=seg, Hx=Ax, Ox=Bx, head_on_output=False)
+    return RowFactors(H=B, O=A, n_heads=n_heads, n=n, seg=seg, Hx=Bx, Ox=Ax, head_on_output=True)
+
+
+def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str, progress: Progress = None) -> RouteResult:
+    """The ``loo-exact`` route (module docstring): one batched forward/backward over the n LOO
+    prompts and the query prompt."""
+    n = fs.n
+    lengths = [len(s) for s in fs.seqs]
+    ids, mask, last = padded_batch(lm, fs.seqs)
+    keys = _keys(lm, kind)
+    probes = _probes(lm, keys, n + 1, ids.shape[1])
+    report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt")
+    with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+        out = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None])
+        s = fewshot_scalar(out.logits[:, 0], fs.label_ids, fs.label_values)
+        grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+    s = s.detach().double().cpu().numpy()
+    seg = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in range(n)]).to(lm.device)
+    H = blocks_per_layer(lm, kind)
+    factors: list[LayerFactors] = []
+    for k, g in zip(keys, grads):
+        a = st.capture_in[k].detach()
+        A = _store(torch.cat([a[i, :lengths[i]] for i in range(n)]))
+        B = _store(torch.cat([g[i, :lengths[i]] for i in range(n)]))
+        Ax, Bx = _store(a[n, :lengths[n]]), _store(g[n, :lengths[n]])
+        factors.append(_row_factors(kind, A, B, H, n, seg, Ax, Bx))
+    return RouteResult("loo-exact", "Exact autograd through each leave-one-out prompt (one batched backward).",
+                       s[:n], factors, float(s[n]))
+
+
+@torch.no_grad()
+def _prefill_cache(model: Any, ids: torch.Tensor) -> FrozenKV:
+    """Per-layer K/V of one forward over `ids` (as `attention.prefill`, but keeping only the last
+    position's logits: a 2048-token prefill would otherwise hold 2048 × vocab floats)."""
+    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    return FrozenKV(keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers])
+
+
+def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
+                          progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+    """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
+    of the rows with their own keys/values detached (`attention.detached_kv`) and one backward.
+    Same features as the frozen-cache route (the rows' K/V are the values a prefill would cache),
+    without prefilling the rows first. Returns ({key: A rows}, {key: B rows}, s)."""
+    ids = torch.tensor(li.ids, device=lm.device)[None]
+    start, stop = wanted[0], wanted[-1] + 1
+    cache = None
+    if start > 0:
+        report(progress, 0.05, f"Prefill of the {start} tokens before the supervised rows")
+        with torch.no_grad():
+            cache = lm.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1).past_key_values
+    keys = _keys(lm, "q")
+    rows = torch.tensor([p - start for p in wanted], dtype=torch.long, device=lm.device)
+    tg = torch.tensor(targets, dtype=torch.long, device=lm.device)
+    report(progress, 0.3, f"Rows {start}…{stop - 1}: one forward (keys/values detached) + one backward")
+    probes = _probes(lm, keys, 1, stop - start)
+    with detached_kv(), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+        out = lm.model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=cache is not None,
+                       logits_to_keep=rows)
+        s = token_prob(out.logits[0], tg)
+        grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+    A = {k: _store(st.capture_in[k][0].index_select(0, rows)) for k in keys}
+    B = {k: _store(g[0].index_select(0, rows)) for k, g in zip(keys, grads)}
+    return A, B, s.detach()
+
+
+def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = 384, progress: Progress = None) -> RouteResult:
+    """The ``qttt-frozen-kv`` route (module docstring)."""
+    wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+    if wanted[-1] + 1 - wanted[0] <= row_chunk:
+        A1, B1, s1 = _frozen_q_single_pass(lm, li, wanted, targets, progress)
+        return _frozen_q_result(lm, li, {k: [a] for k, a in A1.items()}, {k: [b] for k, b in B1.items()}, [s1])
+    ids = torch.tensor(li.ids, device=lm.device)[None]
+    report(progress, 0.05, f"Prefill of {len(li.ids)} tokens (frozen keys/values)")
+    cache = _prefill_cache(lm.model, ids)
+    keys = _keys(lm, "q")
+    start, stop = wanted[0], wanted[-1] + 1
+    A_parts: dict = {k: [] for k in keys}
+    B_parts: dict = {k: [] for k in keys}
+    vals: list[torch.Tensor] = []
+    chunks = list(range(start, stop, row_chunk))
+    for ci, r0 in enumerate(chunks):
+        r1 = min(stop, r0 + row_chunk)
+        sel = [j for j, p in enumerate(wanted) if r0 <= p < r1]
+        if not sel:
+            continue
+        rows = torch.tensor([wanted[j] - r0 for j in sel], dtype=torch.long, device=lm.device)
+        tg = torch.tensor([targets[j] for j in sel], dtype=torch.long, device=lm.device)
+        report(progress, 0.1 + 0.8 * ci / len(chunks), f"qTTT rows {r0}…{r1 - 1}: forward with frozen K/V + one backward")
+        probes = _probes(lm, keys, 1, r1 - r0)
+        with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+            out = forward_with_frozen_kv(lm.model, ids[:, r0:r1], cache, r0, logits_to_keep=rows)
+            s = token_prob(out.logits[0], tg)
+            grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+        vals.append(s.detach())
+        for k, g in zip(keys, grads):
+            A_parts[k].append(_store(st.capture_in[k][0].index_select(0, rows)))
+            B_parts[k].append(_store(g[0].index_select(0, rows)))
+    return _frozen_q_result(lm, li, A_parts, B_parts, vals)
+
+
+def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list) -> RouteResult:
+    keys = list(A_parts)
+    s_all = torch.cat(vals).double().cpu().numpy()
+    n = len(li.positions)
+    H = blocks_per_layer(lm, "q")
+    factors = []
+    for k in keys:
+        A, B = torch.cat(A_parts[k]), torch.cat(B_parts[k])
+        Ax = A[n:] if li.query_position is not None else None
+        Bx = B[n:] if li.query_position is not None else None
+        factors.append(_row_factors("q", A[:n], B[:n], H, n, None, Ax, Bx))
+    return RouteResult("qttt-frozen-kv",
+                       "qTTT kernel: keys/values held at their unadapted (prefill) values, so each position's W_Q "
+                       "features come from its own row (one backward for all positions).",
+                       s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
+
+
+def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str, chunk: int = 8, budget: int = 1 << 30,
+                           progress: Progress = None, tokens_per_batch: int = 2048) -> RouteResult:
+    """The ``exact-per-output`` route (module docstring)."""
+    N = len(li.ids)
+    chunk = max(1, min(int(chunk), int(tokens_per_batch) // max(N, 1)))   # bound activation memory
+    ids = torch.tensor(li.ids, device=lm.device)[None]
+    outs = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    tgts = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+    n_out = len(outs)
+    a = lm.adapter
+    spec0 = a.spec(0, kind)
+    q_width = spec0.in_features if kind == "o" else min(N, spec0.in_features)
+    per_layer = n_out * spec0.out_features * q_width * 4
+    group = max(1, int(budget // max(per_layer, 1)))
+    layer_groups = [list(range(i, min(a.n_layers, i + group))) for i in range(0, a.n_layers, group)]
+    H = blocks_per_layer(lm, kind)
+    F: dict[int, torch.Tensor] = {}
+    basis: dict[int, torch.Tensor | None] = {}
+    vals = torch.zeros(n_out, dtype=torch.float64)
+    total = len(layer_groups) * math.ceil(n_out / chunk)
+    done = 0
+    for gi, layers in enumerate(layer_groups):
+        keys = _keys(lm, kind, layers)
+        for c0 in range(0, n_out, chunk):
+            sel = list(range(c0, min(n_out, c0 + chunk)))
+            C = len(sel)
+            report(progress, 0.05 + 0.9 * done / total,
+                    f"Exact per-output backward: outputs {c0}…{c0 + C - 1} of {n_out}, layers {layers[0]}…{layers[-1]}")
+            done += 1
+            probes = _probes(lm, keys, C, N)
+            pos = torch.tensor([outs[j] for j in sel], device=lm.device)
+            with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+                out = lm.model(input_ids=ids.expand(C, N), logits_to_keep=pos[:, None])
+                s = token_prob(out.logits[:, 0], torch.tensor([tgts[j] for j in sel], device=lm.device))
+                grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+            if gi == 0:
+                vals[sel] = s.detach().double().cpu()
+            for (l, _), g in zip(keys, grads):
+                A = st.capture_in[(l, kind)].detach()[0].double()          # (N, in)
+                if l not in basis:
+                    if kind != "o" and N < A.shape[1]:
+                        _, _, Vh = torch.linalg.svd(A, full_matrices=False)  # A = U S Vᵀ, V (in, N)
+                        basis[l] = Vh.T.contiguous()
+                    else:
+                        basis[l] = None
+                    F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device,
+                                       dtype=torch.float64 if lm.dtype == torch.float64 else torch.float32)
+                AV = A if basis[l] is None else A @ basis[l]
+                F[l][sel] = torch.einsum("cto,tq->coq", g.double(), AV).to(F[l].dtype)   # G_i = B_iᵀ A V
+    n = len(li.positions)
+    factors = []
+    for l in range(a.n_layers):
+        Fl = F.pop(l)
+        fx = Fl[n] if li.query_position is not None else None
+        V = basis[l]
+        factors.append(FeatureFactors(F=Fl[:n].clone(), n_heads=H, head_axis=2 if kind == "o" else 1,
+                                      fx=None if fx is None else fx.clone(),
+                                      basis=V))
+    v = vals.numpy()
+    return RouteResult("exact-per-output",
+                       f"Exact autograd: one backward per output ({math.ceil(n_out / chunk)} batched passes of "
+                       f"{chunk} sequence copies × {len(layer_groups)} layer group(s)).",
+                       v[:n], factors, float(v[n]) if li.query_position is not None else None)
+
+
+def report(progress: Progress, frac: float, text: str) -> None:
+    if progress is not None:
+        progress(min(max(frac, 0.0), 1.0), text)

@@ -1,0 +1,245 @@
+"""The prompt kernel of a real transformer: supervised outputs, residuals, per-block kernels and the
+query coupling for one prompt and one update subspace (DESIGN §2, §7; paper A.1, A.2, A.7).
+
+Scalar outputs (what the kernel is a kernel *of*)
+-------------------------------------------------
+* Few-shot (DESIGN §7.1): s_i = Σ_y v(y) p(y), the expected label value under the softmax
+  restricted to the label tokens, at the last position of leave-one-out prompt i (demonstration i
+  removed, x_i as the query). r_i = v(y_i) − s_i. The query output s_x is the same scalar on the
+  full prompt; its error is (s_x − v(query_y))² when the true label is known.
+  Label token = first token of ``label_prefix() + y``. Whitespace-only leading tokens that *every*
+  label shares (SmolLM2 writes " 5" as [" ", "5"]) are appended to every prompt instead, so the
+  label token is the first token that can differ; two labels sharing it is an error.
+* Long context / free text (DESIGN §7.2): supervised positions are the next-token predictions
+  inside the context, capped to the last ``max_positions`` positions (default 256); the scalar is
+  the probability p of the observed next token with target 1 and residual 1 − p. This puts free
+  text in the paper's squared-loss frame (the kernel regime needs a scalar output per position).
+  Query: with a question *and* an answer, s_x = probability of the answer's first token after
+  "…Answer:" (leading whitespace tokens of " answer" are appended to the query, as for labels);
+  error = 1 − s_x, and the NLL −log s_x is reported too. Without an answer there is no query
+  target: k_x is None and ``query_note`` says why.
+
+Routes: `ttt_core.kernel_routes` (loo-exact, qttt-frozen-kv, exact-per-output).
+
+Memory: per-layer factors are kept, never all per-head n × n kernels (`PromptKernel.head_kernel`
+materialises one on demand).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ttt_core.attention import record_attention
+from ttt_core.encoding import DEFAULT_MAX_POSITIONS, EncodingError, FewShotEncoding, decoded_tokens, encode
+from ttt_core.kernel_factors import LayerFactors, RowFactors
+from ttt_core.kernel_routes import (blocks_per_layer, exact_per_output_route, fewshot_scalar, frozen_q_route,
+                                    loo_exact_route, report, token_prob)
+from ttt_core.models import LoadedModel
+from ttt_core.prompts import Prompt
+from ttt_core.types import Block, Progress
+
+SUBSPACES: dict[str, str] = {
+    "q": "W_Q per head (qTTT)",
+    "k": "W_K per kv head",
+    "v": "W_V per kv head (paper)",
+    "o": "W_O per head",
+    "mlp_up": "MLP up, one block per layer",
+    "mlp_down": "MLP down, one block per layer",
+}
+
+
+class PromptKernelError(ValueError):
+    """The prompt kernel cannot be computed for this prompt; the message says why, for the UI."""
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QueryOutcome:
+    """Prediction at the query: value s_x, target, error ((s_x − v)² few-shot, 1 − p long
+    context), NLL (long context) and a label saying what is predicted."""
+
+    value: float
+    target: float | None
+    error: float | None
+    nll: float | None
+    label: str
+
+
+@dataclass
+class PromptKernel:
+    """Everything the spectrum, steps and heads views need for one prompt and subspace.
+
+    values/targets/residuals: (n,) float64 (r = target − value); K: (n, n) full kernel Σ_b K^(b);
+    head_couplings: (L, H, n) k_x^(b) per block or None; k_x: (n,) = Σ_b k_x^(b) or None;
+    factors[l]: per-layer factor store (`kernel_factors`); H blocks per layer (heads of the
+    subspace, 1 for MLP); output_labels: text per supervised output; tokens: decoded tokens of the
+    full prompt (query prompt for few-shot), ids: their ids."""
+
+    prompt_kind: str
+    subspace: str
+    route: str
+    route_note: str
+    model_name: str
+    n_layers: int
+    n_blocks_per_layer: int
+    values: np.ndarray
+    targets: np.ndarray
+    residuals: np.ndarray
+    output_labels: list[str]
+    query: QueryOutcome | None
+    query_note: str | None
+    factors: list[LayerFactors]
+    K: np.ndarray
+    head_couplings: np.ndarray | None
+    k_x: np.ndarray | None
+    tokens: list[str]
+    ids: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.values.shape[0])
+
+    def blocks(self) -> list[Block]:
+        """All blocks (layer, head) of the subspace, layer-major."""
+        return [(l, h) for l in range(self.n_layers) for h in range(self.n_blocks_per_layer)]
+
+    def block_label(self, block: Block) -> str:
+        l, h = block
+        return f"L{l} {self.subspace}" if self.subspace.startswith("mlp") else f"L{l}.{self.subspace}H{h}"
+
+    def head_kernel(self, layer: int, head: int) -> np.ndarray:
+        """K^(b) of one block, materialised on demand: (n, n)."""
+        return self.factors[layer].head_kernels([head])[0].cpu().numpy()
+
+    def layer_kernel(self, layer: int) -> np.ndarray:
+        """Σ over the layer's blocks: (n, n)."""
+        return self.factors[layer].layer_kernel().cpu().numpy()
+
+    def head_traces(self) -> np.ndarray:
+        """tr(K^(b)) for every block: (L, H)."""
+        return np.stack([f.head_traces().cpu().numpy() for f in self.factors])
+
+    def trace_scores(self, M: np.ndarray) -> np.ndarray:
+        """tr(K^(b) M) for every block (M symmetric (n, n)): (L, H)."""
+        Mt = torch.as_tensor(M, dtype=torch.float64)
+        return np.stack([f.trace_scores(Mt.to(_dev(f))).cpu().numpy() for f in self.factors])
+
+    def quad_forms(self, Z: np.ndarray, U: np.ndarray) -> np.ndarray:
+        """z_rᵀ K^(b) u_r for every block and column r: (L, H, R)."""
+        Zt, Ut = torch.as_tensor(Z, dtype=torch.float64), torch.as_tensor(U, dtype=torch.float64)
+        return np.stack([f.quad_forms(Zt.to(_dev(f)), Ut.to(_dev(f))).cpu().numpy() for f in self.factors])
+
+
+def _dev(f: LayerFactors) -> torch.device:
+    return f.H.device if isinstance(f, RowFactors) else f.F.device
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def compute_prompt_kernel(
+    lm: LoadedModel,
+    prompt: Prompt,
+    subspace: str = "q",
+    *,
+    max_positions: int = DEFAULT_MAX_POSITIONS,
+    qttt: bool = True,
+    chunk: int = 8,
+    row_chunk: int = 384,
+    feature_budget_bytes: int = 1 << 30,
+    progress: Progress = None,
+) -> PromptKernel:
+    """Supervised outputs, residuals, factorised per-block kernels and query couplings.
+
+    Args:
+        lm: LoadedModel (never mutated; gradients come from adapter output probes).
+        prompt: FewShotPrompt or LongContextPrompt.
+        subspace: "q" (default, qTTT), "k", "v", "o" (per head) or "mlp_up"/"mlp_down" (per layer).
+        max_positions: long context: keep the last this-many supervised positions.
+        qttt: long context + "q": use the frozen-KV qTTT kernel (default) instead of the exact
+            per-output route.
+        chunk: outputs per batched backward in the exact long-context route.
+        row_chunk: rows per forward in the frozen-KV route.
+        feature_budget_bytes: memory for per-output features in the exact long-context route.
+        progress: optional callback(fraction, text).
+    Returns:
+        PromptKernel with K = Σ_b K^(b) (n, n), per-block couplings k_x^(b) (L, H, n) or None.
+    Raises:
+        PromptKernelError: unknown subspace, labels sharing a first token, no supervised positions.
+    """
+    if subspace not in SUBSPACES:
+        raise PromptKernelError(f"Unknown subspace {subspace!r}; choose one of {list(SUBSPACES)}.")
+    t0 = time.perf_counter()
+    tok = lm.tokenizer
+    try:
+        enc = encode(lm, prompt, max_positions)
+    except EncodingError as exc:
+        raise PromptKernelError(str(exc)) from exc
+    if isinstance(enc, FewShotEncoding):
+        rr = loo_exact_route(lm, enc, subspace, progress)
+        targets = enc.targets
+        qt = enc.query_target
+        query = QueryOutcome(value=rr.query_value, target=qt, error=None if qt is None else (rr.query_value - qt) ** 2,
+                             nll=None, label=f"E[label value | {prompt.query_x!r}]")
+        note = None if qt is not None else "No '# answer:' line: the query error is unknown (k_x is still computed)."
+        output_labels = [f"{x} → {y}" for x, y in prompt.demos]
+        has_query = True
+    else:
+        if subspace == "q" and qttt:
+            rr = frozen_q_route(lm, enc, row_chunk, progress)
+        else:
+            rr = exact_per_output_route(lm, enc, subspace, chunk, feature_budget_bytes, progress)
+        targets = np.ones(len(enc.positions))
+        qv = rr.query_value
+        query = None if qv is None else QueryOutcome(
+            value=qv, target=1.0, error=1.0 - qv, nll=float(-np.log(max(qv, 1e-300))),
+            label=f"p(answer token {tok.decode([enc.query_token])!r})")
+        note = enc.query_note
+        output_labels = [f"@{p}: {tok.decode([enc.ids[p]])!r}→{tok.decode([t])!r}"
+                         for p, t in zip(enc.positions, enc.targets)]
+        has_query = enc.query_position is not None
+    ids = list(enc.ids)
+    t1 = time.perf_counter()
+    report(progress, 0.95, "Summing block kernels and query couplings")
+    factors = rr.factors
+    K = sum(f.layer_kernel() for f in factors).cpu().numpy()
+    K = 0.5 * (K + K.T)
+    hc = None
+    if has_query:
+        hc = np.stack([f.query_couplings().cpu().numpy() for f in factors])
+    values = np.asarray(rr.values, dtype=float)
+    ev = PromptKernel(
+        prompt_kind=enc.kind, subspace=subspace, route=rr.route, route_note=rr.route_note,
+        model_name=lm.name, n_layers=lm.adapter.n_layers, n_blocks_per_layer=blocks_per_layer(lm, subspace),
+        values=values, targets=np.asarray(targets, dtype=float), residuals=np.asarray(targets, dtype=float) - values,
+        output_labels=output_labels, query=query, query_note=note, factors=factors, K=K,
+        head_couplings=hc, k_x=None if hc is None else hc.sum(axis=(0, 1)), tokens=decoded_tokens(lm, ids), ids=ids,
+        timings={"gradients_s": t1 - t0, "kernel_s": time.perf_counter() - t1},
+        settings={"max_positions": max_positions, "qttt": qttt},
+    )
+    report(progress, 1.0, "Prompt kernel ready")
+    return ev
+
+
+def attention_pattern(lm: LoadedModel, ev: PromptKernel, layer: int, head: int, max_tokens: int = 96) -> tuple[np.ndarray, list[str]]:
+    """Attention probabilities of query head `head` at `layer` on the prompt's last `max_tokens`
+    tokens (the full few-shot prompt / the full long-context text): ((m, m) array, token labels).
+    For kv-head subspaces (k, v) pass a query head that reads that kv head."""
+    with torch.no_grad(), record_attention([layer]) as rec:
+        lm.model(input_ids=torch.tensor(ev.ids, device=lm.device)[None])
+    m = min(max_tokens, len(ev.ids))
+    P = rec[layer][0, head, -m:, -m:].float().cpu().numpy()
+    return P, [t.replace("\n", "↵") for t in ev.tokens[-m:]]
