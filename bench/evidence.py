@@ -43,7 +43,8 @@ import torch  # noqa: E402
 
 from ttt_core.attention import forward_with_frozen_kv, prefill  # noqa: E402
 from ttt_core.encoding import encode_long_context  # noqa: E402
-from ttt_core.prompt_kernel import compute_prompt_kernel, token_prob  # noqa: E402
+from ttt_core.readout import token_prob  # noqa: E402
+from ttt_core.prompt_kernel import compute_prompt_kernel  # noqa: E402
 from ttt_core.generators import FILLER, needle_haystack  # noqa: E402
 from ttt_core.models import load_model  # noqa: E402
 from ttt_core.prompts import LongContextPrompt  # noqa: E402

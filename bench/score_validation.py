@@ -1,8 +1,8 @@
 """Score validation (DESIGN §6): do top-scored heads reduce the query error more than random heads?
 
-Runs `ttt_core.validation.validate_scores` on generated digit-shift tasks (default: 50 tasks,
-SmolLM2, W_Q heads, top-k = 3, c = 0.5) and prints one JSON line per task then a final JSON line
-with the aggregates (Spearman ρ between score and measured one-step gain, mean gains of top-k vs
+Runs `ttt_core.experiments.score_validation.run_task` on generated digit-shift tasks (default: 50
+tasks, SmolLM2, W_Q heads, top-k = 3, c = 0.5) and prints one JSON line per task then a final JSON
+line with the aggregates (Spearman ρ between score and measured one-step gain, mean gains of top-k vs
 random with bootstrap CIs). Usage:
 
     python bench/score_validation.py [--tasks 50] [--subspace q] [--top-k 3] [--c 0.5] [--model NAME]
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ttt_core.models import EMBEDDED_MODEL, load_model  # noqa: E402
-from ttt_core.validation import run_task, summarise  # noqa: E402
+from ttt_core.experiments.score_validation import run_task, summarize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "best_gain": round(float(np.nanmax(t.gain)), 6)}), flush=True)
     out = {"model": lm.name, "n_tasks": args.tasks, "subspace": args.subspace, "top_k": args.top_k, "c": args.c,
            "blocks_per_task": int(tasks[0].gain.size), "blocks_sampled": int(tasks[0].sample.size), "seconds": round(time.perf_counter() - t0, 1),
-           **summarise(tasks, args.top_k)}
+           **summarize(tasks, args.top_k)}
     print(json.dumps(out))
     return out
 

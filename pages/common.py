@@ -190,7 +190,7 @@ def token_view_html(tokens: list[str], highlight: set[int] | None = None) -> str
 def render_tour(existing_pages: set[str]) -> None:
     """The guided tour on the Home page: one card per stop, a button that loads the stop's example
     into this session's prompt box, and a link to the page to look at."""
-    from ttt_core.tour import TOUR
+    from pages.tour import TOUR
 
     with st.expander("Guided tour: when → how far → which", expanded=False):
         st.markdown("Six stops through the curated examples. Each loads an example into the sidebar "

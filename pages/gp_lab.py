@@ -1,7 +1,7 @@
 """GP lab: the spectral theory of TTT checked on a Gaussian-process benchmark (DESIGN §3-§5).
 
-UI only: read the settings, call ``ttt_core.gp_sim`` / ``ttt_core.theory``, draw the figures built
-by ``ttt_core.figures.gp_lab``.
+UI only: read the settings, run ``ttt_core.gp_lab`` (cached: the simulation and every curve the page
+shows), draw the figures built by ``ttt_core.figures.gp_lab``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import streamlit as st
 
 from pages.common import how_to_read, page_header
-from ttt_core import gp_sim, theory
+from ttt_core import gp_lab, gp_sim
 from ttt_core.figures import gp_lab as figs
 
 page_header(
@@ -53,7 +53,7 @@ with c4:
     sigma2_b = st.number_input("Second noise σ₂²", min_value=1e-4, max_value=100.0, value=2.0, format="%.4g",
                                key="gp_sigma2_b", disabled=not shift_on)
 
-settings = gp_sim.LabSettings(
+settings = gp_lab.LabSettings(
     kernel=kernel, n=n, d=dim, lengthscale=float(lengthscale), alpha=float(alpha), tau2=float(tau2),
     sigma2=float(sigma2), c=float(c), T_max=int(T_max), x_query=float(x_query), n_draws=n_draws,
     seed=seed, delta=float(delta), sigma2_b=float(sigma2_b) if shift_on else None,
@@ -62,12 +62,19 @@ settings = gp_sim.LabSettings(
 
 
 @st.cache_data(show_spinner="Simulating the GP benchmark…", max_entries=32)
-def _run_lab(items: tuple) -> gp_sim.LabResult:
+def _run_lab(items: tuple) -> gp_lab.LabResult:
     """Cached: a pure function of the settings (data cache)."""
-    return gp_sim.run_lab(gp_sim.LabSettings(**dict(items)))
+    return gp_lab.run_lab(gp_lab.LabSettings(**dict(items)))
 
 
-res = _run_lab(tuple(sorted(asdict(settings).items())))
+@st.cache_data(show_spinner=False, max_entries=32)
+def _filter_curves(items: tuple, T_values: tuple[float, ...]) -> gp_lab.FilterCurves:
+    """Cached: the filter plot's curves, a pure function of the settings and the chosen T."""
+    return gp_lab.lab_filter_curves(_run_lab(items), T_values)
+
+
+items = tuple(sorted(asdict(settings).items()))
+res = _run_lab(items)
 prob, rho, T_grid = res.problem, res.rho, res.T_grid
 lam_star = settings.sigma2 / settings.tau2
 st.caption(
@@ -88,12 +95,11 @@ with left:
         section="§3",
     )
 with right:
-    levels = [settings.sigma2] + ([settings.sigma2_b] if settings.sigma2_b is not None else [])
     T_vals = sorted(float(t) for t in T_show) or [1.0]
-    lam_grid, G_rows, S_rows = gp_sim.filter_curves(prob, rho, T_vals, [s2 / settings.tau2 for s2 in levels])
+    fc = _filter_curves(items, tuple(T_vals))
     st.plotly_chart(
-        figs.filter_figure(lam_grid, T_vals, G_rows, S_rows, [f"Bayes g⋆, σ² = {s2:g}" for s2 in levels],
-                           eigenvalues=prob.lam),
+        figs.filter_figure(fc.lam_grid, T_vals, fc.gd, fc.bayes,
+                           [f"Bayes g⋆, σ² = {s2:g}" for s2 in fc.noise_levels], eigenvalues=prob.lam),
         key="gp_fig_filters",
     )
     how_to_read(
@@ -114,8 +120,7 @@ with left:
                               "Query Bayes gap vs steps", "E[(ĥ_T(x) − f_Bayes(x))²]", "query_gap"),
         key="gp_fig_query_gap",
     )
-    verdict = theory.ttt_beats_icl(prob.lam, prob.k_tilde, settings.tau2, settings.sigma2,
-                                   theory.gd_query_filter(prob.lam, rho, T_grid))
+    verdict = res.icl
     helps = np.asarray(verdict.beats)
     st.caption(
         f"TTT beats ICL at the query for {int(helps.sum())} of {helps.size} T values "
@@ -144,11 +149,8 @@ with right:
         section="§4",
     )
 
-sigma2_grid = gp_sim.gain_sigma2_grid(prob, settings.tau2)
 st.plotly_chart(
-    figs.gain_heatmap_figure(T_grid, sigma2_grid,
-                             gp_sim.icl_gain_grid(prob, settings.tau2, sigma2_grid, rho, T_grid),
-                             sigma2_mark=settings.sigma2),
+    figs.gain_heatmap_figure(T_grid, res.gain_sigma2, res.gain, sigma2_mark=settings.sigma2),
     key="gp_fig_gain",
 )
 how_to_read(

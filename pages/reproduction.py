@@ -1,6 +1,6 @@
-"""Paper reproduction page: the latest reproduction results (ttt_core.reproduce) beside the
-paper's published numbers, a computed sentence on what did and did not reproduce, and a button
-that runs a small reproduction now. UI only; every number shown comes from a results file or is
+"""Paper reproduction page: the latest reproduction results (ttt_core.experiments.reproduce)
+beside the paper's published numbers, a computed sentence on what did and did not reproduce, and
+a button that runs a small reproduction now. UI only; every number shown comes from a results file or is
 the paper's published value, labelled as such."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header
 from ttt_core.figures.steps import reproduction_figure
-from ttt_core.reproduce import (EXP2_METHODS, PAPER_EXP1, ReproSettings, findings, latest_results, results_dir,
-                                run_reproduction, write_results)
+from ttt_core.experiments.paper_tasks import PAPER_EXP1, ReproSettings
+from ttt_core.experiments.reproduce import run_reproduction
+from ttt_core.experiments.reproduce_report import EXP2_METHODS, findings, latest_results, write_results
+from ttt_core.experiments.store import reproduction_dir
 
 page_header("Paper reproduction",
             "Do the decision-theoretic paper's experiments (evidence-selected horizon, alignment-aware heads) "
@@ -48,9 +50,10 @@ def _exp2_table(rows: dict) -> pd.DataFrame:
 
 found = latest_results()
 if found is None:
-    st.info(f"No reproduction results yet in `{results_dir()}`. Make one with "
+    st.info(f"No reproduction results yet in `{reproduction_dir()}`. Make one with "
             "`python -m ttt_core reproduce` (8 tasks, a few minutes on 2 CPUs; `--help` lists the options, the "
-            "module docstring of `ttt_core/reproduce.py` the full-size command), or press the button below.")
+            "module docstring of `ttt_core/experiments/reproduce.py` the full-size command), or press the button "
+            "below.")
 else:
     path, res = found
     s = res["settings"]
@@ -94,7 +97,7 @@ else:
 st.divider()
 st.subheader("Run a small reproduction now")
 st.caption("Runs here, in this process, with the sidebar's model (serial backend); results are written to "
-           f"`{results_dir()}` and shown above. Larger runs: the command line (`python -m ttt_core reproduce`).")
+           f"`{reproduction_dir()}` and shown above. Larger runs: the command line (`python -m ttt_core reproduce`).")
 c1, c2, c3 = st.columns(3)
 n_tasks = c1.number_input("Tasks", min_value=1, max_value=50, value=2, step=1, key="repro_tasks")
 grid = c2.number_input("Grid max T", min_value=8, max_value=30, value=8, step=1, key="repro_grid")

@@ -1,7 +1,7 @@
 """Schedules: how many steps should each prompt get? Fixed T, random T, evidence T_MAP, the plug-in
-skip rule and a learned controller compared on one task suite (issue 7). UI only: the suite and
-the schedules are ttt_core.schedules, the controller ttt_core.controller, the figures
-ttt_core.figures.schedules."""
+skip rule and a learned controller compared on one task suite (issue 7). UI only: the suite is
+ttt_core.experiments.suite, the schedules ttt_core.experiments.schedules, the controller
+ttt_core.experiments.controller, the figures ttt_core.figures.schedules."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from pathlib import Path
 import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header
-from ttt_core import controller as C
-from ttt_core import schedules as S
+from ttt_core.experiments.controller import Controller, ControllerConfig, load_controller, train_controller
+from ttt_core.experiments.schedules import (DEFAULT_LAMBDA, all_schedules, choice_counts, compare_controller,
+                                            family_trajectories, pareto_front, results_table)
+from ttt_core.experiments.store import controller_dir
+from ttt_core.experiments.suite import build_suite, load_cached_suite, suite_dir
+from ttt_core.experiments.suite_tasks import FAMILY_LABELS, TRAP_FAMILIES, SuiteSettings, split_sizes
 from ttt_core.figures import schedules as figs
 from ttt_core.models import TINY_PREFIX
 
@@ -32,7 +36,7 @@ if lm is None:
 # ------------------------------------------------------------------------------ controls
 c1, c2, c3, c4 = st.columns(4)
 with c1:
-    lam = st.select_slider("Latency trade-off λ (cost = error + λ·steps)", LAMBDAS, value=S.DEFAULT_LAMBDA,
+    lam = st.select_slider("Latency trade-off λ (cost = error + λ·steps)", LAMBDAS, value=DEFAULT_LAMBDA,
                            key="sch_lambda", format_func=lambda v: f"{v:g}")
     split = st.selectbox("Split shown in the table and figures", ["test", "val", "train"], key="sch_split")
 with c2:
@@ -47,24 +51,24 @@ with c4:
     c_val = st.select_slider("Theory step c (ρ = c/λ_max)", [0.1, 0.25, 0.5, 0.75], value=0.5, key="sch_c")
 
 tiny = lm.name.startswith(TINY_PREFIX)
-base = S.SuiteSettings(model=lm.name, grid=GRIDS[grid_label], fewshot_engine=engine, lr_fewshot=float(lr),
-                       lr_long=float(lr), c=float(c_val))
-settings = S.SuiteSettings(**{**base.__dict__, "fewshot_n": (4, 6), "needle_words": (20, 30), "max_positions": 16,
-                              "span_long": 16}) if tiny else base
+base = SuiteSettings(model=lm.name, grid=GRIDS[grid_label], fewshot_engine=engine, lr_fewshot=float(lr),
+                     lr_long=float(lr), c=float(c_val))
+settings = SuiteSettings(**{**base.__dict__, "fewshot_n": (4, 6), "needle_words": (20, 30), "max_positions": 16,
+                            "span_long": 16}) if tiny else base
 if tiny:
     st.caption("Tiny random model: tiny prompts (4–6 demonstrations, 20–30-word haystacks) keep the suite fast; "
                "its numbers mean nothing about real models.")
-sizes = S.split_sizes(n_tasks)
-st.caption(f"Families: {', '.join(S.FAMILY_LABELS[f] for f in settings.families)}. Splits by seed: train "
+sizes = split_sizes(n_tasks)
+st.caption(f"Families: {', '.join(FAMILY_LABELS[f] for f in settings.families)}. Splits by seed: train "
            f"{sizes['train']}, validation {sizes['val']}, test {sizes['test']} tasks (disjoint seed ranges). "
-           f"Suite cache: `{S.suite_dir(settings)}`.")
+           f"Suite cache: `{suite_dir(settings)}`.")
 
-suite = S.load_cached_suite(settings, n_tasks)
+suite = load_cached_suite(settings, n_tasks)
 if st.button("Build the suite and train the controller" if suite is None else "Rebuild missing tasks and retrain",
              key="sch_build", type="primary" if suite is None else "secondary"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        suite = S.build_suite(lm, settings, n_tasks, progress=lambda f, t: bar.progress(min(max(f, 0.0), 1.0), text=t))
+        suite = build_suite(lm, settings, n_tasks, progress=lambda f, t: bar.progress(min(max(f, 0.0), 1.0), text=t))
     except Exception as exc:  # the page stays up; the message says what failed
         st.error(f"Building the suite failed: {type(exc).__name__}: {exc}")
         suite = None
@@ -78,7 +82,7 @@ if suite is None:
 
 
 # ------------------------------------------------------------------------------ controller
-def _saved_controller(folder: Path) -> C.Controller | None:
+def _saved_controller(folder: Path) -> Controller | None:
     """The CLI's controller when it was trained on exactly this suite's train/val tasks and λ."""
     try:
         meta = json.loads((folder / "controller.json").read_text())
@@ -87,7 +91,7 @@ def _saved_controller(folder: Path) -> C.Controller | None:
         val = sorted(int(s) for s in suite.split("val").seeds)
         if (info.get("suite_key") == settings.key() and abs(meta["config"]["lam"] - lam) < 1e-15
                 and info.get("train_seeds") == train and info.get("val_seeds") == val):
-            return C.load_controller(folder)
+            return load_controller(folder)
     except (OSError, KeyError, ValueError):
         return None
     return None
@@ -96,17 +100,17 @@ def _saved_controller(folder: Path) -> C.Controller | None:
 ckey = (settings.key(), n_tasks, float(lam))
 held = SS.get("sch_controller")
 if held is None or held[0] != ckey:
-    ctrl = _saved_controller(S.artifacts_root() / "controller")
+    ctrl = _saved_controller(controller_dir())
     source = "loaded from artifacts/controller (trained by `python -m ttt_core train-controller`)"
     if ctrl is None:
         with st.spinner("Training the controller on the train split (early stopping on validation)…"):
-            ctrl = C.train_controller(suite, C.ControllerConfig(lam=float(lam)))
+            ctrl = train_controller(suite, ControllerConfig(lam=float(lam)))
         source = f"trained here in {ctrl.info['train_seconds']:.1f} s"
     SS["sch_controller"] = (ckey, ctrl, source)
 _, ctrl, source = SS["sch_controller"]
 
 # ------------------------------------------------------------------------------ the honest answer
-cmp = S.compare_controller(suite, ctrl, float(lam))
+cmp = compare_controller(suite, ctrl, float(lam))
 st.subheader("Does the controller beat the best fixed T?")
 st.markdown(f"**{cmp['sentence']}**")
 st.caption(f"Controller {source}; best validation epoch {ctrl.info.get('best_epoch')} (restart "
@@ -124,8 +128,8 @@ part = suite.split(split)
 if not len(part):
     st.warning(f"The {split} split is empty at this suite size.")
     st.stop()
-results = S.all_schedules(part, float(lam), ctrl)
-rows = S.results_table(results, float(lam))
+results = all_schedules(part, float(lam), ctrl)
+rows = results_table(results, float(lam))
 if split != "test":
     st.warning(f"You are looking at the {split} split: the controller was "
                f"{'trained' if split == 'train' else 'early-stopped'} on it (in-sample). Only the test split is an "
@@ -141,7 +145,7 @@ st.caption(f"{len(part)} {split} tasks; λ = {lam:g}. mean seconds = measured ad
 real = [i for i, r in enumerate(rows) if r["kind"] != "oracle"]
 left, right = st.columns(2)
 with left:
-    front = S.pareto_front([rows[i]["mean seconds"] for i in real], [rows[i]["mean error"] for i in real])
+    front = pareto_front([rows[i]["mean seconds"] for i in real], [rows[i]["mean error"] for i in real])
     st.plotly_chart(figs.latency_figure([rows[i] for i in real], front, "seconds"), key="sch_fig_latency_s")
     how_to_read(r"\text{cost}=\text{error}(T)+\lambda\,T,\qquad \text{Pareto front: no other schedule is both faster and better}",
                 "Each marker is one schedule: measured mean query error (± SE) against measured mean seconds per task "
@@ -151,19 +155,19 @@ with left:
                 bad="adaptive schedules to the right of (slower than) a fixed T that is just as accurate — their "
                     "kernel overhead costs more than it saves", section="§5")
 with right:
-    front_s = S.pareto_front([rows[i]["mean steps"] for i in real], [rows[i]["mean error"] for i in real])
+    front_s = pareto_front([rows[i]["mean steps"] for i in real], [rows[i]["mean error"] for i in real])
     st.plotly_chart(figs.latency_figure([rows[i] for i in real], front_s, "steps"), key="sch_fig_latency_steps")
     how_to_read(None, "The same comparison with latency counted in engine steps (what λ prices).",
                 good="adaptive schedules below the fixed-T curve at the same mean steps",
                 bad="everything on the fixed-T curve: the decisions carry no information about the prompt")
 
-ordinary = part.families([f for f in settings.families if f not in S.TRAP_FAMILIES])
-trap = part.families([f for f in settings.families if f in S.TRAP_FAMILIES])
+ordinary = part.families([f for f in settings.families if f not in TRAP_FAMILIES])
+trap = part.families([f for f in settings.families if f in TRAP_FAMILIES])
 left, right = st.columns(2)
 with left:
     if len(ordinary) and len(trap):
-        ro = S.results_table([r for r in S.all_schedules(ordinary, float(lam), ctrl) if not r.reference], float(lam))
-        rt = S.results_table([r for r in S.all_schedules(trap, float(lam), ctrl) if not r.reference], float(lam))
+        ro = results_table([r for r in all_schedules(ordinary, float(lam), ctrl) if not r.reference], float(lam))
+        rt = results_table([r for r in all_schedules(trap, float(lam), ctrl) if not r.reference], float(lam))
         st.plotly_chart(figs.trap_figure(ro, rt), key="sch_fig_trap")
         how_to_read(None, "Mean measured error of every schedule on ordinary tasks and on trap tasks (consistent "
                     "wrong shift, all-noise labels, fake needles), where fitting the prompt harder can move the "
@@ -175,7 +179,7 @@ with left:
 with right:
     names = ["learned controller", "evidence T_MAP (σ profiled)", "evidence T_MAP (fixed σ̂²)",
              "skip rule (TTT-vs-ICL verdict)"]
-    st.plotly_chart(figs.choices_figure(S.choice_counts(results, part, names), S.FAMILY_LABELS), key="sch_fig_choices")
+    st.plotly_chart(figs.choices_figure(choice_counts(results, part, names), FAMILY_LABELS), key="sch_fig_choices")
     how_to_read(None, "How many steps each adaptive schedule chose, per task family (T = 0 means skip: answer "
                 "in context). Evidence T_MAP may choose any T up to the grid maximum; the controller chooses "
                 "among skip and the grid.",
@@ -184,7 +188,7 @@ with right:
 
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figs.trajectory_figure(S.family_trajectories(part), S.FAMILY_LABELS), key="sch_fig_traj")
+    st.plotly_chart(figs.trajectory_figure(family_trajectories(part), FAMILY_LABELS), key="sch_fig_traj")
     how_to_read(None, "Measured mean error after T engine steps per family (T = 0 is ICL). Every fixed-T number "
                 "in the table is a point of these curves.",
                 good="a family whose curve has a clear minimum: the best T depends on the family",
@@ -201,7 +205,7 @@ with st.expander("Per-task decisions"):
     by = {r.name: r for r in results}
     table = []
     for i, t in enumerate(part.tasks):
-        row = {"task": t["task_id"], "family": S.FAMILY_LABELS[t["family"]],
+        row = {"task": t["task_id"], "family": FAMILY_LABELS[t["family"]],
                "details": ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["meta"].items()),
                "ICL error": t["errors"][0]}
         for name in ["learned controller", "evidence T_MAP (σ profiled)", "skip rule (TTT-vs-ICL verdict)",

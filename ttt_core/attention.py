@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kernels import frozen_kv_attention
 
 ATTN_IMPLEMENTATION = "ttt_lens"
 
@@ -30,7 +35,6 @@ ATTN_IMPLEMENTATION = "ttt_lens"
 class FrozenKV:
     """Per-layer frozen keys/values of a prefill: keys[l], values[l] have shape (B, Hkv, N, D)
     (keys already position-rotated where the model uses RoPE)."""
-
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
@@ -132,13 +136,10 @@ def ttt_lens_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
                        dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function. query (B, Hq, M, D); key/value (B, Hkv, N, D).
     Returns attn_output (B, M, Hq, D) as the interface expects."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     frozen = _FROZEN.get()
     record = _RECORD.get()
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if frozen is not None:
-        from kernels import frozen_kv_attention
 
         layer = _layer_index(module)
         k = frozen.cache.keys[layer].to(query.dtype)
@@ -176,8 +177,6 @@ def register_attention() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, ttt_lens_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

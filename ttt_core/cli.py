@@ -19,14 +19,14 @@ import sys
 import time
 from typing import Any, Callable
 
-from ttt_core.models import EMBEDDED_MODEL, ModelLoadError
+from ttt_core.diagnosis import diagnose_markdown, diagnose_report
+from ttt_core.models import EMBEDDED_MODEL, ModelLoadError, convert_embedded, load_model
+from ttt_core.prompts import PromptParseError, fit_to_token_limit, parse_prompt
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}  # filled at the end of the module
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ttt_core.models import convert_embedded
-
     t0 = time.perf_counter()
     folder = convert_embedded()
     print(f"embedded model ready in {folder} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -34,8 +34,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ttt_core.models import load_model
-
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     print(json.dumps(lm.card(), indent=2))
     return 0
@@ -46,148 +44,7 @@ def _info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _clean(o: Any) -> Any:
-    """JSON-safe copy: numpy → Python, non-finite floats → None."""
-    import numpy as np
-
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _clean(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(float(o)) else None
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    return o
-
-
-def diagnose_report(lm: Any, prompt: Any, *, subspace: str = "q", c: float = 0.1, grid: int = 30,
-                    delta: float = 0.05, top_k: int = 8, last_layers: int | None = None,
-                    max_positions: int = 256) -> dict[str, Any]:
-    """The `diagnose` report (keys documented in README.md, section "diagnose report").
-
-    When: plug-in TTT-vs-ICL query Bayes gap (prompt-value excess risk without a query).
-    How far: evidence curves ℓ_T (fixed σ̂, profiled σ), T_MAP, plug-in PAC-Bayes slack.
-    Which: Query-Aware / Trace scores of every block of the subspace and the recommended top-k.
-    The kernel is that of every block of the subspace (or of the last `last_layers` layers)."""
-    import numpy as np
-    import torch
-    import transformers
-
-    import ttt_core
-    from ttt_core.evidence import SUBSPACES, compute_evidence
-    from ttt_core.scores import score_blocks
-    from ttt_core.spectrum import compute_spectrum
-    from ttt_core.steps import StepsSettings, block_kernel, compute_steps, select_blocks
-
-    t0 = time.perf_counter()
-    ev = compute_evidence(lm, prompt, subspace, max_positions=max_positions)
-    t1 = time.perf_counter()
-    st = StepsSettings(subspace=subspace, c=c, grid_max=grid, delta=delta, last_layers=last_layers, measure=False)
-    rep = compute_steps(lm, prompt, st, ev=ev)
-    blocks = select_blocks(ev, last_layers)
-    K, kx = block_kernel(ev, blocks)
-    tc, b = rep.theory, rep.bounds
-    spec = compute_spectrum(K, ev.residuals, kx, T=float(tc.t_map_fixed), c=c, T_grid=tc.T_grid,
-                            tau2_sigma2=(tc.tau2, tc.sigma2))
-    t2 = time.perf_counter()
-    has_q = ev.head_couplings is not None
-    sc = score_blocks(ev, greedy_budget=top_k if has_q else 0, greedy_c=c)
-    rank_by = "Query-Aware" if has_q else "Trace"
-    ranked = sc.ranked(rank_by)
-    t3 = time.perf_counter()
-    q = ev.query
-    tm = tc.t_map_fixed
-    lam = tc.lam
-    return _clean({
-        "ttt_lens_diagnose": 1,
-        "model": lm.name,
-        "prompt_kind": ev.prompt_kind,
-        "n_positions": ev.n,
-        "subspace": subspace,
-        "subspace_label": SUBSPACES[subspace],
-        "blocks": rep.blocks_label,
-        "route": ev.route,
-        "query": None if q is None else {"label": q.label, "value": q.value, "target": q.target, "error": q.error,
-                                         "nll": q.nll},
-        "query_note": ev.query_note,
-        "eigenvalues": lam,
-        "effective_rank": {"entropy": spec.eff_rank_entropy, "participation_ratio": spec.participation_ratio},
-        "tau2": tc.tau2,
-        "sigma2": tc.sigma2,
-        "lambda_star": tc.lambda_star,
-        "snr": spec.snr,
-        "c": c,
-        "rho": tc.rho,
-        "lambda_max": float(lam[0]) if lam.size else 0.0,
-        "t_map": tm,
-        "when": {"criterion": spec.criterion, "T": tm, "beats": spec.beats, "gap_ttt": spec.gap_ttt,
-                 "gap_icl": spec.gap_icl, "best_T_plug_in": spec.best_T, "gap_grid": spec.gap_grid,
-                 "verdict": spec.verdict, "plug_in": True},
-        "how_far": {"T_grid": tc.T_grid.astype(int).tolist(), "ell_fixed": tc.ell_fixed, "ell_profiled": tc.ell_profiled,
-                    "sigma2_hat": tc.sigma2_hat, "t_map_fixed": tc.t_map_fixed, "t_map_profiled": tc.t_map_profiled,
-                    "pac_bayes": {"plug_in": True, "label": "plug-in PAC-Bayes bound (estimate), Σ⋆ ≈ τ̂²K + σ̂²I",
-                                  "delta": delta, "v_bar": b.v_bar, "slack": b.slack,
-                                  "bound_at_t_map": float(tc.ell_fixed[int(np.argmin(tc.ell_fixed))] + b.slack)}},
-        "which": {"ranked_by": rank_by, "sigma2": sc.sigma2, "sigma2_source": sc.sigma2_source,
-                  "top_k": [r["block"] for r in ranked[:top_k]],
-                  "greedy_query_aware": None if not sc.greedy else [ev.block_label(g.block) for g in sc.greedy],
-                  "scores": ranked},
-        "verdict": rep.verdict,
-        "unavailable": rep.unavailable,
-        "timings": {"evidence_s": t1 - t0, "spectrum_steps_s": t2 - t1, "scores_s": t3 - t2, "total_s": t3 - t0},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "ttt_lens": ttt_core.__version__},
-    })
-
-
-def diagnose_markdown(r: dict[str, Any]) -> str:
-    """Human summary of a diagnose report."""
-    def f(x: Any) -> str:
-        return "∞" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
-
-    w, h, wh, v = r["when"], r["how_far"], r["which"], r["verdict"]
-    pb = h["pac_bayes"]
-    lines = [
-        f"# TTT Lens diagnosis — {r['model']}",
-        "",
-        f"* Prompt: {r['prompt_kind'].replace('_', ' ')}, n = {r['n_positions']} supervised positions; "
-        f"subspace {r['subspace_label']} ({r['blocks']}).",
-        f"* Spectrum: λ_max = {f(r['lambda_max'])}, effective rank {r['effective_rank']['entropy']:.2f}; "
-        f"τ² = {f(r['tau2'])}, σ² = {f(r['sigma2'])}, λ⋆ = σ²/τ² = {f(r['lambda_star'])}.",
-        f"* **Verdict: {v['text']}**",
-        "",
-        "## When",
-        f"{w['verdict']}: {w['criterion']} TTT {f(w['gap_ttt'])} vs ICL {f(w['gap_icl'])} at T = {w['T']}; "
-        f"lowest plug-in gap on the grid at T = {f(w['best_T_plug_in'])}.",
-        "",
-        "## How far",
-        f"T_MAP = {h['t_map_fixed']} (fixed σ̂² = {f(h['sigma2_hat'])}), {h['t_map_profiled']} (σ profiled); "
-        f"ρ = c/λ_max = {f(r['rho'])} (c = {r['c']}). {pb['label']}: slack {f(pb['slack'])} at δ = {pb['delta']} "
-        f"(v̄ = {f(pb['v_bar'])}), bound {f(pb['bound_at_t_map'])}.",
-        "",
-        "## Which",
-        f"Top {len(wh['top_k'])} by {wh['ranked_by']}: {', '.join(wh['top_k'])}.",
-    ]
-    if wh.get("greedy_query_aware"):
-        lines.append(f"Greedy Query-Aware order: {', '.join(wh['greedy_query_aware'])}.")
-    if r.get("query_note"):
-        lines += ["", f"Note: {r['query_note']}"]
-    if r.get("unavailable"):
-        lines += ["", "Not available: " + "; ".join(f"{k} — {why}" for k, why in r["unavailable"].items())]
-    lines += ["", f"Timings: {r['timings']['total_s']:.1f} s. Versions: "
-              + ", ".join(f"{k} {val}" for k, val in r["versions"].items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
 def _diagnose(args: argparse.Namespace) -> int:
-    from ttt_core.models import load_model
-    from ttt_core.prompts import PromptParseError, fit_to_token_limit, parse_prompt
-
     try:
         text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
     except OSError as exc:
@@ -217,7 +74,9 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from ttt_core.reproduce import ReproSettings, run_reproduction, to_markdown, write_results
+    from ttt_core.experiments.paper_tasks import ReproSettings
+    from ttt_core.experiments.reproduce import run_reproduction
+    from ttt_core.experiments.reproduce_report import to_markdown, write_results
 
     s = ReproSettings(model=args.model, tasks=args.tasks, seed=args.seed, grid_max=args.grid, c=args.c,
                       fixed_T=args.fixed_T, exp1_kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
@@ -251,8 +110,10 @@ def _train_controller(args: argparse.Namespace) -> int:
     schedule on the test split; JSON summary on stdout, progress on stderr."""
     import torch
 
-    from ttt_core.controller import ControllerConfig, train_and_evaluate
-    from ttt_core.schedules import DEFAULT_LAMBDA, SuiteSettings
+    from ttt_core.diagnosis import json_clean
+    from ttt_core.experiments.controller import ControllerConfig, train_and_evaluate
+    from ttt_core.experiments.schedules import DEFAULT_LAMBDA
+    from ttt_core.experiments.suite_tasks import SuiteSettings
 
     if args.tasks < 3:
         raise ValueError("--tasks must be at least 3 (one task per split)")
@@ -262,8 +123,6 @@ def _train_controller(args: argparse.Namespace) -> int:
     model_name = args.model
     lm = None
     if args.workers <= 1:
-        from ttt_core.models import load_model
-
         lm = load_model(args.model)
         model_name = lm.name
     settings = SuiteSettings(model=model_name, grid=grid, fewshot_engine=args.fewshot_engine, lr_fewshot=args.lr,
@@ -279,7 +138,7 @@ def _train_controller(args: argparse.Namespace) -> int:
 
     res = train_and_evaluate(lm, settings, args.tasks, lam=lam, out=args.out, workers=args.workers, config=cfg,
                              suite_root=args.suite_dir, progress=progress)
-    print(json.dumps(_clean(res), indent=1, ensure_ascii=False))
+    print(json.dumps(json_clean(res), indent=1, ensure_ascii=False))
     print(res["comparison"]["sentence"], file=sys.stderr)
     return 0
 
@@ -351,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_out() -> str:
-    from ttt_core.reproduce import results_dir
+    from ttt_core.experiments.store import reproduction_dir
 
-    return str(results_dir())
+    return str(reproduction_dir())
 
 
 def main(argv: list[str] | None = None) -> int:

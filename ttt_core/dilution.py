@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+
+from ttt_core.attention import forward_with_frozen_kv, record_attention
+from ttt_core.generators import needle_haystack
+from ttt_core.models import LoadedModel
+from ttt_core.qttt import QTTTConfig, QTTTRun
 
 Progress = Callable[[float, str], None] | None
 
@@ -64,7 +70,6 @@ def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
 @dataclass
 class RowStats:
     """Lemma quantities of logit rows (..., T) for a needle key set; arrays of the leading shape."""
-
     j_star: np.ndarray
     alpha_star: np.ndarray
     needle_mass: np.ndarray
@@ -126,7 +131,6 @@ class Measurement:
     Arrays (L, H): needle mass, α*, γ, min gap, m(Δ), the Lemma 2.2 bound at Δ and the tightest
     bound. answer_prob: probability of the whole expected answer (teacher forced), answer_first_prob:
     of its first token; answer: the greedy answer; correct: it starts with the expected answer."""
-
     n_keys: int
     needle_tokens: list[int]
     stats: RowStats
@@ -140,13 +144,10 @@ class Measurement:
         return float(np.mean(self.stats.needle_mass))
 
 
-def measure_answer_row(lm: Any, run: Any, deltas: dict | None, delta: float) -> Measurement:
+def measure_answer_row(lm: LoadedModel, run: QTTTRun, deltas: dict | None, delta: float) -> Measurement:
     """Attention of the answer row (the last prompt token) over the frozen cache of a prepared
     `qttt.QTTTRun`, with `deltas` applied to W_Q (None/{} = base model); plus the teacher-forced
     answer probability over the answer rows."""
-    import torch
-
-    from ttt_core.attention import forward_with_frozen_kv, record_attention
 
     enc = run.enc
     row = enc.n_prompt - 1
@@ -172,7 +173,6 @@ def measure_answer_row(lm: Any, run: Any, deltas: dict | None, delta: float) -> 
 @dataclass
 class DilutionPoint:
     """One context length and needle position: before/after measurements and the run."""
-
     n_words: int
     position: float
     n_tokens: int
@@ -185,13 +185,10 @@ class DilutionPoint:
     status: str
 
 
-def dilution_point(lm: Any, n_words: int, position: float, *, steps: int = 4, span: int = 64, lr: float = 1e-4,
+def dilution_point(lm: LoadedModel, n_words: int, position: float, *, steps: int = 4, span: int = 64, lr: float = 1e-4,
                    seed: int = 0, delta: float = 2.0, answers: bool = True) -> DilutionPoint:
     """Needle-in-a-haystack prompt of `n_words` words, needle at `position`; measure the answer row
     before and after `steps` qTTT steps (engine run, W_Q of every layer)."""
-    from ttt_core.generators import needle_haystack
-    from ttt_core.qttt import QTTTConfig, QTTTRun
-
     prompt = needle_haystack(seed, n_words=int(n_words), position=float(position))
     run = QTTTRun(lm, prompt, QTTTConfig(steps=int(steps), span=int(span), lr=float(lr), seed=int(seed),
                                          max_new_tokens=8))
@@ -212,7 +209,7 @@ def dilution_point(lm: Any, n_words: int, position: float, *, steps: int = 4, sp
                          qttt_seconds=secs, status=run.status)
 
 
-def dilution_sweep(lm: Any, lengths: Sequence[int] = (100, 400, 1000), positions: Sequence[float] = (0.5,), *,
+def dilution_sweep(lm: LoadedModel, lengths: Sequence[int] = (100, 400, 1000), positions: Sequence[float] = (0.5,), *,
                    steps: int = 4, span: int = 64, lr: float = 1e-4, seed: int = 0, delta: float = 2.0,
                    answers: bool = True, progress: Progress = None) -> list[DilutionPoint]:
     """`dilution_point` for every (length, position); the prompt of point i uses seed + i."""

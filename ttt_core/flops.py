@@ -24,11 +24,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ttt_core.generators import needle_haystack
+from ttt_core.models import LoadedModel
+from ttt_core.qttt import QTTTConfig, QTTTRun
+
 
 @dataclass(frozen=True)
 class FlopModel:
     """Cost coefficients of a dense Transformer (L layers, width d, MLP ratio r)."""
-
     L: int
     d: int
     r: float
@@ -45,7 +50,7 @@ class FlopModel:
         return (4.0 + 2.0 * self.r) * self.L * self.d ** 2
 
     @classmethod
-    def from_model(cls, lm: Any) -> "FlopModel":
+    def from_model(cls, lm: LoadedModel) -> "FlopModel":
         """L, d, r = d_ff/d of a loaded model (ttt_core.models.LoadedModel)."""
         a = lm.adapter
         r = a.intermediate_size / a.hidden_size
@@ -99,10 +104,8 @@ def steps_for_thinking_budget(fm: FlopModel, T_think: float, k: float, T: float)
 # --------------------------------------------------------------------------------------------
 
 
-def filler_prompt(lm: Any, n_tokens: int, seed: int = 0) -> Any:
+def filler_prompt(lm: LoadedModel, n_tokens: int, seed: int = 0) -> Any:
     """A needle-haystack prompt of about `n_tokens` context tokens (for timing)."""
-    from ttt_core.generators import needle_haystack
-
     words = max(10, int(n_tokens * 0.75))
     for _ in range(6):
         p = needle_haystack(seed, n_words=words)
@@ -113,15 +116,12 @@ def filler_prompt(lm: Any, n_tokens: int, seed: int = 0) -> Any:
     return p
 
 
-def measure_seconds(lm: Any, T_tokens: int, N: int, k: int, T_think: int, lr: float = 1e-4,
+def measure_seconds(lm: LoadedModel, T_tokens: int, N: int, k: int, T_think: int, lr: float = 1e-4,
                     seed: int = 0) -> dict[str, float]:
     """Wall seconds on this machine of (a) N qTTT steps of span k with the engine against the
     frozen cache of a ~T_tokens context (step time only, metrics excluded) and (b) greedy
     generation of T_think tokens with a KV cache after the same context (decode only; EOS ignored).
     The prefill of the context is timed separately (shared by both)."""
-    import torch
-
-    from ttt_core.qttt import QTTTConfig, QTTTRun
 
     prompt = filler_prompt(lm, T_tokens, seed)
     run = QTTTRun(lm, prompt, QTTTConfig(steps=int(N), span=int(k), lr=lr, seed=seed))

@@ -10,6 +10,8 @@ never through the filter formulas of ``ttt_core.theory``, so that the filter ide
 checked against an independent computation.  Bayes predictions use dense linear solves.
 
 All randomness comes from seeded ``numpy.random.Generator`` objects.
+
+The GP lab (its settings, its one-call run and its figure curves) lives in ``ttt_core.gp_lab``.
 """
 
 from __future__ import annotations
@@ -268,12 +270,7 @@ class RiskMC:
 
 
 def simulate_risks(
-    problem: GPProblem,
-    tau2: float,
-    sigma2: float,
-    rho: float,
-    T_grid: ArrayLike,
-    n_draws: int,
+    problem: GPProblem, tau2: float, sigma2: float, rho: float, T_grid: ArrayLike, n_draws: int,
     rng: np.random.Generator,
 ) -> RiskMC:
     """Query Bayes gap, prompt risk and prompt excess risk of T-step GD: closed form (theory)
@@ -532,113 +529,3 @@ def simulate_projector(
         js_mc=float(js_mc), js_se=float(js_se), floor_rank=k,
         floor_closed=float(tau2 * problem.lam[k:].sum()), floor_mc=float(fl_mc), floor_se=float(fl_se),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# the whole lab
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabSettings:
-    """All inputs of the GP lab (hashable: usable as a cache key)."""
-
-    kernel: str = "rbf"
-    n: int = 48
-    d: int = 1
-    lengthscale: float = 0.2
-    alpha: float = 1.5
-    tau2: float = 1.0
-    sigma2: float = 0.1
-    c: float = 0.5
-    T_max: int = 30
-    x_query: float = 0.5
-    n_draws: int = 300
-    seed: int = 0
-    delta: float = 0.05
-    sigma2_b: float | None = None
-    projector_rank: int = 8
-    floor_rank: int = 8
-
-
-@dataclass(frozen=True)
-class LabResult:
-    """Everything the GP lab page draws (pure function of LabSettings)."""
-
-    settings: LabSettings
-    problem: GPProblem
-    rho: float
-    T_grid: FloatArray
-    risks: RiskMC
-    evidence: EvidenceMC
-    shift: ShiftMC | None
-    projector: ProjectorMC | None
-
-
-def problem_from_settings(s: LabSettings) -> GPProblem:
-    """The GPProblem the lab uses for settings ``s`` (problem seed = s.seed)."""
-    return make_problem(s.kernel, s.n, s.d, s.lengthscale, s.alpha, s.x_query, s.seed)
-
-
-def run_lab(s: LabSettings) -> LabResult:
-    """Run every GP-lab experiment for settings ``s`` (DESIGN §3-§5).
-
-    ρ = c/λ_max, T grid {0, …, T_max}.  Monte-Carlo streams are independent children of
-    SeedSequence(s.seed) (risks, evidence, shift, projector).
-    """
-    problem = problem_from_settings(s)
-    rho = theory.rho_from_c(problem.lam, s.c)
-    T_grid = np.arange(int(s.T_max) + 1, dtype=float)
-    r_risk, r_ev, r_shift, r_proj = (np.random.default_rng(q) for q in np.random.SeedSequence(s.seed).spawn(4))
-    risks = simulate_risks(problem, s.tau2, s.sigma2, rho, T_grid, s.n_draws, r_risk)
-    evidence = simulate_evidence(problem, s.tau2, s.sigma2, rho, T_grid, s.n_draws, r_ev, s.delta)
-    shift = projector = None
-    if s.sigma2_b is not None and s.sigma2_b != s.sigma2:
-        levels = (s.sigma2, float(s.sigma2_b))
-        shift = simulate_shift(problem, s.tau2, levels, rho, T_grid, s.n_draws, r_shift)
-        projector = simulate_projector(
-            problem, s.tau2, levels, s.c, T_grid, s.projector_rank, s.floor_rank, s.n_draws, r_proj
-        )
-    return LabResult(settings=s, problem=problem, rho=rho, T_grid=T_grid, risks=risks,
-                     evidence=evidence, shift=shift, projector=projector)
-
-
-# --------------------------------------------------------------------------------------------
-# small closed-form helpers for the lab's figures
-# --------------------------------------------------------------------------------------------
-
-
-def filter_curves(
-    problem: GPProblem, rho: float, T_values: ArrayLike, lam_stars: ArrayLike, n_points: int = 200
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """g_T(λ) and g⋆(λ) on an even λ grid [0, λ_max] (DESIGN §3).
-
-    Returns:
-        (lam_grid (L,), g_T rows (len(T_values), L), g⋆ rows (len(lam_stars), L)).
-    """
-    lam_grid = np.linspace(0.0, float(problem.lam.max()), n_points)
-    G = theory.gd_filter(lam_grid, rho, np.asarray(T_values, dtype=float))
-    S = np.stack([theory.bayes_filter(lam_grid, ls) for ls in np.atleast_1d(lam_stars)])
-    return lam_grid, G, S
-
-
-def gain_sigma2_grid(problem: GPProblem, tau2: float, points: int = 31) -> FloatArray:
-    """Noise levels for the TTT-vs-ICL map: σ² = τ²λ_max · 10^{[−4, 1]} (from far below to ten times
-    the top mode's signal), log-spaced, shape (points,)."""
-    return tau2 * float(problem.lam.max()) * np.logspace(-4.0, 1.0, points)
-
-
-def icl_gain_grid(
-    problem: GPProblem, tau2: float, sigma2_grid: ArrayLike, rho: float, T_grid: ArrayLike
-) -> FloatArray:
-    """Relative query gain of TTT over ICL, 1 − gap(T)/gap(ICL), shape (len σ², len T) (DESIGN §4).
-
-    gap(T) = Σ a_i (q_T − q⋆)², gap(ICL) = Σ a_i q⋆² (``theory.ttt_beats_icl``).
-    """
-    q = theory.gd_query_filter(problem.lam, rho, np.asarray(T_grid, dtype=float))
-    rows = []
-    for s2 in np.asarray(sigma2_grid, dtype=float):
-        v = theory.ttt_beats_icl(problem.lam, problem.k_tilde, tau2, s2, q)
-        icl = v.gap_icl if v.gap_icl > 0 else np.inf
-        rows.append(1.0 - np.asarray(v.gap_ttt) / icl)
-    return np.stack(rows)

@@ -32,12 +32,13 @@ from typing import Protocol, Sequence
 
 import torch
 
+from kernels import head_grams
+
 DEFAULT_BLOCK_ROWS = 2048
 
 
 class LayerFactors(Protocol):
     """What every per-layer factor store provides (all kernels n × n, float64)."""
-
     n: int
     n_heads: int
 
@@ -78,7 +79,6 @@ class RowFactors:
     (None when the prompt has no query). head_on_output: True when H holds output gradients b
     (q/k/v/MLP), False when H holds inputs a (o).
     """
-
     H: torch.Tensor
     O: torch.Tensor
     n_heads: int
@@ -129,8 +129,6 @@ class RowFactors:
         """K_h = S((O Oᵀ) ⊙ (H_h H_hᵀ))Sᵀ for the chosen heads (all by default): (h, n, n).
 
         Uses `kernels.head_grams` for the Hadamard build of each row-block pair on the diagonal."""
-        from kernels import head_grams
-
         heads = list(range(self.n_heads)) if heads is None else list(heads)
         d = self.d_head
         cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(self.H.device)
@@ -244,7 +242,6 @@ class FeatureFactors:
     basis: (in, Q) orthonormal columns V such that the logical gradient is F_i Vᵀ (None when
     F is already in logical coordinates).
     """
-
     F: torch.Tensor
     n_heads: int
     head_axis: int = 1

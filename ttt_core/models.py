@@ -27,6 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 from ttt_core.adapter import ModelAdapter, UnsupportedArchitectureError
 from ttt_core.attention import ATTN_IMPLEMENTATION, register_attention
@@ -41,14 +52,12 @@ TINY_FAMILIES = ("llama", "gpt2", "neox")
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message is written for the person who asked for it."""
 
-
 @dataclass
 class LoadedModel:
     """A loaded, frozen causal LM with its tokenizer and per-head adapter.
 
     The `model` object is shared (e.g. by all browser sessions) and must never be mutated.
     """
-
     model: Any
     tokenizer: Any
     name: str
@@ -143,9 +152,6 @@ def convert_embedded(force: bool = False) -> Path:
 
     Returns the folder. Safe to call from several processes at once.
     """
-    from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = embedded_cache_dir()
     marker = target / "ttt_lens_source.json"
     if marker.exists() and not force:
@@ -184,15 +190,12 @@ def byte_tokenizer(add_bos: bool = False) -> Any:
     """A byte-level tokenizer with 256 byte tokens plus <eos> (and <bos>, prepended to every
     encoded text with special tokens, when `add_bos`: a Llama-style tokenizer); built offline in
     milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<eos>"] = len(vocab)
     if add_bos:
         vocab["<bos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     if not add_bos:
@@ -203,8 +206,6 @@ def byte_tokenizer(add_bos: bool = False) -> Any:
 
 def tiny_config(family: str, **overrides: Any) -> Any:
     """Config of a tiny random model of `family` ("llama" (GQA), "gpt2", "neox")."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
-
     vocab = 257
     if family == "llama":
         kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -231,8 +232,6 @@ def tiny_config(family: str, **overrides: Any) -> Any:
 def build_tiny_model(family: str = "llama", seed: int = 0, add_bos: bool = False, **overrides: Any) -> LoadedModel:
     """A tiny randomly initialised model of `family` with the byte tokenizer (fp32, CPU); with
     `add_bos` the tokenizer prepends <bos> like Llama's (the vocabulary grows by one)."""
-    from transformers import AutoModelForCausalLM
-
     register_attention()
     t0 = time.perf_counter()
     if add_bos:
@@ -260,8 +259,6 @@ def load_model(
 ) -> LoadedModel:
     """Load `name`: the embedded default, a `tiny-random-<family>` test model, a local folder or
     a Hugging Face hub id. Raises ModelLoadError with a readable message on any failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     register_attention()
     name = (name or "").strip() or EMBEDDED_MODEL
     if name.startswith(TINY_PREFIX):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core import gp_sim, theory
+from ttt_core import gp_lab, theory
 from tests.app.plotly_json import charts, decode
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "pages" / "gp_lab.py"  # AppTest resolves relative paths against this test file
 
-DEFAULT = gp_sim.LabSettings(
+DEFAULT = gp_lab.LabSettings(
     kernel="rbf", n=48, d=1, lengthscale=0.2, alpha=1.5, tau2=1.0, sigma2=0.05, c=0.5, T_max=30,
     x_query=0.5, n_draws=300, seed=0, delta=0.05, sigma2_b=2.0, projector_rank=8, floor_rank=8,
 )
@@ -24,7 +24,7 @@ def close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-12) -> None:
     np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12 * max(1.0, float(np.nanmax(np.abs(b)))))
 
 
-def check_page(at: AppTest, s: gp_sim.LabSettings) -> None:
+def check_page(at: AppTest, s: gp_lab.LabSettings) -> None:
     assert not at.exception, at.exception
     figs = charts(at)
     expected = {"gp_fig_spectrum", "gp_fig_filters", "gp_fig_query_gap", "gp_fig_prompt_risk", "gp_fig_gain",
@@ -32,7 +32,7 @@ def check_page(at: AppTest, s: gp_sim.LabSettings) -> None:
     if s.sigma2_b is not None:
         expected |= {"gp_fig_shift", "gp_fig_projector"}
     assert set(figs) == expected
-    prob = gp_sim.problem_from_settings(s)
+    prob = gp_lab.problem_from_settings(s)
     lam, U = theory.eigh_psd(prob.K)
     kt = U.T @ prob.k_x
     rho = theory.rho_from_c(lam, s.c)
@@ -52,7 +52,7 @@ def check_page(at: AppTest, s: gp_sim.LabSettings) -> None:
     close(decode(bayes["y"]), theory.bayes_filter(decode(bayes["x"]), s.sigma2 / s.tau2))
 
     # risks: closed-form curves are the theory's; MC points are the simulator's
-    lab = gp_sim.run_lab(s)
+    lab = gp_lab.run_lab(s)
     qd = figs["gp_fig_query_gap"]["data"]
     close(decode(qd[0]["x"]), grid)
     close(decode(qd[0]["y"]), theory.query_bayes_gap(lam, kt, s.tau2, s.sigma2, theory.gd_query_filter(lam, rho, grid)),
@@ -118,7 +118,7 @@ def test_changed_kernel_noise_grid_and_shift_off() -> None:
     app.slider(key="gp_tmax").set_value(20)
     app.checkbox(key="gp_shift").uncheck()
     app.run()
-    s = gp_sim.LabSettings(**{**DEFAULT.__dict__, "kernel": "matern52", "sigma2": 0.5, "T_max": 20,
+    s = gp_lab.LabSettings(**{**DEFAULT.__dict__, "kernel": "matern52", "sigma2": 0.5, "T_max": 20,
                               "sigma2_b": None})
     check_page(app, s)
     assert any("Second noise level" in i.value for i in app.info)
@@ -133,6 +133,6 @@ def test_power_law_kernel_query_seed_and_shift() -> None:
     app.number_input(key="gp_sigma2_b").set_value(1.5)
     app.number_input(key="gp_draws").set_value(200)
     app.run()
-    s = gp_sim.LabSettings(**{**DEFAULT.__dict__, "kernel": "powerlaw", "alpha": 2.0, "x_query": 0.3,
+    s = gp_lab.LabSettings(**{**DEFAULT.__dict__, "kernel": "powerlaw", "alpha": 2.0, "x_query": 0.3,
                               "seed": 4, "sigma2_b": 1.5, "n_draws": 200})
     check_page(app, s)

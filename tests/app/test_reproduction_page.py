@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core.reproduce import PAPER_EXP1, latest_results
+from ttt_core.experiments.paper_tasks import PAPER_EXP1
+from ttt_core.experiments.reproduce_report import latest_results
 from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")

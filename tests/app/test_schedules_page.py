@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core import schedules as S
+from ttt_core.experiments import schedules as S
+from ttt_core.experiments.suite import load_cached_suite
+from ttt_core.experiments.suite_tasks import FAMILY_LABELS, SuiteSettings
 from tests.app.plotly_json import charts, decode
 
 N_TASKS = 5
@@ -31,9 +33,9 @@ def app(tmp_path, monkeypatch):
     return at
 
 
-def tiny_settings() -> S.SuiteSettings:
-    return S.SuiteSettings(model="tiny-random-llama", grid=(1, 2), fewshot_n=(4, 6), needle_words=(20, 30),
-                           max_positions=16, span_long=16)
+def tiny_settings() -> SuiteSettings:
+    return SuiteSettings(model="tiny-random-llama", grid=(1, 2), fewshot_n=(4, 6), needle_words=(20, 30),
+                         max_positions=16, span_long=16)
 
 
 def test_build_train_and_figures(app: AppTest) -> None:
@@ -45,7 +47,7 @@ def test_build_train_and_figures(app: AppTest) -> None:
     figs = charts(app)
     assert {"sch_fig_latency_s", "sch_fig_latency_steps", "sch_fig_choices", "sch_fig_traj", "sch_fig_train"} <= set(figs)
 
-    suite = S.load_cached_suite(tiny_settings(), N_TASKS)
+    suite = load_cached_suite(tiny_settings(), N_TASKS)
     assert suite is not None and len(suite) == N_TASKS
     test = suite.split("test")
     lam = S.DEFAULT_LAMBDA
@@ -66,7 +68,7 @@ def test_build_train_and_figures(app: AppTest) -> None:
     # the trajectories are the suite's mean errors per family
     traj = S.family_trajectories(test)
     for tr in figs["sch_fig_traj"]["data"]:
-        fam = next(f for f, lab in S.FAMILY_LABELS.items() if lab == tr["name"])
+        fam = next(f for f, lab in FAMILY_LABELS.items() if lab == tr["name"])
         np.testing.assert_allclose(decode(tr["y"]), traj[fam]["mean"], rtol=1e-9)
     # the honest sentence, computed
     text = " ".join(m.value for m in app.markdown)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ttt_core import gp_sim, theory
+from ttt_core import gp_lab, gp_sim, theory
 
 
 @pytest.mark.parametrize("kernel", gp_sim.KERNELS)
@@ -58,11 +58,11 @@ def test_gradient_descent_shapes_and_seed() -> None:
     np.testing.assert_allclose(th[:, 1], gp_sim.gradient_descent(p.Phi, r[1], rho, 0.2, [5, 0, 2]))
     with pytest.raises(ValueError):
         gp_sim.gradient_descent(p.Phi, r, rho, 0.2, [1.5])
-    s = gp_sim.LabSettings(n=16, n_draws=60, sigma2_b=1.0)
-    a, b = gp_sim.run_lab(s), gp_sim.run_lab(s)
+    s = gp_lab.LabSettings(n=16, n_draws=60, sigma2_b=1.0)
+    a, b = gp_lab.run_lab(s), gp_lab.run_lab(s)
     np.testing.assert_array_equal(a.risks.query_gap_mc, b.risks.query_gap_mc)
     np.testing.assert_array_equal(a.evidence.T_map_mle, b.evidence.T_map_mle)
-    c = gp_sim.run_lab(replace(s, seed=1))
+    c = gp_lab.run_lab(replace(s, seed=1))
     assert not np.array_equal(a.risks.query_gap_mc, c.risks.query_gap_mc)
 
 

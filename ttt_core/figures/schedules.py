@@ -1,6 +1,6 @@
 """Figures of the Schedules page (issue 7): error against latency with the Pareto front, errors on
 trap tasks, chosen T per task family, measured trajectories, controller training curves.
-Pure plotly builders over `ttt_core.schedules` results."""
+Pure plotly builders over `ttt_core.experiments.schedules` results."""
 
 from __future__ import annotations
 

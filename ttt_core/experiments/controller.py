@@ -1,8 +1,8 @@
 """A learned step controller: a small MLP over a prompt's statistics that chooses T ∈ {skip} ∪ grid
 to minimise the post-adaptation query error + λ·steps (issue 7).
 
-Model. Features x (`FEATURE_NAMES`, computed by `features` from the statistics `schedules.run_task`
-records; none uses the query's true label) are standardised with the *training* mean/std and fed
+Model. Features x (`FEATURE_NAMES`, computed by `features` from the statistics
+`suite_tasks.run_task` records; none uses the query's true label) are standardised with the *training* mean/std and fed
 to a one-hidden-layer MLP (tanh) with one logit per action. The policy is π(a|x) = softmax(logits).
 
 Training objective (cost-sensitive classification). Every training task has the measured cost of
@@ -30,6 +30,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from ttt_core.experiments.schedules import (action_costs, all_schedules, choice_counts, compare_controller,
+                                            results_table)
+from ttt_core.experiments.store import controller_dir, write_json
+from ttt_core.experiments.suite import Suite, build_suite
+from ttt_core.experiments.suite_tasks import SPLITS, SuiteSettings
+from ttt_core.models import LoadedModel
+from ttt_core.types import Progress
 
 FEATURE_NAMES: tuple[str, ...] = (
     "long_context",          # 1 for a long-context prompt (qTTT on text), 0 for few-shot
@@ -88,7 +97,7 @@ def features(stats: dict[str, Any], t_max: int) -> np.ndarray:
     return np.where(np.isfinite(out), out, 0.0)
 
 
-def feature_matrix(suite: Any) -> np.ndarray:
+def feature_matrix(suite: Suite) -> np.ndarray:
     t_max = suite.settings.t_max
     return np.stack([features(t["stats"], t_max) for t in suite.tasks]) if len(suite) else \
         np.zeros((0, len(FEATURE_NAMES)))
@@ -147,7 +156,7 @@ class Controller:
             return np.zeros(0, dtype=int)
         return np.asarray(self.actions)[np.argmax(self.logits(X), axis=1)]
 
-    def decide(self, suite: Any) -> np.ndarray:
+    def decide(self, suite: Suite) -> np.ndarray:
         """Chosen T (0 = skip) for every task of `suite` (statistics only, no labels)."""
         if suite.settings.t_max != self.t_max or tuple(suite.settings.actions) != tuple(self.actions):
             raise ValueError(f"controller was trained for actions {self.actions}, the suite has {suite.settings.actions}")
@@ -155,8 +164,6 @@ class Controller:
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -165,21 +172,11 @@ class Controller:
         save_file(tensors, str(folder / "controller.safetensors"))
         meta = {"format": "ttt_lens_controller/1", "config": asdict(self.config), "actions": list(self.actions),
                 "t_max": self.t_max, "features": list(FEATURE_NAMES), "history": self.history, "info": self.info}
-        (folder / "controller.json").write_text(json.dumps(meta, indent=1, default=_default))
+        write_json(folder / "controller.json", meta, indent=1)
         return folder
 
 
-def _default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
-
 def load_controller(folder: str | Path) -> Controller:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta = json.loads((folder / "controller.json").read_text())
     if list(meta["features"]) != list(FEATURE_NAMES):
@@ -256,11 +253,9 @@ def _hard_regret(net: _Net, x: torch.Tensor, c: torch.Tensor) -> float:
         return float(regret.gather(1, a[:, None]).mean())
 
 
-def train_controller(suite: Any, config: ControllerConfig | None = None) -> Controller:
+def train_controller(suite: Suite, config: ControllerConfig | None = None) -> Controller:
     """Train on the suite's TRAIN split with early stopping on its VAL split; test tasks are
     dropped before anything is computed (their seeds are recorded as never used)."""
-    from ttt_core.schedules import action_costs
-
     cfg = config or ControllerConfig()
     t0 = time.perf_counter()
     train, val = suite.split("train"), suite.split("val")
@@ -277,36 +272,34 @@ def train_controller(suite: Any, config: ControllerConfig | None = None) -> Cont
     return ctrl
 
 
-def train_and_evaluate(lm: Any, settings: Any, n_tasks: int, *, lam: float | None = None,
+def train_and_evaluate(lm: LoadedModel | None, settings: SuiteSettings, n_tasks: int, *, lam: float | None = None,
                        out: str | Path | None = None, workers: int = 1, config: ControllerConfig | None = None,
-                       suite_root: str | Path | None = None, progress: Any = None) -> dict[str, Any]:
+                       suite_root: str | Path | None = None, progress: Progress = None) -> dict[str, Any]:
     """Build (or load) the suite, train the controller on train/val, evaluate every schedule on
     the TEST split, save the controller and `evaluation.json` to `out` (default
-    artifacts/controller/). Returns the evaluation dict."""
-    from ttt_core import schedules as S
-
+    `store.controller_dir()`). Returns the evaluation dict."""
     cfg = config or ControllerConfig()
     if lam is not None:
         cfg = ControllerConfig(**{**asdict(cfg), "lam": float(lam)})
     t0 = time.perf_counter()
-    suite = S.build_suite(lm, settings, n_tasks, root=suite_root, progress=progress, workers=workers)
+    suite = build_suite(lm, settings, n_tasks, root=suite_root, progress=progress, workers=workers)
     t1 = time.perf_counter()
     ctrl = train_controller(suite, cfg)
     test = suite.split("test")
-    results = S.all_schedules(test, cfg.lam, ctrl)
-    comparison = S.compare_controller(suite, ctrl, cfg.lam)
+    results = all_schedules(test, cfg.lam, ctrl)
+    comparison = compare_controller(suite, ctrl, cfg.lam)
     evaluation = {
         "suite_folder": suite.folder, "suite_key": settings.key(), "n_tasks": len(suite),
-        "split_sizes": {s: len(suite.split(s)) for s in S.SPLITS}, "lambda": cfg.lam,
-        "actions": list(settings.actions), "test_table": S.results_table(results, cfg.lam),
+        "split_sizes": {s: len(suite.split(s)) for s in SPLITS}, "lambda": cfg.lam,
+        "actions": list(settings.actions), "test_table": results_table(results, cfg.lam),
         "comparison": comparison,
-        "test_choices": S.choice_counts(results, test, ["learned controller", "evidence T_MAP (σ profiled)",
-                                                        "skip rule (TTT-vs-ICL verdict)"]),
+        "test_choices": choice_counts(results, test, ["learned controller", "evidence T_MAP (σ profiled)",
+                                                      "skip rule (TTT-vs-ICL verdict)"]),
         "controller_info": ctrl.info, "suite_seconds": t1 - t0, "train_seconds": time.perf_counter() - t1,
     }
-    folder = Path(out) if out is not None else S.artifacts_root() / "controller"
+    folder = Path(out) if out is not None else controller_dir()
     ctrl.info["evaluation"] = {"comparison": comparison, "n_test": len(test)}
     ctrl.save(folder)
-    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=_default))
+    write_json(folder / "evaluation.json", evaluation, indent=1)
     evaluation["out"] = str(folder)
     return evaluation

@@ -1,5 +1,5 @@
-"""The paper reproduction (ttt_core.reproduce): tasks, the sweep GD against the engine, statistics,
-files, and identical numbers on the process-pool and Ray backends."""
+"""The paper reproduction (ttt_core.experiments.reproduce): tasks, the sweep GD against the engine,
+statistics, files, and identical numbers on the process-pool and Ray backends."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from ttt_core.evidence import compute_evidence
+from ttt_core.experiments.paper_tasks import PaperDigitPrompt, ReproSettings, paper_task
+from ttt_core.experiments.reproduce import run_reproduction
+from ttt_core.experiments.reproduce_report import latest_results, to_markdown, write_results
+from ttt_core.experiments.stats import paired_stats
 from ttt_core.models import build_tiny_model
-from ttt_core.qttt import PaperConfig, PaperRun
-from ttt_core.reproduce import (LooGD, PaperDigitPrompt, ReproSettings, latest_results, paired_stats, paper_task,
-                                run_reproduction, to_markdown, write_results)
+from ttt_core.paper_gd import PaperConfig, PaperRun, gd_trajectory
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.steps import block_kernel, select_blocks
 
 TINY = ReproSettings(model="tiny-random-llama", tasks=2, grid_max=4, fixed_T=2, exp2="both", exp2_layers=2,
@@ -34,13 +36,13 @@ def test_tasks_are_seeded_and_use_all_ten_digits():
 
 def _engine_vs_sweep(lm, kind, last, steps=4, c=0.2):
     p = paper_task(11, 0).prompt
-    ev = compute_evidence(lm, p, kind)
+    ev = compute_prompt_kernel(lm, p, kind)
     blocks = select_blocks(ev, last)
     K, _ = block_kernel(ev, blocks)
     lmax = float(np.linalg.eigvalsh(K)[-1])
     rho = c / lmax
-    fast = LooGD(lm, p, kind, blocks).run(rho, steps)
-    run = PaperRun(lm, p, PaperConfig(steps=steps, rho=rho, lambda_max=lmax, kind=kind, heads=blocks))
+    fast = gd_trajectory(lm, p, kind, blocks, rho, steps)   # layers below the first updated one run once
+    run = PaperRun(lm, p, PaperConfig(steps=steps, rho=rho, lambda_max=lmax, kind=kind, heads=blocks, partial=False))
     base = run.prepare()
     recs = run.run_to_end()
     eng = np.array([base.query_prediction] + [r.query_prediction for r in recs])

@@ -1,4 +1,8 @@
-"""The guided tour: curated examples in the order when → how far → which (teaching layer)."""
+"""The guided tour: curated examples in the order when → how far → which (teaching layer).
+
+UI content (page paths, titles, what to look at), drawn on Home by ``pages.common.render_tour``;
+the examples themselves live in ``ttt_core.examples``.
+"""
 
 from __future__ import annotations
 

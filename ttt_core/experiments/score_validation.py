@@ -1,9 +1,10 @@
-"""Does a block score predict anything? (DESIGN §6: "validate that top-scored heads give larger
-measured query-error reductions than random heads (rank correlation), and report it".)
+"""Score validation: does a block score predict anything? (DESIGN §6: "validate that top-scored
+heads give larger measured query-error reductions than random heads (rank correlation), and
+report it".)
 
 Protocol, per generated digit-shift task (DESIGN §7.1, paper's task):
-1. Prompt evidence for the subspace (LOO residuals r, per-block kernels, couplings) and the
-   Query-Aware / Trace scores (σ² fitted).
+1. The prompt kernel of the subspace (`prompt_kernel.compute_prompt_kernel`: LOO residuals r,
+   per-block kernels, couplings) and the Query-Aware / Trace scores (σ² fitted).
 2. For EVERY block b: one gradient-descent step on the LOO squared loss restricted to b,
    ΔW_b = ρ_b Σ_i r_i ∂s_i/∂W_b (= −η∇L with L = ‖r(θ)‖²/2σ², ρ = η/σ²), ρ_b = c/λ_max(K^(b)),
    c = 0.5 by default. Measured gain = (s_x − v_x)² − (s_x(W + ΔW_b) − v_x)² (positive = the query
@@ -26,15 +27,20 @@ compared with the measured change (how well the kernel regime holds for one step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
-from ttt_core.evidence import compute_evidence, fewshot_inputs, fewshot_scalar
+from ttt_core.encoding import encode_few_shot
+from ttt_core.experiments.stats import boot_ci, spearman
 from ttt_core.generators import digit_shift_task
+from ttt_core.models import LoadedModel
+from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel
+from ttt_core.prompts import FewShotPrompt
+from ttt_core.readout import FewShotReadout
 from ttt_core.scores import score_blocks
+from ttt_core.types import CountProgress
 
 
 @dataclass
@@ -70,7 +76,8 @@ class ValidationResult:
         return {"n_tasks": self.n_tasks, "subspace": self.subspace, "top_k": self.top_k, "c": self.c, **self.summary}
 
 
-def block_deltas(ev: Any, lm: Any, c: float = 0.5, blocks: list[int] | None = None) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+def block_deltas(ev: PromptKernel, lm: LoadedModel, c: float = 0.5,
+                 blocks: list[int] | None = None) -> tuple[dict[int, torch.Tensor], np.ndarray]:
     """One-GD-step logical deltas ΔW_b (full (out, in) of the block's projection) for the blocks
     with flat indices `blocks` (all by default), and ρ_b for every block.
     ΔW_b = ρ_b Σ_i r_i ∂s_i/∂W_b, ρ_b = c/λ_max(K^(b)) (ρ_b = 0 when K^(b) = 0)."""
@@ -92,9 +99,12 @@ def block_deltas(ev: Any, lm: Any, c: float = 0.5, blocks: list[int] | None = No
 
 
 @torch.no_grad()
-def adapted_query_values(lm: Any, ev: Any, prompt: Any, deltas: dict[int, torch.Tensor], batch: int = 64) -> dict[int, float]:
+def adapted_query_values(lm: LoadedModel, ev: PromptKernel, prompt: FewShotPrompt, deltas: dict[int, torch.Tensor],
+                         batch: int = 64) -> dict[int, float]:
     """s_x(W + ΔW_b) on the full prompt for every block index b in `deltas` (batched output-probe route)."""
-    fs = fewshot_inputs(lm, prompt)
+    fs = encode_few_shot(lm, prompt)
+    readout = FewShotReadout(fs, lm.device)
+    query_row = readout.row_targets[fs.n:]                # the query prompt's target token (1,)
     ids = torch.tensor(fs.seqs[-1], device=lm.device)[None]
     kind = ev.subspace
     keys = [(l, kind) for l in range(ev.n_layers)]
@@ -115,17 +125,17 @@ def adapted_query_values(lm: Any, ev: Any, prompt: Any, deltas: dict[int, torch.
             probes[(l, kind)][j] = x[(l, kind)] @ deltas[bi].T
         with lm.adapter.apply(probes=probes):
             logits = lm.model(input_ids=ids.expand(len(sel), -1), logits_to_keep=1).logits[:, 0]
-        vals = fewshot_scalar(logits, fs.label_ids, fs.label_values).double().cpu().numpy()
+        vals = readout.scalars_of(logits, query_row.expand(len(sel))).double().cpu().numpy()
         out.update({bi: float(v) for bi, v in zip(sel, vals)})
     return out
 
 
-def run_task(lm: Any, seed: int, subspace: str = "q", c: float = 0.5, top_k: int = 3,
+def run_task(lm: LoadedModel, seed: int, subspace: str = "q", c: float = 0.5, top_k: int = 3,
              n_sample: int = 32) -> TaskOutcome:
     """Scores of every block and measured one-step gains of the evaluated blocks on digit-shift
     task `seed` (see module docstring)."""
     task = digit_shift_task(np.random.default_rng(seed))
-    ev = compute_evidence(lm, task.prompt, subspace)
+    ev = compute_prompt_kernel(lm, task.prompt, subspace)
     sc = score_blocks(ev)
     qa, tr = sc.query_aware.ravel(), sc.trace.ravel()
     nb = qa.size
@@ -146,23 +156,7 @@ def run_task(lm: Any, seed: int, subspace: str = "q", c: float = 0.5, top_k: int
                        random_pick=sample[:min(top_k, sample.size)])
 
 
-def _boot_ci(x: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size < 2:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(reps, x.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(stats.spearmanr(a, b).statistic)
-
-
-def summarise(tasks: list[TaskOutcome], top_k: int) -> dict[str, Any]:
+def summarize(tasks: list[TaskOutcome], top_k: int) -> dict[str, Any]:
     """Aggregate per-task outcomes (means with bootstrap CIs over tasks)."""
     rows: dict[str, list[float]] = {k: [] for k in (
         "spearman_qa", "spearman_trace", "spearman_qa_abs_change", "gain_top_qa", "gain_top_trace", "gain_random",
@@ -171,9 +165,9 @@ def summarise(tasks: list[TaskOutcome], top_k: int) -> dict[str, Any]:
         top_qa = np.argsort(-t.query_aware)[:top_k]
         top_tr = np.argsort(-t.trace)[:top_k]
         sm = t.sample
-        rows["spearman_qa"].append(_spearman(t.query_aware[sm], t.gain[sm]))
-        rows["spearman_trace"].append(_spearman(t.trace[sm], t.gain[sm]))
-        rows["spearman_qa_abs_change"].append(_spearman(t.query_aware[sm], np.abs(t.measured_change[sm])))
+        rows["spearman_qa"].append(spearman(t.query_aware[sm], t.gain[sm]))
+        rows["spearman_trace"].append(spearman(t.trace[sm], t.gain[sm]))
+        rows["spearman_qa_abs_change"].append(spearman(t.query_aware[sm], np.abs(t.measured_change[sm])))
         rows["gain_top_qa"].append(t.gain[top_qa].mean())
         rows["gain_top_trace"].append(t.gain[top_tr].mean())
         rows["gain_random"].append(t.gain[t.random_pick].mean())
@@ -187,20 +181,19 @@ def summarise(tasks: list[TaskOutcome], top_k: int) -> dict[str, Any]:
     for k, v in rows.items():
         arr = np.asarray(v, dtype=float)
         out[f"{k}_mean"] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
-        out[f"{k}_ci95"] = _boot_ci(arr)
+        out[f"{k}_ci95"] = boot_ci(arr)
     out["frac_tasks_top_qa_beats_random"] = float(np.mean(np.array(rows["diff_qa_random"]) > 0))
     out["mean_base_query_error"] = float(np.mean([t.base_error for t in tasks]))
     return out
 
 
-def validate_scores(lm: Any, n_tasks: int = 50, subspace: str = "q", top_k: int = 3, c: float = 0.5,
-                    seed: int = 0, n_sample: int = 32,
-                    progress: Callable[[int, int], None] | None = None) -> ValidationResult:
-    """Run `run_task` on tasks seed … seed + n_tasks − 1 and summarise (see module docstring)."""
+def validate_scores(lm: LoadedModel, n_tasks: int = 50, subspace: str = "q", top_k: int = 3, c: float = 0.5,
+                    seed: int = 0, n_sample: int = 32, progress: CountProgress = None) -> ValidationResult:
+    """Run `run_task` on tasks seed … seed + n_tasks − 1 and summarize (see module docstring)."""
     tasks = []
     for i in range(n_tasks):
         tasks.append(run_task(lm, seed + i, subspace, c, top_k, n_sample))
         if progress is not None:
-            progress(i + 1, n_tasks)
-    return ValidationResult(n_tasks=n_tasks, subspace=subspace, top_k=top_k, c=c, summary=summarise(tasks, top_k),
+            progress(i + 1, n_tasks, f"{i + 1}/{n_tasks} tasks")
+    return ValidationResult(n_tasks=n_tasks, subspace=subspace, top_k=top_k, c=c, summary=summarize(tasks, top_k),
                             tasks=tasks)

@@ -14,28 +14,30 @@ import numpy as np
 import pytest
 import torch
 
-from ttt_core import controller as C
-from ttt_core import schedules as S
+from ttt_core.experiments import controller as C
+from ttt_core.experiments import schedules as S
+from ttt_core.experiments import suite_tasks as ST
+from ttt_core.experiments.suite import Suite
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------------ splits
 def test_split_seeds_are_disjoint_and_families_balanced() -> None:
-    specs = S.make_specs(50)
-    seeds = {s: {t.seed for t in specs if t.split == s} for s in S.SPLITS}
+    specs = ST.make_specs(50)
+    seeds = {s: {t.seed for t in specs if t.split == s} for s in ST.SPLITS}
     assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
-    sizes = S.split_sizes(50)
+    sizes = ST.split_sizes(50)
     assert sizes == {"train": 25, "val": 10, "test": 15}
-    assert all(len(seeds[s]) == sizes[s] for s in S.SPLITS)
+    assert all(len(seeds[s]) == sizes[s] for s in ST.SPLITS)
     train_fams = [t.family for t in specs if t.split == "train"]
-    assert {f: train_fams.count(f) for f in S.FAMILIES} == {f: 5 for f in S.FAMILIES}
+    assert {f: train_fams.count(f) for f in ST.FAMILIES} == {f: 5 for f in ST.FAMILIES}
     # growing the suite keeps the earlier tasks (same ids and seeds)
-    small = {t.task_id: t for t in S.make_specs(10)}
-    big = {t.task_id: t for t in S.make_specs(40)}
+    small = {t.task_id: t for t in ST.make_specs(10)}
+    big = {t.task_id: t for t in ST.make_specs(40)}
     assert all(big[k] == v for k, v in small.items())
     with pytest.raises(ValueError):
-        S.split_sizes(2)
+        ST.split_sizes(2)
 
 
 # ------------------------------------------------------------------------------------ synthetic suites
@@ -49,13 +51,13 @@ def _stats(rng: np.random.Generator, good: bool) -> dict:
             "n_tokens": 30, "long_context": False}
 
 
-def synthetic_suite(n_per_split: dict[str, int], seed: int = 0) -> S.Suite:
+def synthetic_suite(n_per_split: dict[str, int], seed: int = 0) -> Suite:
     """Tasks whose best action is T = 8 when `good` and skip otherwise."""
     rng = np.random.default_rng(seed)
-    st = S.SuiteSettings(model="synthetic", grid=(1, 2, 4, 8))
+    st = ST.SuiteSettings(model="synthetic", grid=(1, 2, 4, 8))
     tasks = []
     for split, n in n_per_split.items():
-        for i, s in enumerate(S.split_seeds(split, n)):
+        for i, s in enumerate(ST.split_seeds(split, n)):
             good = bool(i % 2)
             T = np.arange(9)
             err = 0.3 - 0.03 * T if good else 0.1 + 0.02 * T
@@ -63,7 +65,7 @@ def synthetic_suite(n_per_split: dict[str, int], seed: int = 0) -> S.Suite:
             tasks.append({"task_id": f"{split}-{i:04d}", "split": split, "index": i, "seed": s,
                           "family": "digit_shift" if good else "trap_noise", "meta": {}, "errors": err.tolist(),
                           "seconds": (0.5 * T).tolist(), "stats_seconds": 0.25, "stats": _stats(rng, good)})
-    return S.Suite(st, tasks)
+    return Suite(st, tasks)
 
 
 def test_schedule_evaluation_math() -> None:
@@ -128,7 +130,7 @@ def test_controller_never_uses_test_data(tmp_path) -> None:
     ctrl = C.train_controller(suite, CFG)
     test_seeds = set(suite.split("test").seeds.tolist())
     assert not test_seeds & set(ctrl.info["train_seeds"]) and not test_seeds & set(ctrl.info["val_seeds"])
-    assert set(ctrl.info["train_seeds"]) == set(S.split_seeds("train", 12))
+    assert set(ctrl.info["train_seeds"]) == set(ST.split_seeds("train", 12))
     # scrambling every test task changes nothing in training
     for t in suite.tasks:
         if t["split"] == "test":
@@ -157,18 +159,18 @@ def test_features_have_no_label_inputs() -> None:
 
 # ------------------------------------------------------------------------------------ task generators
 def test_trap_generators() -> None:
-    st = S.SuiteSettings()
-    p, meta = S.make_task(S.TaskSpec("train", 2, 1_000_002, "trap_shift"), st)
+    st = ST.SuiteSettings()
+    p, meta = ST.make_task(ST.TaskSpec("train", 2, 1_000_002, "trap_shift"), st)
     assert all((int(x) + meta["demo_shift"]) % 10 == int(y) for x, y in p.demos)
     assert int(p.query_y) == (int(p.query_x) + meta["shift"]) % 10 and meta["shift"] != meta["demo_shift"]
-    p, meta = S.make_task(S.TaskSpec("train", 3, 1_000_003, "trap_noise"), st)
+    p, meta = ST.make_task(ST.TaskSpec("train", 3, 1_000_003, "trap_noise"), st)
     assert meta["noise"] == 1.0
-    p, meta = S.make_task(S.TaskSpec("train", 4, 1_000_004, "trap_needle"), st)
+    p, meta = ST.make_task(ST.TaskSpec("train", 4, 1_000_004, "trap_needle"), st)
     (a, b), = p.needle_spans
     assert p.context[a:b] == f"The secret number is {p.answer}."
-    fakes = sum(p.context.count(f.split("{v}")[0]) for f in S.FAKE_NEEDLES)
+    fakes = sum(p.context.count(f.split("{v}")[0]) for f in ST.FAKE_NEEDLES)
     assert fakes >= st.n_fakes
-    p2, _ = S.make_task(S.TaskSpec("train", 4, 1_000_004, "trap_needle"), st)
+    p2, _ = ST.make_task(ST.TaskSpec("train", 4, 1_000_004, "trap_needle"), st)
     assert p2.context == p.context  # deterministic in the seed
 
 
@@ -182,13 +184,13 @@ def test_run_task_records_one_trajectory_on_tiny_model() -> None:
     from ttt_core.qttt import QTTTConfig, QTTTRun
 
     lm = build_tiny_model("llama")
-    st = S.SuiteSettings(**TINY)
+    st = ST.SuiteSettings(**TINY)
     for fam in ("digit_shift", "needle"):
-        spec = S.TaskSpec("train", 0, 1_000_000, fam)
-        rec = S.run_task(lm, spec, st)
+        spec = ST.TaskSpec("train", 0, 1_000_000, fam)
+        rec = ST.run_task(lm, spec, st)
         assert len(rec["errors"]) == len(rec["seconds"]) == 3 and rec["seconds"][0] == 0.0
         assert rec["steps_done"] == 2 and np.all(np.diff(rec["seconds"]) >= 0)
-        prompt, _ = S.make_task(spec, st)
+        prompt, _ = ST.make_task(spec, st)
         span = st.span_fewshot if fam == "digit_shift" else st.span_long
         run = QTTTRun(lm, prompt, QTTTConfig(steps=2, span=span, lr=st.lr_fewshot, seed=spec.seed))
         recs = [run.prepare()] + run.run_to_end()
@@ -212,7 +214,7 @@ def test_train_controller_cli_tiny(tmp_path) -> None:
     assert "On the test split (2 tasks" in res["comparison"]["sentence"]
     assert (tmp_path / "ctrl" / "controller.safetensors").exists()
     meta = json.loads((tmp_path / "ctrl" / "controller.json").read_text())
-    assert not set(meta["info"]["train_seeds"]) & set(S.split_seeds("test", 2))
+    assert not set(meta["info"]["train_seeds"]) & set(ST.split_seeds("test", 2))
     assert len(list((tmp_path / "suite" / "tasks").glob("*.json"))) == 5
 
 

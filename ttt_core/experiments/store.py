@@ -1,0 +1,85 @@
+"""Where experiment results live and how they are written.
+
+One artifacts root: ``$TTT_LENS_ARTIFACTS``, else ``<repo>/artifacts`` (git-ignored). Below it:
+
+* ``reproduction/`` — paper reproduction results (``$TTT_LENS_REPRO_DIR`` overrides this folder);
+* ``schedules/<model>-<settings hash>/`` — the cached schedule suites;
+* ``controller/`` — the trained step controller and its evaluation.
+
+One JSON encoder (`json_default`: numpy scalars and arrays), one writer (`write_json`: atomic, so
+a reader never sees half a file) and one lookup of the newest result of a kind (`latest_result`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def artifacts_root() -> Path:
+    """$TTT_LENS_ARTIFACTS, else <repo>/artifacts."""
+    env = os.environ.get("TTT_LENS_ARTIFACTS")
+    return Path(env) if env else REPO_ROOT / "artifacts"
+
+
+def reproduction_dir() -> Path:
+    """Where reproduction results are written and looked up: $TTT_LENS_REPRO_DIR, else
+    <artifacts root>/reproduction."""
+    env = os.environ.get("TTT_LENS_REPRO_DIR")
+    return Path(env) if env else artifacts_root() / "reproduction"
+
+
+def schedules_dir() -> Path:
+    """<artifacts root>/schedules: one folder per suite settings."""
+    return artifacts_root() / "schedules"
+
+
+def controller_dir() -> Path:
+    """<artifacts root>/controller: the trained step controller."""
+    return artifacts_root() / "controller"
+
+
+def json_default(o: Any) -> Any:
+    """`json.dumps` default: numpy scalars and arrays as Python numbers and lists."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(obj, indent=indent, default=json_default)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
+    """Write `obj` as JSON to `path` atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(dumps(obj, indent))
+    os.replace(tmp, path)
+    return path
+
+
+def latest_result(folder: str | Path, kind: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest JSON file in `folder` whose "kind" is `kind`, by its "created" time (then the
+    file's mtime), with its contents; None when there is none."""
+    folder = Path(folder)
+    best = None
+    for p in folder.glob("*.json") if folder.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(d, dict) or d.get("kind") != kind:
+            continue
+        key = (d.get("created", ""), p.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, p, d)
+    return None if best is None else (best[1], best[2])
