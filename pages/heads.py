@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -53,7 +52,7 @@ bar.empty()
 
 word = "block" if subspace.startswith("mlp") else ("kv head" if subspace in ("k", "v") else "head")
 st.caption(f"{ev.n_layers} layers × {ev.n_blocks_per_layer} {word}(s) = {len(ev.blocks())} blocks; n = {ev.n} supervised "
-           f"outputs; σ² = {scores.sigma2:.3g} ({scores.sigma2_source}). Route: {ev.route}."
+           f"outputs; ridge λ⋆ = {scores.ridge:.3g} ({scores.ridge_source}). Route: {ev.route}."
            + (f" {ev.query_note}" if ev.query_note else "") + (f" {scores.greedy_note}" if scores.greedy_note else ""))
 
 labels = [ev.block_label(b) for b in ev.blocks()]

@@ -3,8 +3,6 @@ watch every step. UI only: the engine is ttt_core.qttt, the figures ttt_core.fig
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Any
 
 import streamlit as st
@@ -14,7 +12,7 @@ from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, los
                                   quality_figure, step_time_figure)
 from ttt_core.prompts import FewShotPrompt
 from ttt_core.paper_gd import PaperConfig
-from ttt_core.qttt import DEFAULT_LR, PAPER_LR_RANGE, QTTTConfig
+from ttt_core.qttt import DEFAULT_LR, PAPER_LR_RANGE, QTTTConfig, kernel_backend
 from ttt_core.runs import make_run
 from ttt_core.scores import HeadScores
 from ttt_core.types import block_label, parse_block_label
@@ -66,8 +64,6 @@ if lm is None or prompt is None:
     st.info("Choose a model and a prompt in the sidebar.")
     st.stop()
 
-from kernels import backend_label  # noqa: E402  (after the guard: only needed with a model)
-
 a = lm.adapter
 few_shot = isinstance(prompt, FewShotPrompt)
 
@@ -82,7 +78,11 @@ with top[0]:
                    "error of the demonstrations (DESIGN §7.1). This prompt is a long context, so only qTTT runs.")
 mode = "paper" if mode_label.startswith("Paper") else "qttt"
 with top[1]:
-    badge = backend_label() if mode == "qttt" else "PyTorch SDPA (paper mode: full forward)"
+    last = SS.get(RESULT)
+    if last and last["settings"].get("mode") == mode and last["records"]:
+        badge = last["records"][-1]["backend_label"]  # what this session's run actually used
+    else:
+        badge = kernel_backend(lm.device)[1] if mode == "qttt" else "PyTorch SDPA (paper mode, no frozen cache)"
     st.badge(f"Kernel: {badge}", icon=":material/memory:", color="blue")
 if mode == "qttt":
     st.caption("qTTT (DESIGN §7.2): one prefill caches every layer's keys/values; each step samples a span of k "

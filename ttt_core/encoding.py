@@ -12,7 +12,12 @@ Few-shot (DESIGN §7.1)
   ``lead`` tokens.
 * Label token = first token of ``label_prefix() + y``. Whitespace-only leading tokens that *every*
   label shares (SmolLM2 writes " 5" as [" ", "5"]) are appended to every prompt instead (``lead``),
-  so the label token is the first token that can differ; two labels sharing it is an error.
+  so the label token is the first token that can differ; two labels sharing it is an error. For
+  categorical labels the true answer counts as a label here (it is scored even when no
+  demonstration shows it).
+* ``frame`` (`FewShotPrompt.frame`): "expected_value" (numeric labels) or "probability"
+  (categorical); ``target_ids`` (n,): each demonstration's own label token; ``query_target_id``:
+  the true answer's token (None without an answer). See `ttt_core.readout`.
 * ``ids`` = ``seqs[-1]`` (the full prompt); its last position predicts the query's label.
 
 Long context + question (DESIGN §7.2)
@@ -60,8 +65,9 @@ class FewShotEncoding:
 
     seqs: n LOO prompts then the full prompt (lists of ids, lead tokens appended); labels (k,) and
     their token ids label_ids (k,) and values label_values (k,); targets (n,) the demonstrations'
-    label values; query_target: the query's value or None; lead: shared whitespace ids; text: the
-    rendered full prompt."""
+    label values (all 1 in the probability frame); query_target: the query's target or None, with
+    query_note saying why; lead: shared whitespace ids; text: the rendered full prompt; frame,
+    target_ids (n,), query_target_id: see the module docstring."""
 
     seqs: list[list[int]]
     label_ids: list[int]
@@ -71,6 +77,10 @@ class FewShotEncoding:
     query_target: float | None
     lead: list[int]
     text: str
+    frame: str = "expected_value"
+    target_ids: list[int] = field(default_factory=list)
+    query_target_id: int | None = None
+    query_note: str | None = None
     kind: str = "few_shot"
 
     @property
@@ -144,14 +154,18 @@ def encode_few_shot(lm: LoadedModel, prompt: FewShotPrompt) -> FewShotEncoding:
         raise EncodingError("A few-shot prompt needs at least 2 demonstrations for leave-one-out residuals.")
     labels = prompt.labels
     values = prompt.label_values()
-    label_seqs = [tok(prompt.label_prefix() + y, add_special_tokens=False).input_ids for y in labels]
+    frame = prompt.frame
+    answer = prompt.query_y if frame == "probability" and prompt.query_y is not None else None
+    scored = labels + ([answer] if answer is not None and answer not in labels else [])
+    label_seqs = [tok(prompt.label_prefix() + y, add_special_tokens=False).input_ids for y in scored]
     if any(len(s) == 0 for s in label_seqs):
         raise EncodingError("A label tokenises to nothing.")
     lead: list[int] = []
     while (all(len(s) > len(lead) + 1 for s in label_seqs) and len({s[len(lead)] for s in label_seqs}) == 1
            and _is_space(tok, label_seqs[0][len(lead)])):
         lead.append(label_seqs[0][len(lead)])
-    first = [s[len(lead)] for s in label_seqs]
+    first_of = {y: s[len(lead)] for y, s in zip(scored, label_seqs)}
+    first = [first_of[y] for y in labels]
     seen: dict[int, str] = {}
     for y, t in zip(labels, first):
         if t in seen:
@@ -165,7 +179,9 @@ def encode_few_shot(lm: LoadedModel, prompt: FewShotPrompt) -> FewShotEncoding:
     targets = np.array([values[y] for _, y in prompt.demos], dtype=float)
     return FewShotEncoding(seqs=seqs, label_ids=first, label_values=[values[y] for y in labels], labels=labels,
                            targets=targets, query_target=prompt.target_value(prompt.query_y), lead=lead,
-                           text=texts[-1])
+                           text=texts[-1], frame=frame, target_ids=[first_of[y] for _, y in prompt.demos],
+                           query_target_id=None if answer is None else first_of[answer],
+                           query_note=prompt.query_note())
 
 
 def _needle_tokens(lm: LoadedModel, prompt: LongContextPrompt, n_ids: int) -> list[int]:

@@ -157,22 +157,6 @@ def greedy_decode(lm: LoadedModel, prompt_ids: torch.Tensor, deltas: dict[Key, t
     return tok.decode(new, skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
-def label_probs(logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-    """The softmax restricted to the label tokens: logits (..., V) → (..., k) fp32."""
-    return torch.softmax(logits.float().index_select(-1, label_ids), dim=-1)
-
-
-def label_metrics(p: torch.Tensor, labels: list[str], values: torch.Tensor, prompt: FewShotPrompt) -> dict[str, Any]:
-    """From the query's restricted label distribution p (k,): label_probs, the expected value s_x
-    and, when the query's label is known, the squared error (s_x − v(y_x))² (DESIGN §7.1)."""
-    s = float((p * values).sum())
-    res: dict[str, Any] = {"label_probs": {y: float(q) for y, q in zip(labels, p)}, "query_prediction": s}
-    target = prompt.target_value(prompt.query_y)
-    if target is not None:
-        res["query_error"] = (s - target) ** 2
-    return res
-
-
 class EngineRun:
     """Skeleton shared by both modes: prepare → loop of (loss+grad, update, evaluate) with the
     divergence rule and the stop flag (module docstring). Subclasses implement `_prepare`,

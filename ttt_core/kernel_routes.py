@@ -44,7 +44,8 @@ from ttt_core.attention import FrozenKV, detached_kv, forward_with_frozen_kv
 from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
 from ttt_core.kernel_factors import FeatureFactors, LayerFactors, RowFactors
 from ttt_core.models import LoadedModel
-from ttt_core.types import Key, Progress
+from ttt_core.readout import FewShotReadout, token_prob
+from ttt_core.types import Progress
 
 
 @dataclass
@@ -58,24 +59,6 @@ class RouteResult:
     values: np.ndarray
     factors: list[LayerFactors]
     query_value: float | None
-
-
-def fewshot_scalar(logits: torch.Tensor, label_ids: Sequence[int], label_values: Sequence[float]) -> torch.Tensor:
-    """s = Σ_y v(y) softmax(logits[label_ids])_y. logits (..., V) → (...)."""
-    idx = torch.tensor(list(label_ids), device=logits.device)
-    logits = _upcast(logits)
-    vals = torch.tensor(list(label_values), dtype=logits.dtype, device=logits.device)
-    p = torch.softmax(logits.index_select(-1, idx), dim=-1)
-    return p @ vals
-
-
-def token_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """softmax(logits)[target]: logits (B, V), targets (B,) → (B,)."""
-    return torch.log_softmax(_upcast(logits), -1).gather(-1, targets[:, None]).squeeze(-1).exp()
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +100,7 @@ def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str, progress: P
     report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt")
     with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
         out = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None])
-        s = fewshot_scalar(out.logits[:, 0], fs.label_ids, fs.label_values)
+        s = FewShotReadout(fs, lm.device).scalars(out.logits[:, 0])
         grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
     s = s.detach().double().cpu().numpy()
     seg = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in range(n)]).to(lm.device)

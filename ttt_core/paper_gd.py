@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from ttt_core.encoding import FewShotEncoding, encode_few_shot, padded_batch
-from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks, label_metrics
+from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
 from ttt_core.models import LoadedModel
 from ttt_core.partial_forward import PartialForward
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, Prompt
+from ttt_core.readout import FewShotReadout
 from ttt_core.types import Block, HeadSel, Key, StopLike
 
 PAPER_KINDS = ("v", "q")
@@ -65,9 +66,8 @@ class PaperConfig:
 
 class LooBatch:
     """The n leave-one-out prompts and the query prompt of `enc` as one right-padded batch
-    (ids (n+1, N), mask (n+1, N), last real position (n+1,)); `label_probs(eff)` gives the
-    restricted-softmax label distribution (n+1, k) fp32 at each prompt's last position with
-    W0 + eff (differentiable in eff). With `first_layer` and a `PartialForward`, layers below
+    (ids (n+1, N), mask (n+1, N), last real position (n+1,)); `logits(eff)` gives the (n+1, V)
+    logits at each prompt's last position with W0 + eff (differentiable in eff). With `first_layer` and a `PartialForward`, layers below
     `first_layer` run once (module docstring)."""
 
     def __init__(self, lm: LoadedModel, enc: FewShotEncoding, first_layer: int = 0, partial: bool = True,
@@ -77,7 +77,6 @@ class LooBatch:
         dev = lm.device
         self.ids, self.mask, self.last = padded_batch(lm, seqs)
         self.rows = torch.arange(len(seqs), device=dev)
-        self.label_ids = torch.tensor(enc.label_ids, device=dev)
         self.first_layer = int(first_layer)
         self.partial: PartialForward | None = None
         if partial and self.first_layer > 0:
@@ -91,7 +90,7 @@ class LooBatch:
             if self.partial is not None:
                 self.h0 = self.partial.hidden_entering(self.first_layer)
 
-    def label_probs(self, eff: dict[Key, torch.Tensor]) -> torch.Tensor:
+    def logits(self, eff: dict[Key, torch.Tensor]) -> torch.Tensor:
         with self.lm.adapter.apply(deltas=eff):
             if self.partial is not None:
                 logits = self.partial.logits_from(self.first_layer, self.h0, self.rows, self.last)
@@ -99,7 +98,7 @@ class LooBatch:
                 out = self.lm.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False,
                                     logits_to_keep=self.last[:, None])
                 logits = out.logits[:, 0]
-        return torch.softmax(logits.float().index_select(-1, self.label_ids), dim=-1)
+        return logits
 
 
 def selected_kernel(lm: LoadedModel, prompt: FewShotPrompt, kind: str = "v", heads: HeadSel = None) -> tuple[np.ndarray, np.ndarray]:
@@ -141,20 +140,18 @@ class PaperRun(EngineRun):
         lm, cfg = self.lm, self.config
         p: FewShotPrompt = self.prompt
         self.enc = encode_few_shot(lm, p)
-        self.labels = list(self.enc.labels)
-        self.label_ids = torch.tensor(self.enc.label_ids, device=lm.device)
-        self.label_values = torch.tensor(self.enc.label_values, dtype=torch.float32, device=lm.device)
+        self.readout = FewShotReadout(self.enc, lm.device)
         self.masks = head_masks(lm, cfg.kind, cfg.heads)
         first = min(layer for layer, _ in self.masks)
         self.batch = LooBatch(lm, self.enc, first, partial=cfg.partial, shared=self._shared)
         how = "layers below the first updated one run once" if self.batch.partial is not None else "full forward"
         self.backend, self.backend_label = "torch-sdpa", f"PyTorch SDPA (paper mode: {how}, no frozen cache)"
-        self.y = torch.tensor(self.enc.targets, dtype=torch.float32, device=lm.device)
+        self.y = self.readout.targets
         self.deltas = {k: torch.zeros(lm.adapter.spec(*k).out_features, lm.adapter.spec(*k).in_features,
                                       device=lm.device) for k in self.masks}
         self.query_ids = torch.tensor([self.enc.ids], device=lm.device)
         with torch.no_grad():
-            s0 = self.batch.label_probs({}) @ self.label_values
+            s0 = self.readout.scalars(self.batch.logits({}))
         r0 = self.y - s0[: self.enc.n]
         self.n = int(r0.shape[0])
         self.sigma2 = max(float((r0 ** 2).sum()) / self.n, 1e-12)  # σ̂² = ‖r0‖²/n (plug-in)
@@ -179,14 +176,14 @@ class PaperRun(EngineRun):
         return self.n / 2.0
 
     def _forward(self, deltas: dict[Key, torch.Tensor], grad: bool) -> dict[str, Any]:
-        """One batched forward at `deltas`: label probabilities P (n+1, k), s = P v, ½‖r‖²; with
+        """One batched forward at `deltas`: last-position logits (n+1, V), s (n+1,), ½‖r‖²; with
         `grad` the graph is kept (leaves = the deltas)."""
         leaves = {k: d.detach().requires_grad_(grad) for k, d in deltas.items()}
         with torch.enable_grad() if grad else torch.no_grad():
-            P = self.batch.label_probs(effective_deltas(leaves, self.masks))
-            s = P @ self.label_values
+            logits = self.batch.logits(effective_deltas(leaves, self.masks))
+            s = self.readout.scalars(logits)
             half_sq = 0.5 * ((self.y - s[: self.n]) ** 2).sum()  # ½‖r‖²; L = ½‖r‖²/σ̂²
-        return {"deltas": deltas, "leaves": leaves, "P": P, "s": s, "half_sq": half_sq}
+        return {"deltas": deltas, "leaves": leaves, "logits": logits, "s": s, "half_sq": half_sq}
 
     def _loss_grads(self, deltas, t):
         pend, self._pending = self._pending, None
@@ -210,8 +207,7 @@ class PaperRun(EngineRun):
         fw = self._forward(deltas, grad=lookahead)
         if lookahead:
             self._pending = fw
-        P = fw["P"].detach()
-        res = label_metrics(P[self.n], self.labels, self.label_values, self.prompt)
+        res = self.readout.query_metrics(fw["logits"][self.n].detach())
         res["prompt_predictions"] = fw["s"][: self.n].detach().cpu().tolist()
         return res
 
@@ -219,7 +215,7 @@ class PaperRun(EngineRun):
         """s (n+1,) fp32 at W0 + eff (eff already masked; differentiable in eff): the n LOO
         predictions, then the query's."""
         self.prepare()
-        return self.batch.label_probs(eff) @ self.label_values
+        return self.readout.scalars(self.batch.logits(eff))
 
     def loo_predictions(self, deltas: dict[Key, torch.Tensor] | None = None) -> torch.Tensor:
         """s (n,) at W0 + Δ (default: the run's last good deltas)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +37,13 @@ import torch
 from ttt_core.attention import record_attention
 from ttt_core.encoding import DEFAULT_MAX_POSITIONS, EncodingError, FewShotEncoding, decoded_tokens, encode
 from ttt_core.kernel_factors import LayerFactors, RowFactors
-from ttt_core.kernel_routes import (blocks_per_layer, exact_per_output_route, fewshot_scalar, frozen_q_route,
-                                    loo_exact_route, report, token_prob)
+from ttt_core.kernel_routes import (
+    blocks_per_layer,
+    exact_per_output_route,
+    frozen_q_route,
+    loo_exact_route,
+    report,
+)
 from ttt_core.models import LoadedModel
 from ttt_core.prompts import Prompt
 from ttt_core.types import Block, Progress
@@ -192,11 +197,20 @@ def compute_prompt_kernel(
         rr = loo_exact_route(lm, enc, subspace, progress)
         targets = enc.targets
         qt = enc.query_target
-        query = QueryOutcome(value=rr.query_value, target=qt, error=None if qt is None else (rr.query_value - qt) ** 2,
-                             nll=None, label=f"E[label value | {prompt.query_x!r}]")
-        note = None if qt is not None else "No '# answer:' line: the query error is unknown (k_x is still computed)."
+        has_query = enc.frame == "expected_value" or enc.query_target_id is not None
+        note = enc.query_note
+        if enc.frame == "expected_value":
+            label = f"E[label value | {prompt.query_x!r}]"
+            note = None if note is None else note.replace("unknown.", "unknown (k_x is still computed).")
+        else:
+            label = f"p({prompt.query_y!r} | {prompt.query_x!r})"
+            if not has_query:
+                note = ("No '# answer:' line: with categorical labels the query output is the probability of the "
+                        "true answer, so without it there is no query output and k_x is unavailable.")
+        query = None if not has_query else QueryOutcome(
+            value=rr.query_value, target=qt, error=None if qt is None else (rr.query_value - qt) ** 2, nll=None,
+            label=label)
         output_labels = [f"{x} → {y}" for x, y in prompt.demos]
-        has_query = True
     else:
         if subspace == "q" and qttt:
             rr = frozen_q_route(lm, enc, row_chunk, progress)

@@ -78,9 +78,18 @@ class FewShotPrompt:
     def numeric(self) -> bool:
         return self.numeric_labels(self.labels)
 
+    @property
+    def frame(self) -> str:
+        """How a demonstration becomes a scalar output (DESIGN §7.1): "expected_value" for numeric
+        labels (the expected label value under the softmax restricted to the label tokens),
+        "probability" for categorical labels (the probability of the demonstration's own label
+        under the full softmax, target 1) — nothing then depends on an order of the labels."""
+        return "expected_value" if self.numeric else "probability"
+
     def label_values(self) -> dict[str, float]:
-        """Label → value in [0, 1]: single digits y ↦ y/9 (the paper's scaling), other numbers
-        min-max scaled over the label set, non-numeric labels ↦ index/(k−1) (ordinal)."""
+        """Label → target value in [0, 1]. Numeric labels: single digits y ↦ y/9 (the paper's
+        scaling), other numbers min-max scaled over the label set. Categorical labels: every
+        label ↦ 1 (the target of p(own label)); no order is imposed."""
         labels = self.labels
         if self.numeric:
             vals = [float(y) for y in labels]
@@ -88,22 +97,33 @@ class FewShotPrompt:
                 return {y: float(y) / 9.0 for y in labels}
             lo, hi = min(vals), max(vals)
             return {y: (float(y) - lo) / (hi - lo) if hi > lo else 0.0 for y in labels}
-        k = len(labels)
-        return {y: (i / (k - 1) if k > 1 else 0.0) for i, y in enumerate(labels)}
+        return {y: 1.0 for y in labels}
 
     def target_value(self, y: str | None) -> float | None:
-        """Value of a true label on the label scale: its label value when it is in the label set;
-        for numeric labels outside the set, the same affine scaling; otherwise None (a
-        categorical answer the demonstrations never show cannot be scored)."""
+        """Target of the query output for true label y. Categorical: 1 for any answer (the
+        probability of the true label, whether or not a demonstration shows it). Numeric: the
+        label value; a number outside the label set uses the same affine scaling; None when y
+        cannot be placed on the label scale (`query_note` says why)."""
         if y is None:
             return None
+        if not self.numeric:
+            return 1.0
         values = self.label_values()
         if y in values:
             return values[y]
-        if self.numeric and self.numeric_labels([y]):
+        if self.numeric_labels([y]):
             nums = [float(v) for v in self.labels]
             lo, hi = min(nums), max(nums)
             return (float(y) - lo) / (hi - lo) if hi > lo else None
+        return None
+
+    def query_note(self) -> str | None:
+        """Why the query has no error, or None when it has one."""
+        if self.query_y is None:
+            return "No '# answer:' line: the query error is unknown."
+        if self.target_value(self.query_y) is None:
+            return (f"The answer {self.query_y!r} cannot be placed on the numeric label scale of "
+                    f"{', '.join(self.labels)}: the query error is unknown.")
         return None
 
     def line(self, x: str, y: str | None) -> str:

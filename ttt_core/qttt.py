@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from kernels import backend_label, current_backend
 from ttt_core.attention import FrozenKV, forward_rows_with_frozen_kv, forward_with_frozen_kv, record_attention
 from ttt_core.encoding import FewShotEncoding, encode, encode_few_shot
-from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks, label_metrics, label_probs
+from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
 from ttt_core.models import LoadedModel
 from ttt_core.optim import AdamWConfig, DeltaAdamW, clip_grad_norm
 from ttt_core.prompts import FewShotPrompt, Prompt
+from ttt_core.readout import FewShotReadout
 from ttt_core.types import HeadSel, Key, StopLike
 
 #: Default qTTT learning rate for the embedded SmolLM2-135M (measured; see module docstring, item 4).
@@ -73,7 +74,7 @@ class QTTTConfig:
     eval_context_nll: bool = False  # one extra frozen-KV forward of the whole context per step
 
 
-def _backend(device: torch.device) -> tuple[str, str]:
+def kernel_backend(device: torch.device) -> tuple[str, str]:
     """(backend, label) of the frozen-KV kernel for tensors on `device`."""
     backend, label = current_backend(), backend_label()
     if device.type != "cuda" and backend == "triton":
@@ -159,7 +160,7 @@ class QTTTRun(EngineRun):
 
     def _prepare(self) -> None:
         lm = self.lm
-        self.backend, self.backend_label = _backend(lm.device)
+        self.backend, self.backend_label = kernel_backend(lm.device)
         self.enc = qttt_inputs(lm, self.prompt)
         self.masks = head_masks(lm, "q", self.config.heads)
         base = {k: lm.adapter.logical_weight(*k) for k in self.masks}
@@ -182,10 +183,7 @@ class QTTTRun(EngineRun):
             template.crop(-(ids.shape[1] - (self.enc.n_prompt - 1)))
             self._decode_template = template
         if isinstance(self.prompt, FewShotPrompt):
-            fs = encode_few_shot(lm, self.prompt)
-            self.labels = list(fs.labels)
-            self.label_ids = torch.tensor(fs.label_ids, device=lm.device)
-            self.label_values = torch.tensor(fs.label_values, dtype=torch.float32, device=lm.device)
+            self.readout = FewShotReadout(encode_few_shot(lm, self.prompt), lm.device)
 
     def _baseline_loss(self) -> float:
         return float(self.base_token_nll.mean()) * self.span
@@ -237,7 +235,7 @@ class QTTTRun(EngineRun):
         probabilities recorded for those rows."""
         enc, res = self.enc, {}
         if isinstance(self.prompt, FewShotPrompt):
-            res.update(label_metrics(label_probs(logits[-1], self.label_ids), self.labels, self.label_values, self.prompt))
+            res.update(self.readout.query_metrics(logits[-1]))
             return res
         if rec is not None:
             idx = torch.tensor(enc.needle, device=logits.device)

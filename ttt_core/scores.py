@@ -1,7 +1,7 @@
 """Block and head scores: which directions to adapt (DESIGN §6; paper A.7, App. I.4).
 
 For blocks b of one subspace (heads of W_Q/W_K/W_V/W_O, or one MLP matrix per layer), with the
-full kernel K = Σ_b K^(b) of the subspace and M = (K + σ²I)⁻¹:
+full kernel K = Σ_b K^(b) of the subspace and M = (K + λ⋆I)⁻¹:
 
 * Query-Aware  s_b = k_x^(b)ᵀ M k_x^(b)   (Eq. 8 with Σ = I; needs a query);
 * Trace        s_b = tr(K^(b) M)          (Eq. 9; computed from per-layer factors, no n×n K^(b));
@@ -11,8 +11,12 @@ full kernel K = Σ_b K^(b) of the subspace and M = (K + σ²I)⁻¹:
   Q_T(λ) = (1 − (1 − ρλ)^T)/λ, fixed T = 8, ρ = c/λ_max(K_curr + K^(b)) of each candidate; k_x is
   restricted to the blocks in K_curr + K^(b) (couplings add over disjoint blocks).
 
-σ² defaults to the σ² fitted by maximum GP evidence on the full kernel (`theory.fit_signal_noise`),
-floored at 1e-12·λ_max so M stays finite when the fit puts σ² at 0. `share` = tr(K^(b))/tr(K).
+The ridge is the noise-to-signal ratio λ⋆ = σ²/τ² (DESIGN §6): with the prior Σ = τ²I the
+information capture is τ²Jᵀ(K + λ⋆I)⁻¹J, so σ² alone would make the ranking change when the kernel
+is merely rescaled (Φ → cΦ moves K → c²K and λ⋆ → c²λ⋆; every score here is then unchanged). By
+default λ⋆ is the posterior median of §5.1 (`noise_posterior`), never the boundary-prone point fit.
+Under that posterior, `top_k_frequency` says how often (posterior mass) each block stays in the
+Query-Aware top k. `share` = tr(K^(b))/tr(K).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
 from ttt_core import theory
+from ttt_core.noise_posterior import NoisePosterior, noise_posterior
+from ttt_core.prompt_kernel import PromptKernel
 from ttt_core.types import Block
 
 GREEDY_T = 8
 GREEDY_C = theory.DEFAULT_C
-SIGMA2_FLOOR_REL = 1e-12
 
 
 @dataclass
@@ -44,11 +49,13 @@ class BlockScores:
     """Scores of every block, arrays (L, H) (H = blocks per layer).
 
     query_aware is None without a query; hutchinson/hutchinson_se only when requested;
-    greedy: ordered picks (None when not run); sigma2 and where it came from."""
+    greedy: ordered picks (None when not run); ridge: the λ⋆ in (K + λ⋆I)⁻¹ and where it came
+    from; top_k_frequency (L, H): posterior mass of the λ⋆ for which the block is in the
+    Query-Aware top `top_k` (None without a query or a posterior)."""
 
     labels: np.ndarray
-    sigma2: float
-    sigma2_source: str
+    ridge: float
+    ridge_source: str
     trace: np.ndarray
     share: np.ndarray
     query_aware: np.ndarray | None
@@ -56,6 +63,9 @@ class BlockScores:
     hutchinson_se: np.ndarray | None = None
     greedy: list[GreedyStep] | None = None
     greedy_note: str | None = None
+    top_k: int = 0
+    top_k_frequency: np.ndarray | None = None
+    posterior: NoisePosterior | None = None
 
     def available(self) -> dict[str, np.ndarray]:
         """Score name → (L, H) array, only those computed."""
@@ -85,6 +95,8 @@ class BlockScores:
                 continue
             row = {"rank": rank, "block": str(self.labels[l, h]), "layer": int(l), "head": int(h)}
             row.update({name: float(a[l, h]) for name, a in arrs.items()})
+            if self.top_k_frequency is not None:
+                row[f"P(Query-Aware top {self.top_k})"] = float(self.top_k_frequency[l, h])
             rows.append(row)
         return rows[:k] if k else rows
 
@@ -119,19 +131,27 @@ class HeadScores:
         return [b for b, _ in sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
-def resolvent(lam: np.ndarray, U: np.ndarray, sigma2: float) -> np.ndarray:
-    """M = (K + σ²I)⁻¹ = U diag(1/(λ + σ²)) Uᵀ: (n, n)."""
-    return (U / (lam + sigma2)) @ U.T
+def resolvent(lam: np.ndarray, U: np.ndarray, ridge: float) -> np.ndarray:
+    """M = (K + λ⋆I)⁻¹ = U diag(1/(λ + λ⋆)) Uᵀ: (n, n)."""
+    return (U / (lam + ridge)) @ U.T
 
 
-def default_sigma2(lam: np.ndarray, r_tilde: np.ndarray) -> float:
-    """Fitted σ² (max GP evidence) floored at 1e-12·λ_max."""
-    _, s2, _ = theory.fit_signal_noise(lam, r_tilde)
-    return max(float(s2), SIGMA2_FLOOR_REL * float(max(lam.max(), 1e-300)))
+def qa_over_posterior(couplings_tilde: np.ndarray, lam: np.ndarray, post: NoisePosterior, k: int) -> np.ndarray:
+    """How often each block is in the Query-Aware top k over the λ⋆ posterior: Σ_j w_j·1[b ∈ top_k(λ⋆_j)]
+    with s_b(λ⋆) = Σ_i (u_iᵀk_x^(b))²/(λ_i + λ⋆). couplings_tilde (B, n) = Uᵀ k_x^(b) per block → (B,)."""
+    live = post.weights > 1e-6 * post.weights.max()
+    grid = post.lambda_star_grid[live]
+    S = (couplings_tilde ** 2) @ (1.0 / (lam[:, None] + grid[None, :]))      # (B, G')
+    k = min(int(k), S.shape[0])
+    top = np.argsort(-S, axis=0, kind="stable")[:k]                           # (k, G')
+    member = np.zeros_like(S)
+    np.put_along_axis(member, top, 1.0, axis=0)
+    w = post.weights[live] / post.weights[live].sum()
+    return member @ w
 
 
-def hutchinson_trace(ev, sigma2: float, probes: int = 32, seed: int = 0, K: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Hutchinson estimate of tr(K^(b)(K + σ²I)⁻¹) for every block with standard errors.
+def hutchinson_trace(ev: PromptKernel, ridge: float, probes: int = 32, seed: int = 0, K: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hutchinson estimate of tr(K^(b)(K + λ⋆I)⁻¹) for every block with standard errors.
 
     z_r ∈ {±1}ⁿ (Rademacher), u_r = (K + σ²I)⁻¹ z_r by conjugate gradients (K only as a matvec),
     s_b ≈ mean_r z_rᵀ K^(b) u_r. Returns (estimate (L, H), standard error (L, H))."""
@@ -139,7 +159,7 @@ def hutchinson_trace(ev, sigma2: float, probes: int = 32, seed: int = 0, K: np.n
     n = K.shape[0]
     rng = np.random.default_rng(seed)
     Z = rng.choice([-1.0, 1.0], size=(n, probes))
-    op = LinearOperator((n, n), matvec=lambda v: K @ v + sigma2 * v, dtype=float)
+    op = LinearOperator((n, n), matvec=lambda v: K @ v + ridge * v, dtype=float)
     U = np.empty_like(Z)
     for r in range(probes):
         U[:, r], info = cg(op, Z[:, r], rtol=1e-12, atol=0.0, maxiter=10 * n)
@@ -162,7 +182,7 @@ def _lam_max(Kc: np.ndarray) -> np.ndarray:
     return np.einsum("bi,bij,bj->b", v, Kc, v)
 
 
-def greedy_query_aware(ev, budget: int, T: int = GREEDY_T, c: float = GREEDY_C,
+def greedy_query_aware(ev: PromptKernel, budget: int, T: int = GREEDY_T, c: float = GREEDY_C,
                        cache_bytes: int = 512 << 20, batch_bytes: int = 256 << 20) -> list[GreedyStep]:
     """Greedy Query-Aware selection (DESIGN §6, App. I.4); see module docstring.
 
@@ -213,38 +233,47 @@ def greedy_query_aware(ev, budget: int, T: int = GREEDY_T, c: float = GREEDY_C,
     return chosen
 
 
-def score_blocks(ev, sigma2: float | None = None, *, spectrum=None, hutchinson_probes: int = 0, seed: int = 0,
-                 greedy_budget: int = 0, greedy_T: int = GREEDY_T, greedy_c: float = GREEDY_C) -> BlockScores:
+def score_blocks(ev: PromptKernel, ridge: float | None = None, *, spectrum=None, posterior: NoisePosterior | None = None,
+                 hutchinson_probes: int = 0, seed: int = 0, greedy_budget: int = 0, greedy_T: int = GREEDY_T,
+                 greedy_c: float = GREEDY_C, top_k: int = 8) -> BlockScores:
     """Query-Aware, Trace, kernel share (and optionally Hutchinson and greedy) for every block.
 
     Args:
         ev: PromptKernel.
-        sigma2: noise variance in M = (K + σ²I)⁻¹; default: fitted σ² (see module docstring).
+        ridge: λ⋆ in M = (K + λ⋆I)⁻¹; default: the posterior median of λ⋆ (module docstring).
         spectrum: a SpectrumReport of ev.K to reuse its eigendecomposition (optional).
+        posterior: the §5.1 posterior of ev.K and ev.residuals, if already computed.
         hutchinson_probes: R > 0 also computes the Hutchinson trace estimate with R probes.
         greedy_budget: > 0 runs greedy Query-Aware for that many picks (needs a query).
+        top_k: k of `top_k_frequency`.
     """
     if spectrum is not None:
         lam, U = spectrum.lam, spectrum.U
     else:
         lam, U = theory.eigh_psd(ev.K)
-    if sigma2 is None:
-        sigma2 = default_sigma2(lam, U.T @ ev.residuals)
-        source = "fitted σ² (max GP evidence on the full kernel)"
+    if ridge is None:
+        if posterior is None:
+            posterior = noise_posterior(lam, U.T @ ev.residuals)
+        ridge = float(posterior.lambda_star.median)
+        source = "posterior median of λ⋆ = σ²/τ² (DESIGN §5.1)"
     else:
         source = "given"
-    M = resolvent(lam, U, sigma2)
+    M = resolvent(lam, U, ridge)
     trace = ev.trace_scores(M)
     tr = ev.head_traces()
     total = float(np.trace(ev.K))
     share = tr / total if total > 0 else np.zeros_like(tr)
-    qa = None
+    qa = freq = None
     if ev.head_couplings is not None:
         qa = np.einsum("lhi,ij,lhj->lh", ev.head_couplings, M, ev.head_couplings)
+        if posterior is not None:
+            ct = ev.head_couplings.reshape(-1, ev.n) @ U
+            freq = qa_over_posterior(ct, lam, posterior, top_k).reshape(qa.shape)
     labels = np.array([[ev.block_label((l, h)) for h in range(ev.n_blocks_per_layer)] for l in range(ev.n_layers)])
-    out = BlockScores(labels=labels, sigma2=float(sigma2), sigma2_source=source, trace=trace, share=share, query_aware=qa)
+    out = BlockScores(labels=labels, ridge=float(ridge), ridge_source=source, trace=trace, share=share, query_aware=qa,
+                      top_k=int(top_k), top_k_frequency=freq, posterior=posterior)
     if hutchinson_probes > 0:
-        out.hutchinson, out.hutchinson_se = hutchinson_trace(ev, sigma2, hutchinson_probes, seed)
+        out.hutchinson, out.hutchinson_se = hutchinson_trace(ev, ridge, hutchinson_probes, seed)
     if greedy_budget > 0:
         if ev.head_couplings is None:
             out.greedy_note = "Greedy Query-Aware needs a query coupling; this prompt has none."

@@ -1,15 +1,20 @@
 """Spectrum, SNR, query alignment, filter match and the TTT-vs-ICL verdict of a prompt kernel
-(DESIGN §2–§5; paper A.3–A.5).
+(DESIGN §2–§5.1; paper A.3–A.5).
 
 Given K = U diag(λ) Uᵀ (full kernel or one block), residuals r and the query coupling k_x:
 
-* τ², σ² maximise the GP evidence of r under N(0, τ²K + σ²I) (`theory.fit_signal_noise`);
-  λ⋆ = σ²/τ² (∞ when τ² = 0); per-mode SNR τ²λ_i/σ².
-* Query alignment (u_iᵀk_x)²; filter match g_T(λ_i) = 1 − (1 − ρλ_i)^T with ρ = c/λ_max versus
-  g⋆(λ_i) = λ_i/(λ_i + λ⋆); per-mode query-gap contributions a_i (q_T − q⋆)², a_i = (τ²λ_i + σ²)(u_iᵀk_x)².
-* Verdict (§4): TTT beats ICL at T iff Σ a_i (q_T − q⋆)² < Σ a_i q⋆². On a real prompt τ², σ² are
-  fitted, so this is a **plug-in estimate**, never a certificate. Without k_x (free text) the
-  prompt-value version Σ (τ²λ_i + σ²)(g_T − g⋆)² < Σ (τ²λ_i + σ²) g⋆² is used and labelled so.
+* λ⋆ = σ²/τ², τ² and σ²: the §5.1 posterior (`noise_posterior`: Jeffreys on σ², a normal prior on
+  log₁₀ λ⋆ around the mean eigenvalue), reported as posterior medians with 90 % intervals; a
+  posterior that is mostly the prior is flagged (`flag`). The maximum-likelihood point fit
+  (`theory.fit_signal_noise`) is kept as `ml_*`, labelled so, and never decides anything.
+* Per-mode curves at the posterior medians: SNR τ²λ_i/σ², query alignment (u_iᵀk_x)², filter
+  match g_T(λ_i) = 1 − (1 − ρλ_i)^T (ρ = c/λ_max) against g⋆(λ_i) = λ_i/(λ_i + λ⋆), per-mode query
+  gap contributions a_i (q_T − q⋆)², a_i = (τ²λ_i + σ²)(u_iᵀk_x)².
+* Verdict (§4 under §5.1): P(TTT beats ICL at T | r) = posterior mass of the λ⋆ where
+  Σ a_i (q_T − q⋆)² < Σ a_i q⋆² (σ² cancels); "adapt" when P ≥ 0.9, "don't adapt" when P ≤ 0.1,
+  otherwise "undetermined on this prompt". Gaps are posterior means with 90 % intervals. Without
+  k_x (free text) the prompt-value version Σ (τ²λ_i + σ²)(g_T − g⋆)² < Σ (τ²λ_i + σ²) g⋆² is used
+  and labelled so.
 * Effective rank: exp(spectral entropy) of p_i = λ_i/Σλ, and participation ratio (Σλ)²/Σλ²;
   cumulative energy Σ_{j≤i} λ_j / Σλ.
 """
@@ -17,10 +22,15 @@ Given K = U diag(λ) Uᵀ (full kernel or one block), residuals r and the query 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ttt_core import theory
+from ttt_core.noise_posterior import ADAPT, NoisePosterior, noise_posterior
+from ttt_core.posterior_verdict import verdict_probability_curve
+from ttt_core.prompt_kernel import PromptKernel
+from ttt_core.types import Block
 
 DEFAULT_T = 8
 DEFAULT_C = theory.DEFAULT_C
@@ -29,18 +39,28 @@ T_GRID = np.arange(31, dtype=float)
 
 @dataclass
 class SpectrumReport:
-    """Spectral diagnosis of one kernel. Arrays are (n,) over modes, eigenvalues descending."""
+    """Spectral diagnosis of one kernel. Arrays are (n,) over modes, eigenvalues descending;
+    arrays over `T_grid` have its length. tau2, sigma2, lam_star are posterior medians; gap_ttt /
+    gap_icl posterior means (intervals in gap_ttt_ci / gap_icl_ci); prob = P(TTT beats ICL at T)."""
 
     label: str
     lam: np.ndarray
     U: np.ndarray
     r_tilde: np.ndarray
     k_tilde: np.ndarray | None
+    posterior: NoisePosterior
     tau2: float
     sigma2: float
-    loglik: float
     lam_star: float
+    lam_star_ci: tuple[float, float]
+    ml_tau2: float
+    ml_sigma2: float
+    ml_lam_star: float
+    loglik: float
+    flag: str | None
     snr: np.ndarray
+    snr_lo: np.ndarray
+    snr_hi: np.ndarray
     alignment: np.ndarray | None
     T: float
     c: float
@@ -53,10 +73,15 @@ class SpectrumReport:
     icl_contrib: np.ndarray | None
     gap_ttt: float
     gap_icl: float
+    gap_ttt_ci: tuple[float, float]
+    gap_icl_ci: tuple[float, float]
+    prob: float
+    decision: str
     beats: bool
     criterion: str
     T_grid: np.ndarray
     gap_grid: np.ndarray
+    prob_grid: np.ndarray
     best_T: float
     verdict: str
     eff_rank_entropy: float
@@ -81,69 +106,63 @@ def effective_rank(lam: np.ndarray) -> tuple[float, float]:
 
 def compute_spectrum(K: np.ndarray, r: np.ndarray, k_x: np.ndarray | None = None, *, T: float = DEFAULT_T,
                      c: float = DEFAULT_C, T_grid: np.ndarray | None = None, label: str = "full kernel",
-                     tau2_sigma2: tuple[float, float] | None = None) -> SpectrumReport:
-    """Eigendecompose K (n, n) and evaluate every §3–§5 quantity at (T, c), ρ = c/λ_max.
+                     posterior: NoisePosterior | None = None) -> SpectrumReport:
+    """Eigendecompose K (n, n) and evaluate every §3–§5.1 quantity at (T, c), ρ = c/λ_max.
 
     Args:
         K: PSD kernel (n, n); r: residuals (n,); k_x: query coupling (n,) or None.
         T, c: steps and step fraction for the filter match and the verdict.
-        T_grid: steps at which the query/prompt gap is also evaluated (default 0…30).
-        tau2_sigma2: use these (τ², σ²) instead of fitting them (e.g. the full kernel's fit for a block).
+        T_grid: steps at which the gaps and P(TTT beats ICL) are also evaluated (default 0…30).
+        posterior: the λ⋆ posterior to use (default: computed from K's spectrum and r).
     """
     lam, U = theory.eigh_psd(K)
     r = np.asarray(r, dtype=float)
     r_t = U.T @ r
     k_t = None if k_x is None else U.T @ np.asarray(k_x, dtype=float)
-    if tau2_sigma2 is None:
-        tau2, sigma2, ll = theory.fit_signal_noise(lam, r_t)
-    else:
-        tau2, sigma2 = map(float, tau2_sigma2)
-        ll = theory.gaussian_loglik(lam, r_t, tau2, sigma2)
-    lam_star = sigma2 / tau2 if tau2 > 0 else np.inf
-    snr = tau2 * lam / sigma2 if sigma2 > 0 else np.full_like(lam, np.inf)
+    post = noise_posterior(lam, r_t) if posterior is None else posterior
+    tau2, sigma2, lam_star = float(post.tau2.median), float(post.sigma2.median), float(post.lambda_star.median)
+    ll = theory.gaussian_loglik(lam, r_t, post.ml.tau2, post.ml.sigma2)
     rho = theory.rho_from_c(lam, c)
     grid = T_GRID if T_grid is None else np.asarray(T_grid, dtype=float)
     g_T = theory.gd_filter(lam, rho, T)
     q_T = theory.gd_query_filter(lam, rho, T)
     g_star = theory.bayes_filter(lam, lam_star)
     q_star = theory.bayes_query_filter(lam, lam_star)
-    if k_t is not None:
-        a = theory.query_weights(lam, k_t, tau2, sigma2)
+    if k_t is not None:  # per-mode curves at λ⋆'s median with σ² at its median (τ² = σ²/λ⋆ there)
+        a = theory.query_weights(lam, k_t, sigma2 / lam_star, sigma2)
         gap_contrib, icl_contrib = a * (q_T - q_star) ** 2, a * q_star**2
-        gap_grid = np.asarray(theory.query_bayes_gap(lam, k_t, tau2, sigma2, theory.gd_query_filter(lam, rho, grid)))
         criterion = "query Bayes gap"
     else:
-        w = tau2 * lam + sigma2
-        gap_contrib, icl_contrib = None, None
-        gap_grid = np.asarray(theory.prompt_excess_risk(lam, tau2, sigma2, theory.gd_filter(lam, rho, grid)))
+        gap_contrib = icl_contrib = None
         criterion = "prompt-value excess risk (no query)"
-    if k_t is not None:
-        gap_ttt, gap_icl = float(gap_contrib.sum()), float(icl_contrib.sum())
-    else:
-        gap_ttt = float(np.sum(w * (g_T - g_star) ** 2))
-        gap_icl = float(np.sum(w * g_star**2))
-    beats = gap_ttt < gap_icl
-    best_T = float(grid[int(np.argmin(gap_grid))])
-    T_txt = f"{T:g}"
-    if beats:
-        verdict = f"TTT beats ICL at T = {T_txt} (plug-in estimate)"
-    else:
-        verdict = f"ICL beats TTT at T = {T_txt} (plug-in estimate)"
-    if k_t is None:
-        verdict += " — on prompt values, no query"
+    curve = verdict_probability_curve(post, lam, k_t, rho, np.concatenate([[float(T)], grid]))
+    prob, decision = float(curve.prob[0]), curve.decision[0]
+    gap_grid = np.asarray(curve.gap_ttt.mean[1:], dtype=float)
+    best_T = float(grid[int(np.argmin(gap_grid))]) if np.all(np.isfinite(gap_grid)) else float(
+        grid[int(np.argmax(curve.prob[1:]))])
+    where = " — on prompt values, no query" if k_t is None else ""
+    verdict = (f"{decision.capitalize()} at T = {T:g}: P(TTT beats ICL) = {prob:.2f} over the λ⋆ posterior{where}")
     ent, pr = effective_rank(lam)
     tot = lam.sum()
     cum = np.cumsum(lam) / tot if tot > 0 else np.zeros_like(lam)
     return SpectrumReport(
-        label=label, lam=lam, U=U, r_tilde=r_t, k_tilde=k_t, tau2=float(tau2), sigma2=float(sigma2), loglik=float(ll),
-        lam_star=float(lam_star), snr=snr, alignment=None if k_t is None else k_t**2, T=float(T), c=float(c), rho=rho,
+        label=label, lam=lam, U=U, r_tilde=r_t, k_tilde=k_t, posterior=post, tau2=tau2, sigma2=sigma2,
+        lam_star=lam_star, lam_star_ci=(float(post.lambda_star.lo), float(post.lambda_star.hi)),
+        ml_tau2=float(post.ml.tau2), ml_sigma2=float(post.ml.sigma2), ml_lam_star=float(post.ml.lambda_star),
+        loglik=float(ll), flag=post.flag_text, snr=np.asarray(post.snr.median, dtype=float),
+        snr_lo=np.asarray(post.snr.lo, dtype=float), snr_hi=np.asarray(post.snr.hi, dtype=float),
+        alignment=None if k_t is None else k_t**2, T=float(T), c=float(c), rho=rho,
         g_T=g_T, g_star=g_star, q_T=q_T, q_star=q_star, gap_contrib=gap_contrib, icl_contrib=icl_contrib,
-        gap_ttt=gap_ttt, gap_icl=gap_icl, beats=bool(beats), criterion=criterion, T_grid=grid, gap_grid=gap_grid,
-        best_T=best_T, verdict=verdict, eff_rank_entropy=ent, participation_ratio=pr, cum_energy=cum,
+        gap_ttt=float(curve.gap_ttt.mean[0]), gap_icl=float(curve.gap_icl.mean[0]),
+        gap_ttt_ci=(float(curve.gap_ttt.lo[0]), float(curve.gap_ttt.hi[0])),
+        gap_icl_ci=(float(curve.gap_icl.lo[0]), float(curve.gap_icl.hi[0])), prob=prob, decision=decision,
+        beats=decision == ADAPT, criterion=criterion, T_grid=grid, gap_grid=gap_grid,
+        prob_grid=np.asarray(curve.prob[1:], dtype=float), best_T=best_T, verdict=verdict,
+        eff_rank_entropy=ent, participation_ratio=pr, cum_energy=cum,
     )
 
 
-def kernel_spectrum(ev, block: tuple[int, int] | None = None, **kw) -> SpectrumReport:
+def kernel_spectrum(ev: PromptKernel, block: Block | None = None, **kw: Any) -> SpectrumReport:
     """`compute_spectrum` of a PromptKernel's full kernel (block None) or of one block
     (layer, head), whose k_x is that block's coupling k_x^(b)."""
     if block is None:

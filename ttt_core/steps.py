@@ -35,15 +35,23 @@ Curves that cannot be drawn for a prompt are listed in ``StepsReport.unavailable
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ttt_core import theory
+from ttt_core.models import LoadedModel
+from ttt_core.noise_posterior import ADAPT, DONT_ADAPT, UNDETERMINED, NoisePosterior, noise_posterior
+from ttt_core.paper_gd import PaperConfig, PaperRun
+from ttt_core.posterior_verdict import posterior_dict, slack_interval, verdict_probability
+from ttt_core.prompt_kernel import SUBSPACES, PromptKernel, compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt
+from ttt_core.qttt import QTTTConfig, QTTTRun
+from ttt_core.types import Block, Progress, block_label
 
 DEFAULT_GRID_MAX = 30
 DEFAULT_C = theory.DEFAULT_C
@@ -51,8 +59,6 @@ DEFAULT_DELTA = 0.05
 DEFAULT_BETA = 1.0
 DEFAULT_LAST_LAYERS = 4
 PLUG_IN_LABEL = "plug-in PAC-Bayes bound (estimate)"
-Block = tuple[int, int]
-Progress = Callable[[float, str], None] | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +66,7 @@ Progress = Callable[[float, str], None] | None
 # --------------------------------------------------------------------------------------------
 
 
-def select_blocks(ev: Any, last_layers: int | None = DEFAULT_LAST_LAYERS) -> list[Block]:
+def select_blocks(ev: PromptKernel, last_layers: int | None = DEFAULT_LAST_LAYERS) -> list[Block]:
     """Every block (layer, head) of the evidence's subspace in its last `last_layers` layers
     (None or ≥ number of layers: all layers)."""
     L = int(ev.n_layers)
@@ -70,7 +76,7 @@ def select_blocks(ev: Any, last_layers: int | None = DEFAULT_LAST_LAYERS) -> lis
     return [(l, h) for l in range(first, L) for h in range(int(ev.n_blocks_per_layer))]
 
 
-def block_kernel(ev: Any, blocks: Sequence[Block]) -> tuple[np.ndarray, np.ndarray | None]:
+def block_kernel(ev: PromptKernel, blocks: Sequence[Block]) -> tuple[np.ndarray, np.ndarray | None]:
     """K_S = Σ_{b∈S} K^(b) (n, n) and k_x,S = Σ_{b∈S} k_x^(b) (n,) (None without a query).
     Kernels and couplings of disjoint blocks add (DESIGN §2)."""
     n = ev.n
@@ -94,10 +100,8 @@ def block_kernel(ev: Any, blocks: Sequence[Block]) -> tuple[np.ndarray, np.ndarr
     return 0.5 * (K + K.T), kx
 
 
-def blocks_label(ev: Any, blocks: Sequence[Block]) -> str:
+def blocks_label(ev: PromptKernel, blocks: Sequence[Block]) -> str:
     """Human description of a block set, e.g. "W_V heads of layers 26–29 (12 blocks)"."""
-    from ttt_core.prompt_kernel import SUBSPACES
-
     layers = sorted({l for l, _ in blocks})
     span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
     if len(layers) > 1 and layers != list(range(layers[0], layers[-1] + 1)):
@@ -113,7 +117,6 @@ def blocks_label(ev: Any, blocks: Sequence[Block]) -> str:
 @dataclass
 class BoundPart:
     """PAC-Bayes quantities under the plug-in Σ̂⋆ = τ̂²K + σ̂²I (arrays over the grid)."""
-
     delta: float
     beta: float
     v_T: np.ndarray
@@ -126,13 +129,17 @@ class BoundPart:
     gibbs_mean_T: float
     gibbs_bound: float          # general bound for ν_β
     beta_star: float            # β⋆ for the point mass (KL = log|grid|)
+    slack_ci: tuple[float, float] = (math.nan, math.nan)  # 90 % interval of the slack over the λ⋆ posterior
     plug_in: bool = True
 
 
 def bound_part(lam: np.ndarray, r_tilde: np.ndarray, rho: float, T_grid: np.ndarray, delta: float, beta: float,
-               tau2: float, sigma2_star: float, ell_fixed: np.ndarray | None = None) -> BoundPart:
+               tau2: float, sigma2_star: float, ell_fixed: np.ndarray | None = None,
+               posterior: NoisePosterior | None = None) -> BoundPart:
     """PAC-Bayes slack and bound curves (DESIGN §5, Thm. 7.2, Lemma E.13) with the plug-in
-    Σ̂⋆ = τ̂²K + σ̂⋆²I. The evidence family's σ² is σ̂² = ‖r‖²/n (the fixed-σ̂ score ℓ_T)."""
+    Σ̂⋆ = τ̂²K + σ̂⋆²I (τ̂², σ̂⋆² the posterior medians); with the §5.1 `posterior` the slack's
+    90 % interval over it is reported too. The evidence family's σ² is σ̂² = ‖r‖²/n (the
+    fixed-σ̂ score ℓ_T)."""
     if not 0.0 < delta < 1.0:
         raise ValueError("delta must lie in (0, 1)")
     if not beta > 0:
@@ -149,7 +156,11 @@ def bound_part(lam: np.ndarray, r_tilde: np.ndarray, rho: float, T_grid: np.ndar
     kl = float(theory.kl_to_prior(nu))
     gb = theory.pac_bayes_general_bound(ell_fixed, nu, beta, n, v_bar, delta)
     beta_star = theory.optimal_beta(v_bar, n, delta, kl=math.log(len(T_grid))) if v_bar > 0 else float("inf")
-    return BoundPart(delta=float(delta), beta=float(beta), v_T=v_T, v_bar=float(v_bar), slack=float(slack),
+    ci = (math.nan, math.nan)
+    if posterior is not None and s2 > theory.VAR_FLOOR:
+        si = slack_interval(posterior, lam, r_tilde, rho, T_grid, delta, evidence_sigma2=s2)
+        ci = (float(si.posterior.lo), float(si.posterior.hi))
+    return BoundPart(slack_ci=ci, delta=float(delta), beta=float(beta), v_T=v_T, v_bar=float(v_bar), slack=float(slack),
                      bound=ell_fixed + slack, population_risk=pop, gibbs=nu, gibbs_kl=kl,
                      gibbs_mean_T=float(nu @ T_grid), gibbs_bound=float(gb), beta_star=float(beta_star))
 
@@ -157,7 +168,6 @@ def bound_part(lam: np.ndarray, r_tilde: np.ndarray, rho: float, T_grid: np.ndar
 @dataclass
 class TheoryCurves:
     """Everything the kernel predicts on the step grid (no model needed)."""
-
     T_grid: np.ndarray
     c: float
     rho: float
@@ -173,17 +183,18 @@ class TheoryCurves:
     ell_profiled: np.ndarray
     t_map_fixed: int
     t_map_profiled: int
-    tau2: float
+    posterior: NoisePosterior
+    tau2: float                  # posterior medians (DESIGN §5.1)
     sigma2: float
     lambda_star: float
-    loglik: float
+    loglik: float                # of the maximum-likelihood point fit (reference only)
 
 
 def theory_curves(K: np.ndarray, r: np.ndarray, k_x: np.ndarray | None, f0: float | None, y: float | None,
                   c: float, T_grid: np.ndarray) -> TheoryCurves:
-    """Linearised query/prompt curves, evidence curves and the plug-in GP fit for kernel K (n, n),
+    """Linearised query/prompt curves, evidence curves and the λ⋆ posterior for kernel K (n, n),
     residuals r (n,), coupling k_x (n,) or None, base query value f0 and target y (or None),
-    ρ = c/λ_max(K) (DESIGN §3, §5)."""
+    ρ = c/λ_max(K) (DESIGN §3, §5, §5.1)."""
     T_grid = np.asarray(T_grid, dtype=float)
     lam, U = theory.eigh_psd(K)
     r = np.asarray(r, dtype=float)
@@ -200,40 +211,42 @@ def theory_curves(K: np.ndarray, r: np.ndarray, k_x: np.ndarray | None, f0: floa
         err = None if y is None else (pred - float(y)) ** 2
     ell_f = theory.evidence_scores(lam, rt, rho, T_grid, noise="fixed")
     ell_p = theory.profiled_scores(lam, rt, rho, T_grid)
-    tau2, sigma2, ll = theory.fit_signal_noise(lam, rt)
-    return TheoryCurves(
+    post = noise_posterior(lam, rt)
+    ll = theory.gaussian_loglik(lam, rt, post.ml.tau2, post.ml.sigma2)
+    return TheoryCurves(posterior=post, 
         T_grid=T_grid, c=float(c), rho=float(rho), lam=lam, U=U, r_tilde=rt, k_tilde=kt, linear_prediction=pred,
         linear_error=err, linear_prompt_mse=prompt_mse, sigma2_hat=float(r @ r) / n, ell_fixed=ell_f,
         ell_profiled=ell_p, t_map_fixed=int(T_grid[int(np.argmin(ell_f))]),
-        t_map_profiled=int(T_grid[int(np.argmin(ell_p))]), tau2=float(tau2), sigma2=float(sigma2),
-        lambda_star=float(sigma2 / tau2) if tau2 > 0 else float("inf"), loglik=float(ll))
+        t_map_profiled=int(T_grid[int(np.argmin(ell_p))]), tau2=float(post.tau2.median),
+        sigma2=float(post.sigma2.median), lambda_star=float(post.lambda_star.median), loglik=float(ll))
 
 
-def verdict(tc: TheoryCurves, T_star: int | None = None) -> dict[str, Any]:
-    """"Adapt / don't adapt, T* = …" from the evidence's T_MAP (fixed σ̂) and the plug-in
-    TTT-vs-ICL Bayes gap at T* (DESIGN §4, §5). Always a plug-in estimate."""
+def verdict(tc: TheoryCurves, T_star: int | None = None, gibbs_mean_T: float | None = None) -> dict[str, Any]:
+    """"Adapt / don't adapt / undetermined" at the evidence's T_MAP (fixed σ̂), from
+    P(TTT beats ICL at T_MAP) over the λ⋆ posterior (DESIGN §4, §5, §5.1): adapt only when the
+    probability is ≥ 0.9, don't adapt when ≤ 0.1 (or when T_MAP = 0)."""
     T = tc.t_map_fixed if T_star is None else int(T_star)
-    if tc.k_tilde is not None:
-        v = theory.ttt_beats_icl(tc.lam, tc.k_tilde, tc.tau2, tc.sigma2, theory.gd_query_filter(tc.lam, tc.rho, float(T)))
-        gap_ttt, gap_icl, beats = float(v.gap_ttt), float(v.gap_icl), bool(v.beats)
-        criterion = "query Bayes gap"
-    else:
-        g = theory.gd_filter(tc.lam, tc.rho, float(T))
-        gap_ttt = float(theory.prompt_excess_risk(tc.lam, tc.tau2, tc.sigma2, g))
-        gap_icl = float(theory.prompt_excess_risk(tc.lam, tc.tau2, tc.sigma2, np.zeros_like(g)))
-        beats = gap_ttt < gap_icl
-        criterion = "prompt-value excess risk (no query)"
-    adapt = T > 0 and beats
+    vp = verdict_probability(tc.posterior, tc.lam, tc.k_tilde, tc.rho, float(T))
+    criterion = "query Bayes gap" if tc.k_tilde is not None else "prompt-value excess risk (no query)"
+    gib = "" if gibbs_mean_T is None else f" (Gibbs posterior over T: mean {gibbs_mean_T:.1f})"
     if T == 0:
-        text = "Don't adapt: the evidence prefers T = 0 (ICL)."
-    elif adapt:
-        text = (f"Adapt: T* = {T} steps (evidence T_MAP, fixed σ̂); plug-in {criterion} {gap_ttt:.3g} "
-                f"< ICL's {gap_icl:.3g}.")
+        decision, adapt = DONT_ADAPT, False
+        text = f"Don't adapt: the evidence prefers T = 0 (ICL){gib}."
     else:
-        text = (f"Don't adapt: the evidence picks T = {T}, but the plug-in {criterion} there ({gap_ttt:.3g}) "
-                f"is not below ICL's ({gap_icl:.3g}).")
-    return {"adapt": bool(adapt), "T_star": int(T if adapt else 0), "t_map": int(T), "text": text + " (plug-in estimate)",
-            "gap_ttt": gap_ttt, "gap_icl": gap_icl, "criterion": criterion, "plug_in": True}
+        decision = vp.decision
+        adapt = decision == ADAPT
+        head = {ADAPT: f"Adapt: T* = {T} steps", DONT_ADAPT: f"Don't adapt at T = {T}",
+                UNDETERMINED: f"Undetermined on this prompt at T = {T}"}[decision]
+        text = (f"{head} (evidence T_MAP, fixed σ̂{gib}): P(TTT beats ICL) = {vp.prob:.2f} over the λ⋆ posterior; "
+                f"expected {criterion} {vp.gap_ttt.mean:.3g} [{vp.gap_ttt.lo:.3g}, {vp.gap_ttt.hi:.3g}] vs ICL's "
+                f"{vp.gap_icl.mean:.3g} [{vp.gap_icl.lo:.3g}, {vp.gap_icl.hi:.3g}].")
+    if tc.posterior.flag_text:
+        text += f" Note: {tc.posterior.flag_text}."
+    return {"adapt": bool(adapt), "decision": decision, "T_star": int(T if adapt else 0), "t_map": int(T),
+            "prob_ttt_beats_icl": vp.prob, "text": text, "gap_ttt": vp.gap_ttt.mean, "gap_icl": vp.gap_icl.mean,
+            "gap_ttt_ci90": [vp.gap_ttt.lo, vp.gap_ttt.hi], "gap_icl_ci90": [vp.gap_icl.lo, vp.gap_icl.hi],
+            "criterion": criterion, "gibbs_mean_T": gibbs_mean_T, "flag": tc.posterior.flag_text,
+            "basis": "posterior over λ⋆ (DESIGN §5.1)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +257,6 @@ def verdict(tc: TheoryCurves, T_star: int | None = None) -> dict[str, Any]:
 @dataclass
 class Measured:
     """One engine run over the grid: arrays (G,) with NaN after a divergence or early stop."""
-
     engine: str
     comparable: bool
     note: str
@@ -259,11 +271,9 @@ class Measured:
     seconds: float = 0.0
 
 
-def measure_fewshot(lm: Any, prompt: FewShotPrompt, subspace: str, blocks: Sequence[Block], rho: float,
+def measure_fewshot(lm: LoadedModel, prompt: FewShotPrompt, subspace: str, blocks: Sequence[Block], rho: float,
                     lambda_max: float, grid_max: int, progress: Progress = None) -> Measured:
     """Paper-mode GD (`paper_gd.PaperRun`) with ρ = the theory's ρ; records every step."""
-    from ttt_core.paper_gd import PaperConfig, PaperRun
-
     t0 = time.perf_counter()
     cfg = PaperConfig(steps=int(grid_max), rho=float(rho), lambda_max=float(lambda_max), kind=subspace,
                       heads=[tuple(b) for b in blocks])
@@ -293,11 +303,9 @@ def measure_fewshot(lm: Any, prompt: FewShotPrompt, subspace: str, blocks: Seque
                     status=run.status, reason=run.reason, seconds=time.perf_counter() - t0)
 
 
-def measure_long(lm: Any, prompt: LongContextPrompt, blocks: Sequence[Block], grid_max: int, lr: float,
+def measure_long(lm: LoadedModel, prompt: LongContextPrompt, blocks: Sequence[Block], grid_max: int, lr: float,
                  span: int, seed: int, progress: Progress = None) -> Measured:
     """qTTT (`qttt.QTTTRun`, W_Q of the selected heads); records the answer NLL/prob every step."""
-    from ttt_core.qttt import QTTTConfig, QTTTRun
-
     t0 = time.perf_counter()
     run = QTTTRun(lm, prompt, QTTTConfig(steps=int(grid_max), span=int(span), lr=float(lr),
                                          heads=[tuple(b) for b in blocks], seed=int(seed)))
@@ -330,7 +338,6 @@ def measure_long(lm: Any, prompt: LongContextPrompt, blocks: Sequence[Block], gr
 @dataclass
 class StepsSettings:
     """Settings of one steps/bounds computation. δ and β only affect the cheap bound part."""
-
     subspace: str = "q"
     c: float = DEFAULT_C
     grid_max: int = DEFAULT_GRID_MAX
@@ -351,7 +358,6 @@ class StepsSettings:
 @dataclass
 class StepsReport:
     """Steps & bounds for one prompt (see module docstring). Arrays are over `T_grid`."""
-
     prompt_kind: str
     subspace: str
     model_name: str
@@ -385,10 +391,9 @@ class StepsReport:
 
     def with_bounds(self, delta: float, beta: float) -> "StepsReport":
         """A copy with δ and β changed (only the cheap bound part is recomputed)."""
-        import dataclasses
-
         tc = self.theory
-        b = bound_part(tc.lam, tc.r_tilde, tc.rho, tc.T_grid, delta, beta, tc.tau2, tc.sigma2, tc.ell_fixed)
+        b = bound_part(tc.lam, tc.r_tilde, tc.rho, tc.T_grid, delta, beta, tc.tau2, tc.sigma2, tc.ell_fixed,
+                       tc.posterior)
         s = dataclasses.replace(self.settings, delta=float(delta), beta=float(beta))
         return dataclasses.replace(self, bounds=b, settings=s)
 
@@ -397,7 +402,8 @@ class StepsReport:
         tc, b, m = self.theory, self.bounds, self.measured
         out: dict[str, Any] = {
             "prompt_kind": self.prompt_kind, "subspace": self.subspace, "model": self.model_name,
-            "blocks": [f"L{l}.H{h}" for l, h in self.blocks], "blocks_label": self.blocks_label, "n": self.n,
+            "blocks": [block_label(l, h, self.subspace) for l, h in self.blocks], "blocks_label": self.blocks_label,
+            "n": self.n,
             "settings": asdict(self.settings), "T_grid": _j(tc.T_grid), "c": tc.c, "rho": tc.rho,
             "lambda_max": float(tc.lam[0]) if tc.lam.size else 0.0,
             "query": {"has_query": self.has_query, "target": self.query_target, "f0": self.f0, "label": self.query_label},
@@ -410,9 +416,9 @@ class StepsReport:
             "icl_error": self.icl_error,
             "evidence": {"sigma2_hat": tc.sigma2_hat, "ell_fixed": _j(tc.ell_fixed), "ell_profiled": _j(tc.ell_profiled),
                          "t_map_fixed": tc.t_map_fixed, "t_map_profiled": tc.t_map_profiled},
-            "gp_fit": {"tau2": tc.tau2, "sigma2": tc.sigma2, "lambda_star": _f(tc.lambda_star), "loglik": tc.loglik},
+            "posterior": posterior_dict(tc.posterior),
             "pac_bayes": {"plug_in": True, "label": PLUG_IN_LABEL, "delta": b.delta, "v_T": _j(b.v_T), "v_bar": b.v_bar,
-                          "slack": b.slack, "bound": _j(b.bound), "population_risk_plug_in": _j(b.population_risk),
+                          "slack": b.slack, "slack_ci90": [_f(x) for x in b.slack_ci], "bound": _j(b.bound), "population_risk_plug_in": _j(b.population_risk),
                           "beta": b.beta, "beta_star": _f(b.beta_star), "gibbs": _j(b.gibbs), "gibbs_kl": b.gibbs_kl,
                           "gibbs_mean_T": b.gibbs_mean_T, "gibbs_bound": b.gibbs_bound},
             "verdict": self.verdict, "unavailable": dict(self.unavailable), "timings": dict(self.timings),
@@ -430,8 +436,16 @@ def _j(a: np.ndarray | None) -> list | None:
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=float).ravel()]
 
 
-def compute_steps(lm: Any, prompt: FewShotPrompt | LongContextPrompt, settings: StepsSettings | None = None, *,
-                  ev: Any = None, progress: Progress = None) -> StepsReport:
+def _with_measured_best(v: dict[str, Any], measured: "Measured | None", grid: np.ndarray) -> dict[str, Any]:
+    """Add the measured best T (argmin of the engine's query error, or answer NLL) beside T_MAP."""
+    curve = None if measured is None else (measured.error if measured.error is not None else measured.nll)
+    if curve is not None and np.any(np.isfinite(curve)):
+        v = dict(v, measured_best_T=int(grid[int(np.nanargmin(curve))]))
+    return v
+
+
+def compute_steps(lm: LoadedModel, prompt: FewShotPrompt | LongContextPrompt, settings: StepsSettings | None = None, *,
+                  ev: PromptKernel | None = None, progress: Progress = None) -> StepsReport:
     """The steps & bounds report for `prompt` (see module docstring).
 
     Args:
@@ -443,8 +457,6 @@ def compute_steps(lm: Any, prompt: FewShotPrompt | LongContextPrompt, settings: 
     Raises:
         PromptKernelError (from the evidence module) or ValueError for impossible settings.
     """
-    from ttt_core.prompt_kernel import compute_prompt_kernel
-
     s = settings or StepsSettings()
     if int(s.grid_max) < 1:
         raise ValueError("grid_max must be ≥ 1")
@@ -463,7 +475,7 @@ def compute_steps(lm: Any, prompt: FewShotPrompt | LongContextPrompt, settings: 
         y = None
     grid = np.arange(int(s.grid_max) + 1, dtype=float)
     tc = theory_curves(K, ev.residuals, kx, f0, y, s.c, grid)
-    b = bound_part(tc.lam, tc.r_tilde, tc.rho, grid, s.delta, s.beta, tc.tau2, tc.sigma2, tc.ell_fixed)
+    b = bound_part(tc.lam, tc.r_tilde, tc.rho, grid, s.delta, s.beta, tc.tau2, tc.sigma2, tc.ell_fixed, tc.posterior)
     unavailable: dict[str, str] = {}
     if kx is None:
         why = ev.query_note or "This prompt has no query output."
@@ -499,5 +511,5 @@ def compute_steps(lm: Any, prompt: FewShotPrompt | LongContextPrompt, settings: 
         prompt_kind=ev.prompt_kind, subspace=s.subspace, model_name=lm.name, blocks=blocks,
         blocks_label=blocks_label(ev, blocks), n=ev.n, settings=s, theory=tc, bounds=b, measured=measured,
         has_query=kx is not None, query_target=y, f0=f0, query_label=None if q is None else q.label,
-        verdict=verdict(tc), unavailable=unavailable,
+        verdict=_with_measured_best(verdict(tc, gibbs_mean_T=b.gibbs_mean_T), measured, grid), unavailable=unavailable,
         timings={"evidence_s": t1 - t0, "theory_s": t2 - t1, "engine_s": t3 - t2, "total_s": t3 - t0})

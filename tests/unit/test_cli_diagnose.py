@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = "tiny-random-llama"
 REQUIRED = {"eigenvalues": list, "tau2": float, "sigma2": float, "lambda_star": (float, type(None)), "t_map": int,
             "prompt_kind": str, "n_positions": int, "effective_rank": dict, "when": dict, "how_far": dict,
-            "which": dict, "verdict": dict, "timings": dict, "versions": dict, "rho": float, "c": float}
+            "which": dict, "verdict": dict, "timings": dict, "versions": dict, "rho": float, "c": float,
+            "posterior": dict, "flags": list, "lambda_star_ci90": list}
 
 
 def _file(title: str) -> str:
@@ -50,16 +51,29 @@ def check_schema(r: dict, grid: int, top_k: int, kind: str) -> None:
     pb = hf["pac_bayes"]
     assert pb["plug_in"] is True and "plug-in" in pb["label"] and pb["slack"] > 0
     assert pb["bound_at_t_map"] == pytest.approx(min(hf["ell_fixed"]) + pb["slack"])
-    assert r["when"]["plug_in"] is True and r["verdict"]["plug_in"] is True
-    assert r["when"]["gap_ttt"] >= 0 and r["when"]["gap_icl"] >= 0
-    assert len(r["when"]["gap_grid"]) == grid + 1
+    lo, hi = pb["slack_ci90"]
+    assert 0 < lo <= hi          # the slack's interval over the λ⋆ posterior
+    w = r["when"]
+    assert 0.0 <= w["prob_ttt_beats_icl"] <= 1.0 and "posterior" in w["basis"]
+    want = "adapt" if w["prob_ttt_beats_icl"] >= 0.9 else (
+        "don't adapt" if w["prob_ttt_beats_icl"] <= 0.1 else "undetermined on this prompt")
+    assert w["decision"] == want
+    assert w["gap_ttt_ci90"][0] <= w["gap_ttt_ci90"][1] and w["gap_icl_ci90"][0] <= w["gap_icl_ci90"][1]
+    assert len(w["gap_grid"]) == len(w["prob_grid"]) == grid + 1
+    v = r["verdict"]
+    assert v["decision"] in ("adapt", "don't adapt", "undetermined on this prompt")
+    assert v["adapt"] == (v["decision"] == "adapt") and ("posterior" in v["basis"])
+    post = r["posterior"]
+    assert post["lambda_star"]["ci90"][0] <= r["lambda_star"] <= post["lambda_star"]["ci90"][1]
+    assert post["maximum_likelihood"]["label"] == "maximum likelihood"
+    assert post["prior"]["grid_points"] >= 200
+    assert (post["flag"] is not None) == bool(r["flags"])
     wh = r["which"]
     assert len(wh["top_k"]) == min(top_k, len(wh["scores"]))
     assert wh["top_k"] == [s["block"] for s in wh["scores"][:top_k]]
     vals = [s[wh["ranked_by"]] for s in wh["scores"]]
     assert vals == sorted(vals, reverse=True)
-    if r["lambda_star"] is not None:
-        assert r["lambda_star"] == pytest.approx(r["sigma2"] / r["tau2"])
+    assert r["lambda_star"] > 0 and r["lambda_star_ci90"][0] <= r["lambda_star"] <= r["lambda_star_ci90"][1]
     assert r["rho"] == pytest.approx(r["c"] / r["lambda_max"])
     assert set(r["versions"]) == {"torch", "transformers", "ttt_lens"}
     assert r["timings"]["total_s"] > 0

@@ -12,7 +12,8 @@ import torch
 
 from ttt_core.attention import forward_with_frozen_kv, prefill
 from ttt_core.encoding import EncodingError, encode_few_shot, encode_long_context
-from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel, fewshot_scalar, token_prob
+from ttt_core.readout import FewShotReadout, token_prob
+from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel
 from ttt_core.generators import digit_shift_task
 from ttt_core.models import build_tiny_model, load_model
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, parse_prompt
@@ -78,11 +79,12 @@ def _kernels_from_grads(lm, kind, grads, n):
 def reference_fewshot(lm, prompt, kind):
     fs = encode_few_shot(lm, prompt)
     grads, vals = [], []
-    for seq in fs.seqs:                       # n LOO prompts then the full prompt
+    readout = FewShotReadout(fs, lm.device)
+    for i, seq in enumerate(fs.seqs):         # n LOO prompts then the full prompt
         d = _deltas(lm, kind)
         with lm.adapter.apply(deltas=d):
             logits = lm.model(input_ids=torch.tensor(seq)[None]).logits[0, -1]
-            s = fewshot_scalar(logits, fs.label_ids, fs.label_values)
+            s = readout.scalar(logits, i)
         g = torch.autograd.grad(s, list(d.values()))
         grads.append({k[0]: gi for k, gi in zip(d, g)})
         vals.append(float(s.detach()))

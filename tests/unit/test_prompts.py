@@ -22,8 +22,9 @@ def test_parse_few_shot_arrow():
 def test_parse_few_shot_colon_words():
     p = parse_prompt("great movie: positive\nawful plot: negative\nloved it: positive\nboring:")
     assert isinstance(p, FewShotPrompt) and p.sep == ":"
-    assert p.labels == ["negative", "positive"] and not p.numeric
-    assert p.label_values() == {"negative": 0.0, "positive": 1.0}
+    assert p.labels == ["negative", "positive"] and not p.numeric and p.frame == "probability"
+    # categorical labels carry no order: every output's target is its own label's probability, 1
+    assert p.label_values() == {"negative": 1.0, "positive": 1.0}
     assert p.query_y is None
 
 
@@ -112,9 +113,13 @@ def test_label_set_never_contains_only_the_query_answer():
     softmax); digit labels use all ten digits as in the paper."""
     p = parse_prompt("great -> positive\nawful -> negative\nmeh ->\n# answer: neutral")
     assert p.labels == ["negative", "positive"]
-    assert p.target_value("neutral") is None and p.target_value("positive") == 1.0
+    # a categorical answer no demonstration shows is still scored: p(true answer), target 1
+    assert p.target_value("neutral") == 1.0 and p.target_value("positive") == 1.0 and p.query_note() is None
     d = parse_prompt("1 -> 3\n2 -> 4\n5 ->\n# answer: 7")
     assert d.labels == [str(i) for i in range(10)]
     assert d.target_value("7") == pytest.approx(7 / 9)
     n = parse_prompt("1 -> 10\n2 -> 20\n3 -> 40\n4 ->\n# answer: 25")
     assert n.labels == ["10", "20", "40"] and n.target_value("25") == pytest.approx(0.5)
+    # the one case left without a query error: a numeric answer that cannot be placed on the scale
+    w = parse_prompt("1 -> 10\n2 -> 20\n3 ->\n# answer: thirty")
+    assert w.target_value("thirty") is None and "cannot be placed on the numeric label scale" in w.query_note()
