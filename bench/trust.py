@@ -11,8 +11,16 @@ Measurements (each one function registered with @measurement; add a key by addin
    σ² < 1e-8·‖r‖²/n or τ² = 0 (the degenerate point fits the posterior replaces).
 4. `posterior_seconds_n256`: median of 20 repeats of noise_posterior + verdict_probability_curve
    over T ∈ {0,…,30} at n = 256 (target ≤ 0.2 s).
-Keys `score_rank_spearman_under_rescale` and `label_permutation_max_abs_diff` are left for
-measurements that need other modules.
+5. `score_rank_spearman_under_rescale`: Spearman correlation of every block's Query-Aware and
+   Trace score (scores.score_blocks, ridge λ⋆) between a real prompt kernel (SmolLM2, W_Q heads,
+   the clean digit-shift example) and the same kernel with Φ rescaled by c ∈ {1e-3, 1e3} (must be
+   1.0); `score_rank_spearman_fixed_ridge` is the same with the ridge held at its c = 1 value (what
+   a σ²-only ridge does), for contrast.
+6. `label_permutation_max_abs_diff`: max |ΔK|, |Δr|, |Δk_x| when the internal order of a categorical
+   label set is permuted (tiny llama in float64; DESIGN §7.1 requires 0 up to round-off).
+7. `diagnose_posterior_seconds_n256`: seconds `diagnose` spends in the §5.1 posterior, its verdicts,
+   the slack interval and the top-k frequencies on a 256-position SmolLM2 prompt (target ≤ 0.2 s),
+   beside `diagnose_total_seconds_n256`.
 
 The last line printed is one JSON object.
 Usage: python bench/trust.py
@@ -125,8 +133,122 @@ def posterior_timing(shared: dict) -> dict:
     return {"posterior_seconds_n256": round(med, 4)}
 
 
+def _rescaled(ev, c: float):
+    """ev with every feature φ multiplied by c (float64 factors): K → c²K, k_x → c²k_x."""
+    import dataclasses
+
+    fs = [dataclasses.replace(f, H=f.H.double() * c, O=f.O.double(), Hx=None if f.Hx is None else f.Hx.double() * c,
+                              Ox=None if f.Ox is None else f.Ox.double()) for f in ev.factors]
+    hc = None if ev.head_couplings is None else ev.head_couplings * c * c
+    return dataclasses.replace(ev, factors=fs, K=ev.K * c * c, head_couplings=hc,
+                               k_x=None if ev.k_x is None else ev.k_x * c * c)
+
+
+@measurement
+def rescale_invariance(shared: dict) -> dict:
+    from scipy import stats
+
+    from ttt_core.examples import DEFAULT_EXAMPLE, load_example
+    from ttt_core.prompt_kernel import compute_prompt_kernel
+    from ttt_core.prompts import parse_prompt
+    from ttt_core.scores import score_blocks
+
+    lm = shared["smollm2"]
+    ev = _rescaled(compute_prompt_kernel(lm, parse_prompt(load_example(DEFAULT_EXAMPLE)), "q"), 1.0)
+    base = score_blocks(ev)
+    rhos, fixed = [], []
+    for c in (1e-3, 1e3):
+        ev_c = _rescaled(ev, c)
+        sc = score_blocks(ev_c)
+        held = score_blocks(ev_c, base.ridge)
+        for name in ("query_aware", "trace"):
+            a, b, h = getattr(base, name).ravel(), getattr(sc, name).ravel(), getattr(held, name).ravel()
+            rhos.append(float(stats.spearmanr(a, b)[0]))
+            fixed.append(float(stats.spearmanr(a, h)[0]))
+    print(f"Spearman of block scores under Φ → cΦ (c = 1e-3, 1e3; QA and Trace): ridge λ⋆ {min(rhos):.6f}; "
+          f"ridge held fixed {min(fixed):.3f}")
+    return {"score_rank_spearman_under_rescale": round(min(rhos), 6),
+            "score_rank_spearman_fixed_ridge": round(min(fixed), 4)}
+
+
+@measurement
+def label_permutation(shared: dict) -> dict:
+    from ttt_core.models import build_tiny_model
+    from ttt_core.prompt_kernel import compute_prompt_kernel
+    from ttt_core.prompts import FewShotPrompt, parse_prompt
+
+    text = ("stripes -> zebra\nwhiskers -> cat\nmane -> lion\ntrunk -> elephant\npurr -> cat\nroar -> lion\n"
+            "hooves -> zebra\nbark ->\n# answer: dog")
+    lm = build_tiny_model("llama", seed=3)
+    lm.model.double()
+    p = parse_prompt(text)
+    base = compute_prompt_kernel(lm, p, "q")
+    worst = 0.0
+    rng = np.random.default_rng(SEED + 3)
+
+    class Reordered(FewShotPrompt):
+        order: tuple = ()
+
+        @property
+        def labels(self) -> list[str]:  # type: ignore[override]
+            return list(self.order)
+
+    for _ in range(5):
+        q = Reordered(demos=list(p.demos), query_x=p.query_x, query_y=p.query_y, sep=p.sep, spaced=p.spaced)
+        q.order = tuple(rng.permutation(p.labels))
+        ev = compute_prompt_kernel(lm, q, "q")
+        worst = max(worst, float(np.abs(ev.K - base.K).max()), float(np.abs(ev.residuals - base.residuals).max()),
+                    float(np.abs(ev.k_x - base.k_x).max()))
+    print(f"categorical label order permuted 5 times: max |ΔK|, |Δr|, |Δk_x| = {worst:.3g}")
+    return {"label_permutation_max_abs_diff": worst}
+
+
+@measurement
+def diagnose_posterior_time(shared: dict) -> dict:
+    import ttt_core.diagnosis as diag
+    import ttt_core.posterior_verdict as pvm
+    import ttt_core.scores as scm
+    import ttt_core.spectrum as spm
+    import ttt_core.steps as stm
+    from ttt_core.generators import needle_haystack
+
+    lm = shared["smollm2"]
+    prompt = needle_haystack(np.random.default_rng(SEED + 4), n_words=700)
+    spent = [0.0]
+
+    def timed(fn):
+        def wrap(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrap
+
+    patches = [(stm, "noise_posterior"), (stm, "slack_interval"), (stm, "verdict_probability"),
+               (spm, "noise_posterior"), (spm, "verdict_probability_curve"), (scm, "noise_posterior"),
+               (scm, "qa_over_posterior")]
+    saved = [(m, name, getattr(m, name)) for m, name in patches]
+    for m, name, fn in saved:
+        setattr(m, name, timed(fn))
+    try:
+        t0 = time.perf_counter()
+        rep = diag.diagnose_report(lm, prompt, max_positions=256)
+        total = time.perf_counter() - t0
+    finally:
+        for m, name, fn in saved:
+            setattr(m, name, fn)
+    assert pvm is not None
+    print(f"diagnose on a {rep['n_positions']}-position needle prompt: {total:.2f} s in all, "
+          f"{spent[0]:.3f} s in the posterior, its verdicts, the slack interval and top-k frequencies")
+    return {"diagnose_posterior_seconds_n256": round(spent[0], 4), "diagnose_total_seconds_n256": round(total, 2),
+            "diagnose_positions": rep["n_positions"]}
+
+
 def main() -> None:
-    shared = {"draws": gp_draws()}
+    from ttt_core.models import load_model
+
+    shared = {"draws": gp_draws(), "smollm2": load_model()}
     result: dict = {"device": "cpu", "load_avg_1min": round(os.getloadavg()[0], 2)}
     for fn in MEASUREMENTS:
         result.update(fn(shared))

@@ -7,6 +7,7 @@ never-mutated model (DESIGN §1).
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 
@@ -208,3 +209,29 @@ def render_tour(existing_pages: set[str]) -> None:
 def _load_example(title: str) -> None:
     st.session_state["example"] = title
     st.session_state["prompt_text"] = load_example(title)
+
+
+# ------------------------------------------------------------------------------------------
+# How sure a verdict is (DESIGN §5.1): one look on every page
+# ------------------------------------------------------------------------------------------
+
+_DECISION_BOX = {"adapt": "success", "don't adapt": "info", "undetermined on this prompt": "warning"}
+
+
+def posterior_flag(flag: str | None) -> None:
+    """Say in words when the λ⋆ posterior is mostly the prior or piles up at a grid end."""
+    if flag:
+        st.warning(f"**Noise level not identified.** {flag[0].upper() + flag[1:]}. Read λ⋆, τ², σ² and the "
+                   "verdict as 'this prompt cannot tell'.", icon=":material/help:")
+
+
+def verdict_box(decision: str, text: str) -> None:
+    """A verdict in the colour of its decision: adapt (green), don't adapt (blue), undetermined (amber)."""
+    getattr(st, _DECISION_BOX.get(decision, "info"))(text)
+
+
+def interval_text(median: float, lo: float, hi: float) -> str:
+    """'m [lo, hi]' with 3 significant digits (∞ for non-finite)."""
+    def f(x: float) -> str:
+        return f"{x:.3g}" if np.isfinite(x) else "∞"
+    return f"{f(median)} [{f(lo)}, {f(hi)}]"

@@ -8,12 +8,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, page_header
-from pages.state import cached_prompt_kernel, cached_result
+from pages.common import posterior_flag, get_model, get_prompt, how_to_read, page_header
+from pages.state import cached_prompt_kernel, cached_result, kernel_key
 from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError, attention_pattern
 from ttt_core.figures import heads as figs
 from ttt_core.prompts import LongContextPrompt
-from ttt_core.scores import HeadScores, score_blocks
+from ttt_core.scores import GREEDY_C, GREEDY_T, HeadScores, score_blocks
+from ttt_core.figures.score_check import score_check_figure
+from ttt_core.score_check import check_scores
 from ttt_core.spectrum import compute_spectrum
 
 page_header("Heads & blocks",
@@ -29,9 +31,13 @@ c1, c2, c3 = st.columns(3)
 subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="heads_subspace")
 max_pos = c2.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="heads_maxpos",
                           disabled=not long)
+# The greedy rule's horizon T and step fraction c (ρ = c/λ_max of the candidate kernel): one pair of
+# variables feeds both score_blocks below and the help text, so the text names what actually runs.
+greedy_T, greedy_c = GREEDY_T, GREEDY_C
 budget = c3.number_input("Greedy Query-Aware budget", min_value=0, max_value=64, value=4, step=1, key="heads_budget",
-                         help="Blocks picked one at a time by the paper's greedy rule (T = 8, c = 0.5). 0 = off. "
-                              "Costs one λ_max and 8 kernel mat-vecs per candidate per pick.")
+                         help=f"Blocks picked one at a time by the paper's greedy rule, with T = {greedy_T} steps and "
+                              f"step fraction c = {greedy_c:g} (ρ = c/λ_max of each candidate's kernel). 0 = off. "
+                              f"Costs one λ_max and {greedy_T} kernel mat-vecs per candidate per pick.")
 if long and subspace != "q":
     st.warning(f"{SUBSPACES[subspace]} on a long context uses the exact per-output route (one backward per 8 outputs); "
                "lower 'Max positions' if this is slow.")
@@ -43,7 +49,8 @@ try:
                                   progress=lambda f, t: bar.progress(f, text=t))
     bar.progress(1.0, text="Scoring every block…")
     scores = cached_result(st.session_state, lm, prompt, subspace, "scores", (int(budget),),
-                           lambda: score_blocks(ev, greedy_budget=int(budget)), max_positions=int(max_pos))
+                           lambda: score_blocks(ev, greedy_budget=int(budget), greedy_T=greedy_T, greedy_c=greedy_c),
+                           max_positions=int(max_pos))
 except PromptKernelError as exc:
     bar.empty()
     st.error(str(exc))
@@ -54,6 +61,8 @@ word = "block" if subspace.startswith("mlp") else ("kv head" if subspace in ("k"
 st.caption(f"{ev.n_layers} layers × {ev.n_blocks_per_layer} {word}(s) = {len(ev.blocks())} blocks; n = {ev.n} supervised "
            f"outputs; ridge λ⋆ = {scores.ridge:.3g} ({scores.ridge_source}). Route: {ev.route}."
            + (f" {ev.query_note}" if ev.query_note else "") + (f" {scores.greedy_note}" if scores.greedy_note else ""))
+
+posterior_flag(None if scores.posterior is None else scores.posterior.flag_text)
 
 labels = [ev.block_label(b) for b in ev.blocks()]
 if "heads_pick" not in st.session_state or st.session_state["heads_pick"] not in labels:
@@ -159,3 +168,54 @@ else:
                 "Attention probabilities of this head on the prompt (last 96 tokens; rows attend to columns).",
                 "attention on the tokens that decide the answer (labels, the needle).",
                 "attention stuck on the first token or on the diagonal.", "§2")
+
+# ------------------------------------------------------------------ check against real TTT (DESIGN §6, §10)
+st.subheader("Check these scores")
+st.caption("Adapts the top-k blocks of a score, its bottom-k and random k-subsets with real TTT (paper GD on a "
+           "few-shot prompt with ρ = c/λ_max of each subset's kernel, c = 0.1; qTTT on a long context) and compares "
+           "the measured change of the query error with the kernel's linearised prediction.")
+check_opts = [name for name in available if name != "Greedy rank"]
+k1, k2, k3, k4 = st.columns(4)
+check_score = k1.selectbox("Score to check", check_opts, key="heads_check_score",
+                           index=check_opts.index(rank_by) if rank_by in check_opts else 0)
+check_k = k2.number_input("Blocks per subset k", min_value=1, max_value=len(labels), value=min(3, len(labels)),
+                          step=1, key="heads_check_k")
+check_steps = k3.number_input("TTT steps", min_value=1, max_value=64, value=4, step=1, key="heads_check_steps")
+check_random = k4.number_input("Random subsets", min_value=0, max_value=50, value=5, step=1, key="heads_check_random")
+# One result per (model, prompt, subspace, settings) in this session: another prompt never shows a stale check.
+check_key = kernel_key(lm, prompt, subspace, int(max_pos)) + ("score_check", check_score, int(check_k),
+                                                               int(check_steps), int(check_random))
+checks = st.session_state.setdefault("_heads_score_checks", {})
+if st.button("Check these scores", key="heads_check_run",
+             help=f"{2 + int(check_random)} TTT runs of {int(check_steps)} steps each."):
+    check_bar = st.progress(0.0, text="Adapting the top-k blocks…")
+    try:
+        result = check_scores(lm, prompt, ev, scores, k=int(check_k), steps=int(check_steps),
+                              random_subsets=int(check_random), score=check_score,
+                              progress=lambda f, t: check_bar.progress(min(max(f, 0.0), 1.0), text=t))
+    except ValueError as exc:
+        check_bar.empty()
+        st.error(str(exc))
+    else:
+        check_bar.empty()
+        checks.pop(check_key, None)
+        checks[check_key] = result
+        while len(checks) > 4:
+            checks.pop(next(iter(checks)))
+chk = checks.get(check_key)
+if chk is None:
+    st.caption("Not run yet for this prompt, subspace and settings.")
+elif not chk.possible:
+    st.warning(chk.note)
+else:
+    st.plotly_chart(score_check_figure(chk), key="heads_check_fig")
+    st.dataframe(pd.DataFrame(chk.table_rows()), hide_index=True, key="heads_check_table")
+    (st.success if chk.top_beats_random and chk.top_beats_bottom else st.info)(chk.summary)
+    how_to_read(r"\Delta_S = e_{T}(S) - e_0,\quad \hat\Delta_S = e^{\mathrm{lin}}_T(K_S, k_{x,S}) - e_0",
+                "Each point is one adapted k-subset S: the measured change of the query error after T steps of real "
+                "TTT on exactly those blocks (y) against the kernel's linearised prediction of that change (x). "
+                "Negative = the error went down. On a long context the measured axis is qTTT's answer-NLL change and "
+                "the linearised one the change of 1 − p: different scales, so compare ranks.",
+                "the top-k point lowest, the bottom-k highest, and the points ordered along y = x (high Spearman).",
+                "the top-k among or above the random subsets: the score does not predict what TTT does here.",
+                "§6, §10")

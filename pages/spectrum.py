@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.common import interval_text, posterior_flag, verdict_box, get_model, get_prompt, how_to_read, page_header
 from pages.state import cached_prompt_kernel, cached_result
 from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError
 from ttt_core.figures import spectrum as figs
@@ -70,14 +70,23 @@ m = st.columns(6)
 m[0].metric("n (supervised outputs)", ev.n)
 m[1].metric("Effective rank", f"{rep.eff_rank_entropy:.1f}", help=f"exp(spectral entropy); participation ratio "
                                                                    f"{rep.participation_ratio:.1f}")
-m[2].metric("τ² (signal)", f"{rep.tau2:.3g}")
-m[3].metric("σ² (noise)", f"{rep.sigma2:.3g}")
-m[4].metric("λ⋆ = σ²/τ²", "∞" if not np.isfinite(rep.lam_star) else f"{rep.lam_star:.3g}")
-m[5].metric("Verdict (plug-in estimate)", f"{'TTT' if rep.beats else 'ICL'} wins at T={rep.T:g}", help=rep.verdict)
-(st.success if rep.beats else st.info)(
-    f"**{rep.verdict}.** {rep.criterion.capitalize()}: TTT {rep.gap_ttt:.3g} vs ICL {rep.gap_icl:.3g}; lowest on "
-    f"the grid at T = {rep.best_T:g}. τ² and σ² are fitted to this one prompt's residuals, so this is a plug-in "
-    "estimate, not a guarantee.")
+post = rep.posterior
+m[2].metric("τ² (signal)", f"{rep.tau2:.3g}", help="Posterior median; 90 % interval "
+            + interval_text(post.tau2.median, post.tau2.lo, post.tau2.hi) + f". Maximum likelihood: {rep.ml_tau2:.3g}.")
+m[3].metric("σ² (noise)", f"{rep.sigma2:.3g}", help="Posterior median; 90 % interval "
+            + interval_text(post.sigma2.median, post.sigma2.lo, post.sigma2.hi)
+            + f". Maximum likelihood: {rep.ml_sigma2:.3g}.")
+m[4].metric("λ⋆ = σ²/τ²", f"{rep.lam_star:.3g}", help="Posterior median with 90 % interval "
+            + interval_text(rep.lam_star, *rep.lam_star_ci) + f"; maximum likelihood {rep.ml_lam_star:.3g} "
+            "(shown for reference, never used for a verdict).")
+m[5].metric(f"P(TTT beats ICL at T={rep.T:g})", f"{rep.prob:.2f}", help=rep.verdict)
+st.caption(f"λ⋆ posterior median {interval_text(rep.lam_star, *rep.lam_star_ci)} (90 % credible interval, DESIGN "
+           f"§5.1); maximum likelihood {rep.ml_lam_star:.3g}.")
+posterior_flag(rep.flag)
+verdict_box(rep.decision,
+            f"**{rep.verdict}.** Expected {rep.criterion}: TTT {interval_text(rep.gap_ttt, *rep.gap_ttt_ci)} vs ICL "
+            f"{interval_text(rep.gap_icl, *rep.gap_icl_ci)} (posterior mean [90 % interval]); lowest expected gap "
+            f"at T = {rep.best_T:g}. 'Adapt' needs P ≥ 0.9, 'don't adapt' P ≤ 0.1; anything between is undetermined.")
 q = ev.query
 st.caption(f"Route: {ev.route} — {ev.route_note} "
            + (f"Query: {q.label} = {q.value:.4f}" + (f", error {q.error:.4f}" if q.error is not None else "")
@@ -93,9 +102,19 @@ how_to_read(r"K = U\,\mathrm{diag}(\lambda_i)\,U^\top,\quad \mathrm{energy}(i)=\
             "a flat spectrum entirely below λ⋆: every direction is noise-dominated, and adapting mostly fits noise.",
             "§2, §3")
 
+st.plotly_chart(figs.posterior_figure(rep), key="spec_posterior")
+how_to_read(r"\log p(r\mid s) = -\tfrac12\sum_i\log(1+s\lambda_i) - \tfrac n2\log\sum_i \frac{\tilde r_i^2}{1+s\lambda_i},"
+            r"\quad s = 1/\lambda_\star",
+            "The posterior over the noise-to-signal ratio λ⋆ (σ² integrated out under a Jeffreys prior) against its "
+            "prior, a normal on log₁₀ λ⋆ around the mean eigenvalue with sd 1.5 decades. Solid line: median; "
+            "dashed: 90 % interval; dotted: the maximum-likelihood point fit.",
+            "a posterior much narrower than the prior: the prompt pins the noise level down.",
+            "a posterior that looks like the prior (flagged above): the prompt cannot tell signal from noise.",
+            "§5.1")
+
 st.plotly_chart(figs.snr_figure(rep), key="spec_snr")
-how_to_read(r"\mathrm{SNR}_i = \tau^2\lambda_i/\sigma^2",
-            "Per-mode signal-to-noise ratio with τ², σ² fitted by maximum GP evidence of the residuals.",
+how_to_read(r"\mathrm{SNR}_i = \tau^2\lambda_i/\sigma^2 = \lambda_i/\lambda_\star",
+            "Per-mode signal-to-noise ratio at the posterior median of λ⋆, with its 90 % credible band.",
             "the leading modes sit well above the SNR = 1 line.", "all modes below 1 (τ² ≈ 0: ICL is Bayes-optimal).",
             "§3, §5")
 
@@ -116,11 +135,13 @@ st.plotly_chart(figs.gap_figure(rep), key="spec_gap")
 how_to_read(r"\sum_i a_i\,(q_T(\lambda_i)-q_\star(\lambda_i))^2 \;<\; \sum_i a_i\,q_\star(\lambda_i)^2,"
             r"\quad a_i=(\tau^2\lambda_i+\sigma^2)(u_i^\top k_x)^2",
             "Per-mode contributions to the query Bayes gap of TTT at T steps (blue) and of ICL (orange). TTT beats ICL "
-            "when the blue bars sum to less than the orange ones (plug-in values of τ², σ²).",
+            "when the blue bars sum to less than the orange ones (at the posterior medians; the verdict above "
+            "integrates over the whole posterior instead).",
             "blue bars far below orange on the aligned modes.", "blue bars above orange: TTT's filter is mismatched.",
             "§4")
 
 st.plotly_chart(figs.gap_vs_T_figure(rep), key="spec_gap_T")
 how_to_read(r"\mathrm{gap}(T)=\sum_i a_i\,(q_T(\lambda_i)-q_\star(\lambda_i))^2",
-            "The same plug-in gap over T = 0…30 with ρ fixed; the dashed line is ICL (T = 0).",
+            "The expected gap (posterior mean) over T = 0…30 with ρ fixed, the ICL line (T = 0), and the posterior "
+            "probability that T steps beat ICL (right axis; dotted lines at 0.9 and 0.1).",
             "a dip below the ICL line: some horizon helps.", "a curve that only rises: any adaptation hurts.", "§4")

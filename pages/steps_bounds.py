@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.common import interval_text, posterior_flag, verdict_box, get_model, get_prompt, how_to_read, page_header
 from pages.state import cached_prompt_kernel, cached_result
 from ttt_core.prompt_kernel import SUBSPACES
 from ttt_core.figures import steps as figs
@@ -65,17 +65,25 @@ bar.empty()
 
 tc, b, m = rep.theory, rep.bounds, rep.measured
 v = rep.verdict
-(st.success if v["adapt"] else st.info)(f"**{'Adapt' if v['adapt'] else 'Do not adapt'} — T\\* = {v['T_star']}.** "
-                                          + v["text"])
+post = tc.posterior
+posterior_flag(post.flag_text)
+verdict_box(v["decision"], f"**{v['decision'].capitalize()}.** " + v["text"])
 cols = st.columns(7)
-cols[0].metric("T_MAP (fixed σ̂)", tc.t_map_fixed)
+cols[0].metric("T_MAP (fixed σ̂)", tc.t_map_fixed, help=f"Gibbs posterior over T: mean {b.gibbs_mean_T:.1f} (chart below).")
 cols[1].metric("T_MAP (profiled σ)", tc.t_map_profiled)
-cols[2].metric("Plug-in slack", f"{b.slack:.3g}", help=f"sqrt(v̄ (log|grid| + log 1/δ)/n), v̄ = {b.v_bar:.3g} under "
-                                                       "Σ̂⋆ = τ̂²K + σ̂²I: an estimate, not a certificate.")
-cols[3].metric("ρ = c/λ_max", f"{tc.rho:.3g}")
-cols[4].metric("τ̂²", f"{tc.tau2:.3g}")
-cols[5].metric("σ̂²", f"{tc.sigma2:.3g}")
-cols[6].metric("λ⋆ = σ̂²/τ̂²", "∞" if not np.isfinite(tc.lambda_star) else f"{tc.lambda_star:.3g}")
+best = v.get("measured_best_T")
+cols[2].metric("Measured best T", "—" if best is None else best, help="argmin of the engine's measured curve on this grid.")
+cols[3].metric("P(TTT beats ICL)", f"{v['prob_ttt_beats_icl']:.2f}", help="At T_MAP, over the λ⋆ posterior (DESIGN §5.1).")
+cols[4].metric("Plug-in slack", f"{b.slack:.3g}", help=f"sqrt(v̄ (log|grid| + log 1/δ)/n), v̄ = {b.v_bar:.3g} under "
+                                                       "Σ̂⋆ = τ̂²K + σ̂²I at the posterior medians; 90 % interval over "
+                                                       f"the posterior {interval_text(b.slack, *b.slack_ci)}. An "
+                                                       "estimate, not a certificate.")
+cols[5].metric("ρ = c/λ_max", f"{tc.rho:.3g}")
+cols[6].metric("λ⋆ (posterior median)", f"{tc.lambda_star:.3g}",
+               help=f"90 % interval {interval_text(post.lambda_star.median, post.lambda_star.lo, post.lambda_star.hi)}; "
+                    f"τ² {interval_text(post.tau2.median, post.tau2.lo, post.tau2.hi)}, σ² "
+                    f"{interval_text(post.sigma2.median, post.sigma2.lo, post.sigma2.hi)}; maximum likelihood "
+                    f"λ⋆ = {post.ml.lambda_star:.3g}.")
 st.caption(f"Blocks: {rep.blocks_label}; n = {rep.n} supervised outputs; grid 0…{int(grid_max)}. "
            + (f"Engine: {m.engine}, {m.steps_run} step(s) in {m.seconds:.1f} s ({m.status}). {m.note}" if m else ""))
 if rep.unavailable:

@@ -17,6 +17,7 @@ from ttt_core.models import LoadedModel
 from ttt_core.posterior_verdict import posterior_dict
 from ttt_core.prompt_kernel import SUBSPACES, compute_prompt_kernel
 from ttt_core.prompts import Prompt
+from ttt_core.score_check import check_scores
 from ttt_core.scores import score_blocks
 from ttt_core.spectrum import compute_spectrum
 from ttt_core.steps import StepsSettings, block_kernel, compute_steps, select_blocks
@@ -41,7 +42,8 @@ def json_clean(o: Any) -> Any:
 
 def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: float = 0.1, grid: int = 30,
                     delta: float = 0.05, top_k: int = 8, last_layers: int | None = None,
-                    max_positions: int = 256) -> dict[str, Any]:
+                    max_positions: int = 256, check: bool = False, check_k: int = 3, check_steps: int = 4,
+                    check_random: int = 5, check_seed: int = 0) -> dict[str, Any]:
     """The `diagnose` report (keys documented in README.md, section "diagnose report").
 
     When: P(TTT beats ICL) over the λ⋆ posterior (DESIGN §5.1) on the query Bayes gap (prompt-value
@@ -49,7 +51,10 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
     How far: evidence curves ℓ_T (fixed σ̂, profiled σ), T_MAP, the Gibbs posterior over T, the
     plug-in PAC-Bayes slack at the posterior median with its interval.
     Which: Query-Aware / Trace scores (ridge λ⋆) of every block of the subspace and the top-k.
-    The kernel is that of every block of the subspace (or of the last `last_layers` layers)."""
+    The kernel is that of every block of the subspace (or of the last `last_layers` layers).
+    With `check`, "check" holds `score_check.check_scores` of the ranked score (top-`check_k`,
+    bottom-`check_k` and `check_random` random subsets, `check_steps` steps of real TTT, ρ = c/λ_max)
+    as plain data with its "summary" sentence (DESIGN §6, §10)."""
     t0 = time.perf_counter()
     ev = compute_prompt_kernel(lm, prompt, subspace, max_positions=max_positions)
     t1 = time.perf_counter()
@@ -62,10 +67,16 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
                             posterior=tc.posterior)
     t2 = time.perf_counter()
     has_q = ev.head_couplings is not None
-    sc = score_blocks(ev, greedy_budget=top_k if has_q else 0, greedy_c=c, top_k=top_k)
+    sc = score_blocks(ev, greedy_budget=top_k if has_q else 0, greedy_c=c, top_k=top_k,
+                      posterior=tc.posterior if last_layers is None else None)  # same K: reuse its posterior
     rank_by = "Query-Aware" if has_q else "Trace"
     ranked = sc.ranked(rank_by)
     t3 = time.perf_counter()
+    chk = None
+    if check:
+        chk = check_scores(lm, prompt, ev, sc, k=check_k, steps=check_steps, c=c, random_subsets=check_random,
+                           seed=check_seed, score=rank_by).to_dict()
+    t4 = time.perf_counter()
     q = ev.query
     tm = tc.t_map_fixed
     lam = tc.lam
@@ -113,7 +124,9 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
                   "scores": ranked},
         "verdict": rep.verdict,
         "unavailable": rep.unavailable,
-        "timings": {"evidence_s": t1 - t0, "spectrum_steps_s": t2 - t1, "scores_s": t3 - t2, "total_s": t3 - t0},
+        **({"check": chk} if chk is not None else {}),
+        "timings": {"evidence_s": t1 - t0, "spectrum_steps_s": t2 - t1, "scores_s": t3 - t2,
+                    **({"check_s": t4 - t3} if chk is not None else {}), "total_s": t4 - t0},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "ttt_lens": ttt_core.__version__},
     })
@@ -123,6 +136,9 @@ def diagnose_markdown(r: dict[str, Any]) -> str:
     """Human summary of a diagnose report."""
     def f(x: Any) -> str:
         return "∞" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+    def na(x: Any) -> str:
+        return "n/a" if x is None else f(x)
 
     def ci(pair: list) -> str:
         return f"[{f(pair[0])}, {f(pair[1])}]"
@@ -161,7 +177,13 @@ def diagnose_markdown(r: dict[str, Any]) -> str:
     if wh.get("greedy_query_aware"):
         lines.append(f"Greedy Query-Aware order: {', '.join(wh['greedy_query_aware'])}.")
     if r.get("check"):
-        lines += ["", "## Check against real TTT", r["check"]["summary"]]
+        ck = r["check"]
+        lines += ["", "## Check against real TTT", ck["summary"]]
+        if ck.get("subsets"):
+            lines += ["", f"| subset | blocks | measured Δ {ck['measured_label']} | linearised Δ {ck['predicted_label']} |",
+                      "|---|---|---|---|"]
+            lines += [f"| {s['label']} | {', '.join(s['blocks'])} | {na(s['measured'])} | {na(s['predicted'])} |"
+                      for s in ck["subsets"]]
     if r.get("query_note"):
         lines += ["", f"Note: {r['query_note']}"]
     if r.get("unavailable"):

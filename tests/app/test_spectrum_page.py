@@ -34,14 +34,18 @@ def run_page(model: str, prompt: str) -> AppTest:
 def test_spectrum_page_plots_ttt_core_eigenvalues_tiny():
     at = run_page("tiny-random-llama", FEWSHOT)
     labels = [m.label for m in at.metric]
-    assert labels[:6] == ["n (supervised outputs)", "Effective rank", "τ² (signal)", "σ² (noise)", "λ⋆ = σ²/τ²", "Verdict (plug-in estimate)"]
+    assert labels[:6] == ["n (supervised outputs)", "Effective rank", "τ² (signal)", "σ² (noise)", "λ⋆ = σ²/τ²",
+                          "P(TTT beats ICL at T=8)"]
     assert at.metric[0].value == "8"
-    assert at.metric[5].value in ("TTT wins at T=8", "ICL wins at T=8")
-    assert any("plug-in estimate" in s.value for s in list(at.success) + list(at.info))
-    spec = chart(at, "spec_scree")
-    lam_plot = decode(spec["data"][0]["y"])
     lm = load_model("tiny-random-llama")
     rep = kernel_spectrum(compute_prompt_kernel(lm, parse_prompt(FEWSHOT), "q"), T=8, c=DEFAULT_C)
+    assert at.metric[5].value == f"{rep.prob:.2f}" and at.metric[4].value == f"{rep.lam_star:.3g}"
+    boxes = {"adapt": at.success, "don't adapt": at.info, "undetermined on this prompt": at.warning}[rep.decision]
+    assert any("P(TTT beats ICL)" in s.value for s in boxes)
+    # the flag is shown exactly when the posterior is mostly the prior
+    assert any("Noise level not identified" in w.value for w in at.warning) == (rep.flag is not None)
+    spec = chart(at, "spec_scree")
+    lam_plot = decode(spec["data"][0]["y"])
     expected = np.where(rep.lam > 1e-300, rep.lam, np.nan)
     np.testing.assert_allclose(lam_plot, expected, rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(decode(spec["data"][1]["y"]), rep.cum_energy, rtol=1e-6)
@@ -50,8 +54,13 @@ def test_spectrum_page_plots_ttt_core_eigenvalues_tiny():
                                np.where(rep.snr > 1e-300, rep.snr, np.nan), rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(decode(chart(at, "spec_filter")["data"][0]["y"]), rep.g_T, rtol=1e-6)
     np.testing.assert_allclose(decode(chart(at, "spec_gap")["data"][0]["y"]), rep.gap_contrib, rtol=1e-6)
-    assert len(at.get("plotly_chart")) == 6
-    assert len(at.expander) >= 6  # one "how to read" per figure
+    post = chart(at, "spec_posterior")
+    np.testing.assert_allclose(decode(post["data"][0]["x"]), rep.posterior.lambda_star_grid, rtol=1e-9)
+    h = rep.posterior.log10_grid[1] - rep.posterior.log10_grid[0]
+    np.testing.assert_allclose(decode(post["data"][0]["y"]), rep.posterior.weights / h, rtol=1e-6)
+    np.testing.assert_allclose(decode(chart(at, "spec_gap_T")["data"][1]["y"]), rep.prob_grid, rtol=1e-6)
+    assert len(at.get("plotly_chart")) == 7
+    assert len(at.expander) >= 7  # one "how to read" per figure
 
 
 def test_spectrum_page_subspace_and_block_controls():

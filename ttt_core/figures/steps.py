@@ -63,6 +63,9 @@ def error_figure(rep: StepsReport) -> go.Figure:
     _vline(fig, tc.t_map_fixed, f"T_MAP fixed σ̂ = {tc.t_map_fixed}", VERMILLION)
     if tc.t_map_profiled != tc.t_map_fixed:
         _vline(fig, tc.t_map_profiled, f"T_MAP profiled σ = {tc.t_map_profiled}", PURPLE, "dot", "bottom right")
+    best = rep.verdict.get("measured_best_T")
+    if best is not None and best != tc.t_map_fixed:
+        _vline(fig, best, f"measured best T = {best}", GREEN, "dashdot", "bottom left")
     return base_layout(fig, "Query error against steps: measured TTT vs the kernel's prediction", "steps T", y_title)
 
 
