@@ -10,6 +10,9 @@ The environment variable TTT_LENS_KERNELS is read at every call:
 * "torch": always the PyTorch reference.
 
 Triton is imported lazily, so `import kernels` works without it (auto → torch, triton → error).
+Triton kernels take fp32/fp16/bf16: a forced Triton call on float64 tensors (the exact tests'
+models) runs them on fp32 copies and returns the result in float64 — forcing either backend works
+for every caller, at the kernels' own precision.
 """
 
 from __future__ import annotations
@@ -107,13 +110,20 @@ def _triton_module(name: str, on_cuda: bool) -> ModuleType:
     return importlib.import_module(full)
 
 
+def _fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float64 → float32 copies for the Triton kernels (other dtypes pass through)."""
+    return tuple(t.float() if t.dtype == torch.float64 else t for t in tensors)
+
+
 def attention_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
                          scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query rows q (B, Hq, M, D) at absolute positions q_offset … q_offset+M−1
     against a frozen cache k, v (B, Hkv, N, D), Hq a multiple of Hkv; row i sees keys
     j ≤ q_offset + i. Returns (o in q.dtype, lse fp32 (B, Hq, M))."""
     if _choose((q, k, v)) == "triton":
-        return _triton_module("triton_attention", q.is_cuda).attention_with_cache(q, k, v, q_offset, scale)
+        mod = _triton_module("triton_attention", q.is_cuda)
+        o, lse = mod.attention_with_cache(*_fp32(q, k, v), q_offset, scale)
+        return o.to(q.dtype), lse
     return _reference.attention_with_cache(q, k, v, q_offset, scale)
 
 
@@ -123,7 +133,7 @@ def attention_with_cache_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     """dQ of `attention_with_cache` given its (o, lse) and the upstream gradient do; no dK/dV."""
     if _choose((q, k, v, do)) == "triton":
         mod = _triton_module("triton_attention", q.is_cuda)
-        return mod.attention_with_cache_dq(q, k, v, o, lse, do, q_offset, scale)
+        return mod.attention_with_cache_dq(*_fp32(q, k, v, o), lse, *_fp32(do), q_offset, scale).to(q.dtype)
     return _reference.attention_with_cache_dq(q, k, v, o, lse, do, q_offset, scale)
 
 
@@ -147,7 +157,8 @@ def saves_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int
 
 
 def head_grams(a: torch.Tensor, b: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """K_h = (a aᵀ) ⊙ (b_h b_hᵀ) for all heads: fp32 (n_heads, n, n)."""
+    """K_h = (a aᵀ) ⊙ (b_h b_hᵀ) for all heads: fp32 (n_heads, n, n) (fp64 from the reference
+    when both inputs are fp64)."""
     if _choose((a, b)) == "triton":
-        return _triton_module("triton_grams", a.is_cuda).head_grams(a, b, n_heads)
+        return _triton_module("triton_grams", a.is_cuda).head_grams(*_fp32(a, b), n_heads)
     return _reference.head_grams(a, b, n_heads)

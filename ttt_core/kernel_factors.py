@@ -108,6 +108,13 @@ class RowFactors:
     def _h(self, X: torch.Tensor) -> torch.Tensor:
         return X.double()
 
+    @staticmethod
+    def _gram_in(X: torch.Tensor) -> torch.Tensor:
+        """Factors as `kernels.head_grams` should get them: on CUDA in their fp32 storage dtype (so
+        the Triton Gram kernel runs, fp32 products with fp32 accumulation as in the reference), on
+        CPU in float64 (the reference then accumulates in float64)."""
+        return X if X.is_cuda and X.dtype != torch.float64 else X.double()
+
     def _per_head(self, X: torch.Tensor) -> torch.Tensor:
         """(rows, D) → (rows, n_heads) by summing each head's columns."""
         return X.reshape(X.shape[0], self.n_heads, self.d_head).sum(-1)
@@ -137,7 +144,7 @@ class RowFactors:
         for I in self._blocks:
             for J in self._blocks:
                 if I == J:
-                    X = head_grams(self._h(self.O[I]), self._h(Hs[I]), len(heads)).double()
+                    X = head_grams(self._gram_in(self.O[I]), self._gram_in(Hs[I]), len(heads)).double()
                 else:
                     Ga = self._h(self.O[I]) @ self._h(self.O[J]).T
                     hi = self._h(Hs[I]).reshape(-1, len(heads), d)
