@@ -60,7 +60,9 @@ def _diagnose(args: argparse.Namespace) -> int:
     if note:
         print(f"warning: {note}", file=sys.stderr)
     report = diagnose_report(lm, prompt, subspace=args.subspace, c=args.c, grid=args.grid, delta=args.delta,
-                             top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions)
+                             top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions,
+                             check=args.check, check_k=args.check_k, check_steps=args.check_steps,
+                             check_random=args.check_random, check_seed=args.check_seed)
     if args.format == "md":
         sys.stdout.write(diagnose_markdown(report))
     else:
@@ -167,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-positions", type=int, default=256, help="long context: supervised positions kept")
     p.add_argument("--max-tokens", type=int, default=2048, help="token limit of the prompt")
     p.add_argument("--format", choices=["json", "md"], default="json")
+    p.add_argument("--check", action="store_true",
+                   help="check the ranked scores against real TTT: adapt the top-k, bottom-k and random k-subsets "
+                        "(paper GD few-shot, qTTT long context) and compare with the linearised prediction")
+    p.add_argument("--check-k", type=int, default=3, help="--check: blocks per subset")
+    p.add_argument("--check-steps", type=int, default=4, help="--check: TTT steps per subset")
+    p.add_argument("--check-random", type=int, default=5, help="--check: number of random k-subsets")
+    p.add_argument("--check-seed", type=int, default=0, help="--check: seed of the random subsets and qTTT spans")
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("reproduce", help="the paper's experiments (Exp1 horizon, Exp2 heads); JSON + Markdown")
@@ -179,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-T", type=int, default=8, help="the fixed-horizon baseline")
     p.add_argument("--kinds", default="v,q", help="Exp1 subspaces, comma-separated (v, q)")
     p.add_argument("--last-layers", type=int, default=4, help="Exp1 updates every head of the last N layers")
-    p.add_argument("--exp2", choices=["off", "linear", "gd", "both"], default="linear",
-                   help="Exp2 query error: linearised (cheap), real GD, or both")
+    p.add_argument("--exp2", choices=["gd", "linear", "both", "off"], default="gd",
+                   help="Exp2 query error: real GD (default; several CPU-minutes per task on SmolLM2), "
+                        "linear = linearised — the same quantity the greedy rule maximises (cheap, favours "
+                        "Query-Aware by construction), both, or off")
     p.add_argument("--exp2-layers", type=int, default=16, help="Exp2 candidates: W_V heads of the last N layers")
-    p.add_argument("--exp2-gd-tasks", type=int, default=8, help="run Exp2's real GD on the first N tasks")
+    p.add_argument("--exp2-gd-tasks", type=int, default=None,
+                   help="run Exp2's real GD on the first N tasks only (default: all tasks)")
     p.add_argument("--budgets", default="1,2,4,8,16,32", help="Exp2 budgets")
     p.add_argument("--backend", choices=["process", "ray", "serial"], default="process")
     p.add_argument("--workers", type=int, default=2, help="worker processes / Ray CPUs")

@@ -137,3 +137,38 @@ def test_fewshot_json_smollm2(capsys):
     r = json.loads(out)
     check_schema(r, 30, 8, "few_shot")
     assert r["model"].startswith("SmolLM2") and len(r["which"]["scores"]) == 30 * 9
+
+
+def test_check_adds_the_score_check_to_json_and_markdown(capsys):
+    """`--check` runs real TTT on the top-k / bottom-k / random subsets of the ranked score. Catches:
+    the option not reaching diagnose_report, the check's settings ignored, its top-k not the report's
+    own ranking, and the Markdown not printing it."""
+    argv = ["diagnose", _file("Digit shift, clean labels"), "--model", TINY, "--grid", "5", "--check",
+            "--check-steps", "2", "--check-k", "2", "--check-random", "2"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    check_schema(r, 5, 8, "few_shot")
+    ck = r["check"]
+    assert ck["possible"] is True and ck["steps"] == 2 and ck["k"] == 2 and ck["engine"] == "paper GD"
+    assert [s["label"] for s in ck["subsets"]] == ["top-k", "bottom-k", "random 1", "random 2"]
+    assert ck["score"] == r["which"]["ranked_by"] == "Query-Aware"
+    assert ck["subsets"][0]["blocks"] == r["which"]["top_k"][:2]
+    assert all(isinstance(s["measured"], float) and isinstance(s["predicted"], float) for s in ck["subsets"])
+    assert isinstance(ck["summary"], str) and "Spearman" in ck["summary"] and r["timings"]["check_s"] > 0
+    code, out, err = _run(argv + ["--format", "md"], capsys)
+    assert code == 0, err
+    assert "## Check against real TTT" in out and ck["summary"] in out and "| top-k |" in out
+
+
+def test_check_not_possible_is_a_note_and_no_check_without_the_flag(capsys):
+    """Catches: --check crashing (or inventing numbers) where the engine cannot update the subspace,
+    and a "check" key appearing without --check."""
+    code, out, err = _run(["diagnose", _file("Digit shift, clean labels"), "--model", TINY, "--grid", "3",
+                           "--subspace", "o", "--check", "--check-steps", "2"], capsys)
+    assert code == 0, err
+    ck = json.loads(out)["check"]
+    assert ck["possible"] is False and ck["subsets"] == [] and "W_V or W_Q" in ck["note"]
+    assert ck["note"] in ck["summary"]
+    code, out, err = _run(["diagnose", _file("Digit shift, clean labels"), "--model", TINY, "--grid", "3"], capsys)
+    assert code == 0 and "check" not in json.loads(out)
