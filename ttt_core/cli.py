@@ -146,7 +146,8 @@ def _train_controller(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ttt_core", description="TTT Lens command line")
+    prog = "python -m ttt_core" if sys.argv and sys.argv[0].endswith("__main__.py") else "ttt-lens"
+    parser = argparse.ArgumentParser(prog=prog, description="TTT Lens command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF to a safetensors cache once")
     p.set_defaults(func=_prepare)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+# An installed wheel carries them as package data `ttt_core._examples` (pyproject.toml maps
+# assets/examples there); a clone, or an editable install, reads assets/examples itself.
+_PACKAGED_DIR = Path(__file__).resolve().parent / "_examples"
+_REPO_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = _PACKAGED_DIR if _PACKAGED_DIR.is_dir() else _REPO_DIR
 
 # title → file name, in the order of the guided tour (when → how far → which)
 EXAMPLES: dict[str, str] = {

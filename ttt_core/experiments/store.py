@@ -1,6 +1,8 @@
 """Where experiment results live and how they are written.
 
-One artifacts root: ``$TTT_LENS_ARTIFACTS``, else ``<repo>/artifacts`` (git-ignored). Below it:
+One artifacts root: ``$TTT_LENS_ARTIFACTS``, else ``<repo>/artifacts`` (git-ignored) in a clone, or
+``./artifacts`` in the working directory for an installed package (never inside site-packages).
+Below it:
 
 * ``reproduction/`` — paper reproduction results (``$TTT_LENS_REPRO_DIR`` overrides this folder);
 * ``schedules/<model>-<settings hash>/`` — the cached schedule suites;
@@ -20,12 +22,15 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+IN_CLONE = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "ttt_core").is_dir()
 
 
 def artifacts_root() -> Path:
-    """$TTT_LENS_ARTIFACTS, else <repo>/artifacts."""
+    """$TTT_LENS_ARTIFACTS, else <repo>/artifacts in a clone, else ./artifacts."""
     env = os.environ.get("TTT_LENS_ARTIFACTS")
-    return Path(env) if env else REPO_ROOT / "artifacts"
+    if env:
+        return Path(env)
+    return REPO_ROOT / "artifacts" if IN_CLONE else Path.cwd() / "artifacts"
 
 
 def reproduction_dir() -> Path:
