@@ -15,7 +15,7 @@ from ttt_core.figures import heads as figs
 from ttt_core.prompts import LongContextPrompt
 from ttt_core.scores import GREEDY_C, GREEDY_T, HeadScores, score_blocks
 from ttt_core.figures.score_check import score_check_figure
-from ttt_core.score_check import check_scores
+from ttt_core.score_check import DEFAULT_C as CHECK_C, check_scores
 from ttt_core.spectrum import compute_spectrum
 
 page_header("Heads & blocks",
@@ -172,8 +172,8 @@ else:
 # ------------------------------------------------------------------ check against real TTT (DESIGN §6, §10)
 st.subheader("Check these scores")
 st.caption("Adapts the top-k blocks of a score, its bottom-k and random k-subsets with real TTT (paper GD on a "
-           "few-shot prompt with ρ = c/λ_max of each subset's kernel, c = 0.1; qTTT on a long context) and compares "
-           "the measured change of the query error with the kernel's linearised prediction.")
+           f"few-shot prompt with ρ = c/λ_max of each subset's kernel, c = {CHECK_C:g}; qTTT on a long context) and "
+           "compares the measured change of the query error with the kernel's linearised prediction.")
 check_opts = [name for name in available if name != "Greedy rank"]
 k1, k2, k3, k4 = st.columns(4)
 check_score = k1.selectbox("Score to check", check_opts, key="heads_check_score",
@@ -190,7 +190,7 @@ if st.button("Check these scores", key="heads_check_run",
              help=f"{2 + int(check_random)} TTT runs of {int(check_steps)} steps each."):
     check_bar = st.progress(0.0, text="Adapting the top-k blocks…")
     try:
-        result = check_scores(lm, prompt, ev, scores, k=int(check_k), steps=int(check_steps),
+        result = check_scores(lm, prompt, ev, scores, k=int(check_k), steps=int(check_steps), c=CHECK_C,
                               random_subsets=int(check_random), score=check_score,
                               progress=lambda f, t: check_bar.progress(min(max(f, 0.0), 1.0), text=t))
     except ValueError as exc:

@@ -1,13 +1,14 @@
-"""Long context: score dilution of a needle as the context grows, what qTTT changes, and what it
-costs in thinking tokens (DESIGN §8; qTTT paper Lemma 2.2/2.3, Sec. 3.3). UI only: measurements are
-ttt_core.dilution, the FLOP accounting ttt_core.flops, figures ttt_core.figures.long_context."""
+"""Long context: score dilution of a needle as the context grows, what qTTT changes, the query
+gradient qTTT follows, and what it costs in thinking tokens (DESIGN §8; qTTT paper Lemma 2.2/2.3,
+Sec. 3.3). UI only: measurements are ttt_core.dilution, the FLOP accounting ttt_core.flops, figures
+ttt_core.figures.long_context."""
 
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header
+from pages.common import get_model, get_prompt, how_to_read, page_header
 from ttt_core import dilution as D
 from ttt_core import flops as Fl
 from ttt_core.figures import long_context as figs
@@ -110,6 +111,66 @@ else:
     how_to_read(None, "Teacher-forced probability of the expected answer (all its tokens) before and after qTTT; "
                 "● the greedy answer starts with the expected number, ✕ it does not (measured).",
                 good="after above before at long contexts", bad="after below before: qTTT overfitted the filler")
+
+# ================================================================================ query gradient
+st.header("The query gradient qTTT follows")
+st.markdown("For one attention row with query q, keys K (T × d_k), logits z = Kq/√d_k and α = softmax(z), the "
+            "gradient of −log α_needle with respect to q is **(μ − k_needle)/√d_k** with μ = Σⱼ αⱼ kⱼ, the "
+            "attention-weighted mean key: a descent step moves q toward k_needle − μ, raising the needle's logit "
+            "against the keys that dilute it. Below, the closed form next to torch.autograd's gradient of the same "
+            "row.")
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _measured_gradient_check(model_name: str, prompt_key: str, layer: int | None, head: int | None,
+                             _lm, _prompt) -> D.QueryGradientCheck:
+    """Cached per (model, prompt, head): one prefill and one answer-row forward."""
+    return D.measured_query_gradient_check(_lm, _prompt, layer, head)
+
+
+grad_prompt = get_prompt(lm)
+grad_check = None
+if D.has_marked_needle(grad_prompt):
+    L_q, H_q = lm.adapter.n_layers, lm.adapter.n_heads
+    head_opts = [None] + [(l, h) for l in range(L_q) for h in range(H_q)]
+    pick_head = st.selectbox("Query head", head_opts, key="lc_grad_head",
+                             format_func=lambda o: "the head with the largest needle attention" if o is None
+                             else f"layer {o[0]}, head {o[1]}")
+    try:
+        with st.spinner("Measuring the answer row of the sidebar prompt…"):
+            grad_check = _measured_gradient_check(lm.name, repr(grad_prompt),
+                                                  None if pick_head is None else pick_head[0],
+                                                  None if pick_head is None else pick_head[1], lm, grad_prompt)
+    except Exception as exc:  # the page stays up; fall back to the synthetic row
+        st.warning(f"Could not measure the sidebar prompt's answer row ({type(exc).__name__}: {exc}); "
+                   "showing a synthetic row instead.")
+else:
+    st.info("The sidebar prompt marks no needle (mark one with <needle>…</needle>, as the 'Needle in a haystack' "
+            "examples do), so a small synthetic row is shown instead.")
+if grad_check is None:
+    q_syn, K_syn, j_syn = D.synthetic_row()
+    grad_check = D.query_gradient_check(q_syn, K_syn, j_syn, source="synthetic",
+                                        description=f"synthetic row: {K_syn.shape[0]} keys K ~ N(0, I), d_k = "
+                                                    f"{K_syn.shape[1]}, q = 0.7·k_needle + N(0, I), needle key {j_syn}")
+st.caption(grad_check.description + (
+    f". Keys from the frozen prefill cache (position-rotated); the row's query q is recovered from the recorded "
+    f"attention (least squares on s·Kq − c = log α; identified: {'yes' if grad_check.q_identified else 'no, minimum-norm'}), "
+    f"and softmax(s·Kq̂) reproduces the recorded row to max |Δα| = {grad_check.recon_max_abs:.2e}. Scale s = "
+    f"{grad_check.scale:.4g}." if grad_check.source == "measured" else "."))
+g = st.columns(5)
+g[0].metric("α_needle", f"{grad_check.alpha_needle:.4g}")
+g[1].metric("‖gradient‖, closed form", f"{grad_check.norm_closed:.6g}")
+g[2].metric("‖gradient‖, autograd", f"{grad_check.norm_autograd:.6g}")
+g[3].metric("cosine(closed, autograd)", f"{grad_check.cosine:.12f}")
+g[4].metric("max |closed − autograd|", f"{grad_check.max_abs_diff:.2e}")
+st.plotly_chart(figs.query_gradient_figure(grad_check), key="lc_fig_qgrad")
+how_to_read(r"\frac{\partial(-\log\alpha_{\rm needle})}{\partial q}=\frac{\mu-k_{\rm needle}}{\sqrt{d_k}},\qquad"
+            r"\mu=\sum_j\alpha_j k_j,\quad \alpha=\mathrm{softmax}(Kq/\sqrt{d_k})",
+            "Each coordinate of the gradient of −log α_needle with respect to the query: bars from the closed form, "
+            "diamonds from torch.autograd on the same q and K (float64). For a measured row K is the chosen head's "
+            "frozen keys of the sidebar prompt and the needle key is the needle token that head attends to most.",
+            good="every diamond on top of its bar, cosine 1 and a difference at round-off (≈ 1e-16 … 1e-12)",
+            bad="diamonds off the bars: the closed form (or the scale s) is wrong", section="§8")
 
 # ================================================================================ FLOPs
 st.header("Compute: qTTT steps against thinking tokens")

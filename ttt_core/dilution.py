@@ -18,6 +18,17 @@ normaliser cancels), so every quantity above is computed from the recorded proba
 logarithms (keys with probability 0 in fp32 have z = −∞: they are never within Δ of the needle).
 The measurement runs the answer row against the frozen cache of the prefill
 (`attention.forward_with_frozen_kv` + `record_attention`), with the adapted W_Q after qTTT.
+
+The query gradient (DESIGN §8): with z = s·Kq (s = 1/√d_k), α = softmax(z) and μ = Σ_j α_j k_j,
+
+    ∂(−log α_needle)/∂q = s (μ − k_needle),
+
+so a gradient step on q moves it toward k_needle − μ: it raises the needle's logit against the
+attention-weighted mean key, which is what qTTT's query-only update can do against dilution.
+`needle_query_gradient` is the closed form, `autograd_needle_gradient` the same derivative by
+torch.autograd, `query_gradient_check` compares them; `measured_query_gradient_check` does it on a
+real model's answer row (keys from the frozen cache, the query recovered from the recorded row,
+see there) and `synthetic_row` gives a small random row when the prompt marks no needle.
 """
 
 from __future__ import annotations
@@ -29,10 +40,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ttt_core.attention import forward_with_frozen_kv, record_attention
+from ttt_core.attention import forward_with_frozen_kv, prefill, record_attention
 from ttt_core.generators import needle_haystack
 from ttt_core.models import LoadedModel
-from ttt_core.qttt import QTTTConfig, QTTTRun
+from ttt_core.prompts import LongContextPrompt, Prompt
+from ttt_core.qttt import QTTTConfig, QTTTRun, qttt_inputs
 
 Progress = Callable[[float, str], None] | None
 
@@ -239,3 +251,174 @@ def sweep_table(points: Sequence[DilutionPoint], eps: float = 0.1) -> list[dict[
             "qTTT steps": p.steps, "qTTT s": p.qttt_seconds,
         })
     return rows
+
+
+# ============================================================================================
+# the qTTT query gradient identity (DESIGN §8)
+# ============================================================================================
+
+
+def _row_inputs(q: Any, K: Any, needle: int, scale: float | None) -> tuple[np.ndarray, np.ndarray, int, float]:
+    q = np.asarray(q, dtype=np.float64)
+    K = np.asarray(K, dtype=np.float64)
+    if q.ndim != 1 or K.ndim != 2 or K.shape[1] != q.shape[0] or K.shape[0] < 1:
+        raise ValueError(f"need q (d_k,) and K (T, d_k); got {q.shape} and {K.shape}")
+    needle = int(needle)
+    if not 0 <= needle < K.shape[0]:
+        raise ValueError(f"needle index {needle} outside the {K.shape[0]} keys")
+    s = float(q.shape[0] ** -0.5 if scale is None else scale)
+    return q, K, needle, s
+
+
+def row_attention(q: Any, K: Any, scale: float | None = None) -> np.ndarray:
+    """α = softmax(s·Kq) over the T keys (float64), s = 1/√d_k unless given."""
+    q, K, _, s = _row_inputs(q, K, 0, scale)
+    z = s * (K @ q)
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def needle_query_gradient(q: Any, K: Any, needle: int, scale: float | None = None) -> np.ndarray:
+    """Closed form of ∂(−log α_needle)/∂q = s (μ − k_needle), μ = Σ_j α_j k_j (DESIGN §8).
+
+    q (d_k,), K (T, d_k), needle: index of the needle key; s = scale (default 1/√d_k).
+    Returns the gradient (d_k,), float64."""
+    q, K, needle, s = _row_inputs(q, K, needle, scale)
+    alpha = row_attention(q, K, s)
+    return s * (alpha @ K - K[needle])
+
+
+def autograd_needle_gradient(q: Any, K: Any, needle: int, scale: float | None = None) -> np.ndarray:
+    """The same derivative by torch.autograd: −log_softmax(s·Kq)[needle] backpropagated to q (float64)."""
+    q, K, needle, s = _row_inputs(q, K, needle, scale)
+    with torch.enable_grad():
+        qt = torch.tensor(q, dtype=torch.float64, requires_grad=True)
+        loss = -torch.log_softmax(s * (torch.tensor(K, dtype=torch.float64) @ qt), dim=0)[needle]
+        (g,) = torch.autograd.grad(loss, qt)
+    return g.numpy().copy()
+
+
+@dataclass
+class QueryGradientCheck:
+    """Closed-form query gradient of −log α_needle against torch.autograd's, for one attention row.
+
+    source: "measured" (a model's answer row) or "synthetic"; description: where the row comes from.
+    layer, head: the query head of a measured row (None for synthetic). needle: index of the needle
+    key in the row (for a measured row j*: the needle token the head attends to most); n_keys = T,
+    d_k, scale s. q: the query used (d_k,). alpha_needle: α of that key. closed, autograd: the two
+    gradients (d_k,).
+    norm_closed, norm_autograd, cosine, max_abs_diff: their comparison.
+    For a measured row also: recon_max_abs = max_j |softmax(s·Kq̂)_j − α_j(recorded)|, q_identified
+    (the least-squares system for q̂ had full rank), alpha_star_grid (L, H) = α* of every head."""
+    source: str
+    description: str
+    layer: int | None
+    head: int | None
+    needle: int
+    n_keys: int
+    d_k: int
+    scale: float
+    q: np.ndarray
+    alpha_needle: float
+    closed: np.ndarray
+    autograd: np.ndarray
+    norm_closed: float
+    norm_autograd: float
+    cosine: float
+    max_abs_diff: float
+    recon_max_abs: float | None = None
+    q_identified: bool | None = None
+    alpha_star_grid: np.ndarray | None = None
+
+
+def query_gradient_check(q: Any, K: Any, needle: int, scale: float | None = None, *, source: str = "synthetic",
+                         description: str = "", **extra: Any) -> QueryGradientCheck:
+    """Compare `needle_query_gradient` with `autograd_needle_gradient` on one row (float64)."""
+    q, K, needle, s = _row_inputs(q, K, needle, scale)
+    a = needle_query_gradient(q, K, needle, s)
+    b = autograd_needle_gradient(q, K, needle, s)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+    return QueryGradientCheck(source=source, description=description, needle=needle, n_keys=int(K.shape[0]),
+                              d_k=int(K.shape[1]), scale=s, q=q.copy(), alpha_needle=float(row_attention(q, K, s)[needle]),
+                              closed=a, autograd=b, norm_closed=na, norm_autograd=nb, cosine=cos,
+                              max_abs_diff=float(np.max(np.abs(a - b))), **{"layer": None, "head": None, **extra})
+
+
+def synthetic_row(n_keys: int = 64, d_k: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """A small random row: keys K ~ N(0, I) (n_keys, d_k), needle at n_keys // 3, and a query
+    q = 0.7·k_needle + N(0, I) noise, so the needle gets a visible but diluted share of the attention
+    (α_needle ≈ 0.43 at the defaults). Returns (q, K, needle)."""
+    rng = np.random.default_rng(seed)
+    K = rng.standard_normal((int(n_keys), int(d_k)))
+    needle = int(n_keys) // 3
+    q = 0.7 * K[needle] + rng.standard_normal(int(d_k))
+    return q, K, needle
+
+
+def has_marked_needle(prompt: Prompt | None) -> bool:
+    """A long-context prompt with at least one <needle>…</needle> span."""
+    return isinstance(prompt, LongContextPrompt) and bool(prompt.needle_spans)
+
+
+def _attention_scale(lm: LoadedModel, layer: int) -> float:
+    """The attention module's own scaling (1/√d_k for the supported families), else 1/√d_k."""
+    for m in lm.model.modules():
+        if getattr(m, "layer_idx", None) == layer and getattr(m, "scaling", None) is not None:
+            return float(m.scaling)
+    return float(lm.adapter.head_dim) ** -0.5
+
+
+def measured_query_gradient_check(lm: LoadedModel, prompt: Prompt, layer: int | None = None,
+                                  head: int | None = None, tiny: float = 1e-30) -> QueryGradientCheck:
+    """The query-gradient identity on a model's answer row (the last prompt token) for a prompt
+    with a marked needle, base weights.
+
+    One prefill of the prompt gives the frozen keys (already position-rotated where the model uses
+    RoPE); one frozen-cache forward of the answer row records its attention α (every layer, query
+    head). The row's query is not exposed by the model, so it is recovered from the row: z = s·Kq and
+    log α = z − logsumexp(z), hence s·Kq − c·1 = log α for one constant c; q̂ is the least-squares
+    solution over the keys with α > `tiny` (unique when [K, 1] has full column rank, i.e. enough
+    keys in general position: `q_identified`). `recon_max_abs` reports how well softmax(s·Kq̂)
+    reproduces the recorded row. The gradient depends on q only through α, so the identity is
+    checked on the model's own α and keys either way.
+
+    layer, head: the query head; None picks the head with the largest needle attention α*.
+    The needle key is j*, the needle token that head attends to most."""
+    if not has_marked_needle(prompt):
+        raise ValueError("the prompt marks no needle: use synthetic_row")
+    inp = qttt_inputs(lm, prompt)
+    row = inp.n_prompt - 1
+    needle = [i for i in inp.needle if i <= row]
+    if not needle:
+        raise ValueError("no needle token lies before the answer row")
+    ids = inp.ids[:, : inp.n_prompt]
+    with torch.no_grad():
+        _, cache = prefill(lm.model, ids)
+        with record_attention() as rec:
+            forward_with_frozen_kv(lm.model, ids[:, row:row + 1], cache, row)
+    layers = sorted(k for k in rec if isinstance(k, int))
+    P = torch.stack([rec[l][0, :, 0, : row + 1] for l in layers]).double().cpu().numpy()  # (L, H, T)
+    with np.errstate(divide="ignore"):
+        stats = row_stats(np.log(P), needle, 0.0)
+    if layer is None or head is None:
+        layer, head = (int(v) for v in np.unravel_index(int(np.argmax(stats.alpha_star)), stats.alpha_star.shape))
+    layer, head = int(layer), int(head)
+    if not (0 <= layer < P.shape[0] and 0 <= head < P.shape[1]):
+        raise IndexError(f"(layer {layer}, head {head}) outside the model's {P.shape[0]} × {P.shape[1]} query heads")
+    kv = lm.adapter.kv_head_of(head)
+    K = cache.keys[layer][0, kv, : row + 1].double().cpu().numpy()  # (T, d_k)
+    alpha = P[layer, head]
+    s = _attention_scale(lm, layer)
+    keep = alpha > tiny
+    A = np.hstack([s * K[keep], -np.ones((int(keep.sum()), 1))])
+    sol, _, rank, _ = np.linalg.lstsq(A, np.log(alpha[keep]), rcond=None)
+    q_hat = sol[:-1]
+    j = int(stats.j_star[layer, head])
+    recon = float(np.max(np.abs(row_attention(q_hat, K, s) - alpha)))
+    desc = (f"answer row {row} (the last prompt token) of {lm.name}, layer {layer}, query head {head} "
+            f"(kv head {kv}); needle key j* = {j} of {len(needle)} needle token(s); {row + 1} keys")
+    return query_gradient_check(q_hat, K, j, s, source="measured", description=desc, layer=layer, head=head,
+                                recon_max_abs=recon, q_identified=bool(rank == A.shape[1]),
+                                alpha_star_grid=stats.alpha_star)

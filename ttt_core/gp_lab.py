@@ -2,8 +2,9 @@
 
 ``run_lab`` builds the problem with ``ttt_core.gp_sim``, runs the Monte-Carlo experiments
 (risks, evidence, distribution shift, projector) and computes every closed-form curve the page
-draws that depends only on the settings: the TTT-versus-ICL verdict over the T grid and the
-signed-gain map over noise levels.  The filter plot also depends on which T the reader picks;
+draws that depends only on the settings: the TTT-versus-ICL verdict over the T grid, the
+signed-gain map over noise levels and the Bayes gap from evidence (closed form and bound from
+``posterior_verdict.bayes_gap_bound`` against a Monte Carlo over the risk experiment's own draws).  The filter plot also depends on which T the reader picks;
 ``lab_filter_curves`` computes it from a ``LabResult``.  The page caches both and only draws.
 """
 
@@ -16,18 +17,23 @@ from numpy.typing import ArrayLike
 
 from ttt_core import theory
 from ttt_core.gp_sim import (
+    Draws,
     EvidenceMC,
     FloatArray,
     GPProblem,
     ProjectorMC,
     RiskMC,
     ShiftMC,
+    bayes_prompt,
+    draw_benchmark,
     make_problem,
+    mean_se,
     simulate_evidence,
     simulate_projector,
     simulate_risks,
     simulate_shift,
 )
+from ttt_core.posterior_verdict import bayes_gap_bound
 
 # --------------------------------------------------------------------------------------------
 # closed-form helpers for the lab's figures
@@ -70,6 +76,50 @@ def icl_gain_grid(
     return np.stack(rows)
 
 
+@dataclass(frozen=True)
+class BayesGapMC:
+    """Bayes gap from evidence on the T grid (DESIGN §5, aligned GP benchmark); arrays of shape (G,).
+
+    E‖f̂_T − f_Bayes‖² ≤ 4σ²·KL(N(0,Σ⋆) ‖ N(0,Σ_T)), Σ⋆ = τ²K + σ²I, Σ_T = σ²(I − ρK)^{−T}.
+
+    Attributes:
+        T_grid: (G,).
+        expected, bound, kl: closed-form E‖f̂_T − f_Bayes‖², 4σ²·KL and the KL itself
+            (``posterior_verdict.bayes_gap_bound``).
+        mc_mean, mc_se: Monte-Carlo mean of ‖G_T r − g⋆(K) r‖² over the draws and its standard
+            error (ddof = 1).  n_draws: number of draws.
+    """
+
+    T_grid: FloatArray
+    expected: FloatArray
+    bound: FloatArray
+    kl: FloatArray
+    mc_mean: FloatArray
+    mc_se: FloatArray
+    n_draws: int
+
+
+def bayes_gap_from_evidence(
+    problem: GPProblem, tau2: float, sigma2: float, rho: float, T_grid: ArrayLike, draws: Draws
+) -> BayesGapMC:
+    """Closed form and evidence bound of E‖f̂_T − f_Bayes‖² against Monte Carlo over ``draws``.
+
+    Per draw r: f̂_T = G_T r with G_T = U diag(g_T(λ)) Uᵀ = I − (I − ρK)^T, and f_Bayes = g⋆(K) r =
+    τ²K(τ²K + σ²I)^{-1} r by a dense solve (``gp_sim.bayes_prompt``); the squared difference is
+    taken in K's eigenbasis (U is orthogonal, so norms are unchanged).  One T at a time, so memory
+    stays O(m·n) whatever the grid.
+    """
+    T_grid = np.asarray(T_grid, dtype=float)
+    closed = bayes_gap_bound(problem.lam, rho, T_grid, tau2, sigma2)
+    rt = draws.r @ problem.U                                     # (m, n): rows Uᵀ r
+    bt = bayes_prompt(problem, draws.r, tau2, sigma2) @ problem.U  # (m, n): rows Uᵀ f_Bayes
+    g = theory.gd_filter(problem.lam, rho, T_grid)               # (G, n)
+    err = np.stack([np.sum((g_T * rt - bt) ** 2, axis=1) for g_T in g])  # (G, m)
+    mc, se = mean_se(err)
+    return BayesGapMC(T_grid=T_grid, expected=np.asarray(closed.expected_gap), bound=np.asarray(closed.bound),
+                      kl=np.asarray(closed.kl), mc_mean=mc, mc_se=se, n_draws=int(draws.r.shape[0]))
+
+
 # --------------------------------------------------------------------------------------------
 # the whole lab
 # --------------------------------------------------------------------------------------------
@@ -110,6 +160,8 @@ class LabResult:
         icl: TTT versus ICL at the query for every T on the grid, at σ² (``theory.ttt_beats_icl``).
         gain_sigma2: noise levels of the signed-gain map, shape (S,) (``gain_sigma2_grid``).
         gain: relative query gain of TTT over ICL, shape (S, G) (``icl_gain_grid``).
+        bayes_gap: the Bayes gap from evidence, closed form and bound against Monte Carlo over the
+            risk experiment's draws (``bayes_gap_from_evidence``).
     """
 
     settings: LabSettings
@@ -124,6 +176,7 @@ class LabResult:
     icl: theory.IclVerdict
     gain_sigma2: FloatArray
     gain: FloatArray
+    bayes_gap: BayesGapMC
 
 
 @dataclass(frozen=True)
@@ -152,13 +205,18 @@ def run_lab(s: LabSettings) -> LabResult:
     """Run every GP-lab experiment for settings ``s`` (DESIGN §3-§5).
 
     ρ = c/λ_max, T grid {0, …, T_max}.  Monte-Carlo streams are independent children of
-    SeedSequence(s.seed) (risks, evidence, shift, projector).
+    SeedSequence(s.seed) (risks, evidence, shift, projector).  The Bayes gap from evidence reuses
+    the risk experiment's draws: its stream is replayed from the same child seed.
     """
     problem = problem_from_settings(s)
     rho = theory.rho_from_c(problem.lam, s.c)
     T_grid = np.arange(int(s.T_max) + 1, dtype=float)
-    r_risk, r_ev, r_shift, r_proj = (np.random.default_rng(q) for q in np.random.SeedSequence(s.seed).spawn(4))
-    risks = simulate_risks(problem, s.tau2, s.sigma2, rho, T_grid, s.n_draws, r_risk)
+    seq_risk, *seq_rest = np.random.SeedSequence(s.seed).spawn(4)
+    r_ev, r_shift, r_proj = (np.random.default_rng(q) for q in seq_rest)
+    risks = simulate_risks(problem, s.tau2, s.sigma2, rho, T_grid, s.n_draws, np.random.default_rng(seq_risk))
+    # simulate_risks draws the benchmark first from its generator: the same draws, replayed
+    risk_draws = draw_benchmark(problem, s.tau2, s.sigma2, s.n_draws, np.random.default_rng(seq_risk))
+    bayes_gap = bayes_gap_from_evidence(problem, s.tau2, s.sigma2, rho, T_grid, risk_draws)
     evidence = simulate_evidence(problem, s.tau2, s.sigma2, rho, T_grid, s.n_draws, r_ev, s.delta)
     shift = projector = None
     if s.sigma2_b is not None and s.sigma2_b != s.sigma2:
@@ -174,7 +232,7 @@ def run_lab(s: LabSettings) -> LabResult:
                      evidence=evidence, shift=shift, projector=projector,
                      noise_levels=(s.sigma2,) + ((s.sigma2_b,) if s.sigma2_b is not None else ()),
                      icl=icl, gain_sigma2=gain_sigma2,
-                     gain=icl_gain_grid(problem, s.tau2, gain_sigma2, rho, T_grid))
+                     gain=icl_gain_grid(problem, s.tau2, gain_sigma2, rho, T_grid), bayes_gap=bayes_gap)
 
 
 def lab_filter_curves(res: LabResult, T_values: ArrayLike) -> FilterCurves:

@@ -28,7 +28,7 @@ def check_page(at: AppTest, s: gp_lab.LabSettings) -> None:
     assert not at.exception, at.exception
     figs = charts(at)
     expected = {"gp_fig_spectrum", "gp_fig_filters", "gp_fig_query_gap", "gp_fig_prompt_risk", "gp_fig_gain",
-                "gp_fig_evidence", "gp_fig_tmap_hist", "gp_fig_pac"}
+                "gp_fig_evidence", "gp_fig_tmap_hist", "gp_fig_pac", "gp_fig_bayes_gap"}
     if s.sigma2_b is not None:
         expected |= {"gp_fig_shift", "gp_fig_projector"}
     assert set(figs) == expected
@@ -93,6 +93,38 @@ def check_page(at: AppTest, s: gp_lab.LabSettings) -> None:
     close(np.sort(xs), np.sort(lab.evidence.ell_at_map + slack), rtol=1e-9)
     text = " ".join(m.value for m in at.markdown)
     assert "Empirical coverage" in text and f"1 − δ = {1 - s.delta:.3f}" in text
+
+    # Bayes gap from evidence (DESIGN §5): bound and closed form recomputed from posterior_verdict; the MC
+    # points recomputed from the risk experiment's draws (replayed from its seed: first child of
+    # SeedSequence(seed)), f̂_T = G_T r by a dense matrix power and f_Bayes by a dense solve.
+    # Would catch: a missing or mislabelled figure, wrong curves, ±1 SE bars drawn as ±2 SE (or the
+    # reverse), MC from other draws than the lab's, and a bound that a plotted MC point exceeds.
+    from ttt_core import gp_sim
+    from ttt_core.posterior_verdict import bayes_gap_bound
+    bgd = figs["gp_fig_bayes_gap"]["data"]
+    assert [tr["name"] for tr in bgd] == ["bound 4σ²·KL(N(0,Σ⋆) ‖ N(0,Σ_T))", "closed form E‖f̂_T − f_Bayes‖²",
+                                          "Monte Carlo ± 2 SE"]
+    ref = bayes_gap_bound(lam, rho, grid, s.tau2, s.sigma2)
+    for tr in bgd:
+        close(decode(tr["x"]), grid)
+    close(decode(bgd[0]["y"]), ref.bound, rtol=1e-9)
+    close(decode(bgd[1]["y"]), ref.expected_gap, rtol=1e-9)
+    draws = gp_sim.draw_benchmark(prob, s.tau2, s.sigma2, s.n_draws,
+                                  np.random.default_rng(np.random.SeedSequence(s.seed).spawn(4)[0]))
+    fb = gp_sim.bayes_prompt(prob, draws.r, s.tau2, s.sigma2)
+    step = np.eye(prob.n) - rho * prob.K
+    G, err = np.zeros((prob.n, prob.n)), []
+    for _ in grid:  # G_T = I − (I − ρK)^T for T = 0, 1, …
+        err.append(np.sum((draws.r @ G - fb) ** 2, axis=1))
+        G = np.eye(prob.n) - step @ (np.eye(prob.n) - G)
+    err = np.array(err)
+    mc, se = err.mean(axis=1), err.std(axis=1, ddof=1) / np.sqrt(s.n_draws)
+    close(decode(bgd[2]["y"]), mc, rtol=1e-7)
+    close(decode(bgd[2]["error_y"]["array"]), 2 * se, rtol=1e-6)
+    assert np.all(decode(bgd[2]["y"]) <= decode(bgd[0]["y"]))
+    assert figs["gp_fig_bayes_gap"]["layout"]["meta"] == {"figure": "bayes_gap"}
+    assert any(f"at {grid.size} of {grid.size} T values" in t and "Monte Carlo against the closed form" in t
+               for t in (m.value for m in at.markdown))
 
     if s.sigma2_b is not None:
         sh = figs["gp_fig_shift"]["data"]

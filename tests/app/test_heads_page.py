@@ -103,3 +103,80 @@ def test_heads_page_publishes_scores_for_live_qttt():
     hs = at.session_state["head_scores"]
     assert hs.subspace == "q" and len(hs.scores) == 3 * 4
     assert all(isinstance(k, tuple) and len(k) == 2 for k in hs.scores)
+
+
+@pytest.mark.parametrize("patched_c", [None, 0.37])
+def test_heads_page_greedy_help_names_the_c_and_T_used(monkeypatch, patched_c):
+    """The greedy budget's help text names the step fraction c and horizon T that score_blocks gets.
+
+    Would catch: a hard-coded c or T in the help (it said c = 0.5 while GREEDY_C is 0.1; with c patched
+    to 0.37 any literal fails), and a page that relies on score_blocks' defaults instead of passing the c
+    it names (the spy then sees no greedy_c, or its default bound at import time, 0.1 ≠ 0.37)."""
+    import re
+
+    import ttt_core.scores as scores
+
+    if patched_c is not None:
+        monkeypatch.setattr(scores, "GREEDY_C", patched_c)
+    calls: list[dict] = []
+    real = scores.score_blocks
+
+    def spy(ev, *args, **kwargs):
+        calls.append(kwargs)
+        return real(ev, *args, **kwargs)
+
+    monkeypatch.setattr(scores, "score_blocks", spy)
+    at = run_page("tiny-random-llama", FEWSHOT)
+    text = at.number_input(key="heads_budget").help
+    c_shown = re.search(r"c = ([0-9.eE+-]+)", text)
+    T_shown = re.search(r"T = (\d+)", text)
+    assert c_shown and T_shown, text
+    greedy = [kw for kw in calls if kw.get("greedy_budget", 0) > 0]
+    assert greedy, calls
+    assert float(c_shown.group(1)) == greedy[-1]["greedy_c"] == scores.GREEDY_C
+    assert int(T_shown.group(1)) == greedy[-1]["greedy_T"] == scores.GREEDY_T
+
+
+def _check_table(at: AppTest):
+    tables = [d.value for d in at.dataframe if "subset" in d.value.columns]
+    return tables[0] if tables else None
+
+
+def test_heads_page_check_these_scores_button():
+    """The "Check these scores" button runs the real-TTT check on the page's kernel and scores. Catches:
+    an exception in the section, the page passing other settings/scores than it shows (the table
+    must equal check_scores on the same kernel), no figure or summary, and a stale result shown
+    for another subspace (results are keyed by prompt/subspace/settings in the session)."""
+    from ttt_core.score_check import check_scores
+
+    at = run_page("tiny-random-llama", FEWSHOT)
+    assert _check_table(at) is None and any("Not run yet" in c.value for c in at.caption)
+    at.button(key="heads_check_run").click().run()
+    assert not at.exception, at.exception
+    df = _check_table(at)
+    assert df is not None and list(df["subset"]) == ["top-k", "bottom-k"] + [f"random {i}" for i in range(1, 6)]
+    lm = load_model("tiny-random-llama")
+    prompt = parse_prompt(FEWSHOT)
+    ev = compute_prompt_kernel(lm, prompt, "q")
+    ref = check_scores(lm, prompt, ev, score_blocks(ev), k=3, steps=4, random_subsets=5)
+    assert list(df["blocks"]) == [", ".join(s.blocks) for s in ref.subsets]
+    measured = [c for c in df.columns if c.startswith("measured")][0]
+    np.testing.assert_allclose(df[measured].to_numpy(float), [s.measured for s in ref.subsets], rtol=1e-5)
+    fig = chart(at, "heads_check_fig")
+    assert {t["name"] for t in fig["data"]} >= {"top-k", "bottom-k", "random k-subsets", "y = x"}
+    assert any(ref.summary == m.value for m in list(at.success) + list(at.info))
+    # another subspace: not shown (stale); back to q: this session's result again, without a rerun of TTT
+    at.selectbox(key="heads_subspace").set_value("v").run()
+    assert not at.exception and _check_table(at) is None
+    at.selectbox(key="heads_subspace").set_value("q").run()
+    assert _check_table(at) is not None
+
+
+def test_heads_page_check_not_possible_shows_the_note():
+    """W_O cannot be updated by paper GD: the button shows the reason, no table, no exception."""
+    at = run_page("tiny-random-llama", FEWSHOT)
+    at.selectbox(key="heads_subspace").set_value("o").run()
+    at.button(key="heads_check_run").click().run()
+    assert not at.exception, at.exception
+    assert _check_table(at) is None
+    assert any("W_V or W_Q" in w.value for w in at.warning)

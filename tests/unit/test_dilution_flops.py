@@ -133,3 +133,94 @@ def test_zero_deltas_reproduce_the_base_measurement() -> None:
     b = D.measure_answer_row(lm, run, {k: torch.zeros_like(d) for k, d in run.deltas.items()}, 1.0)
     np.testing.assert_allclose(a.stats.needle_mass, b.stats.needle_mass, rtol=1e-6)
     assert a.answer_prob == pytest.approx(b.answer_prob, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ query gradient (DESIGN §8)
+@pytest.mark.parametrize(("T", "d_k", "seed"), [(1, 4, 0), (2, 1, 1), (7, 3, 2), (50, 16, 3), (300, 64, 4)])
+def test_query_gradient_closed_form_equals_autograd(T: int, d_k: int, seed: int) -> None:
+    """∂(−log α_needle)/∂q = (μ − k_needle)/√d_k on random rows, float64, to 1e-10.
+
+    Would catch: a missing 1/√d_k (or √d_k instead), μ unweighted or weighted by logits instead of α,
+    the sign flipped (k_needle − μ), or the needle's own key left out of μ."""
+    rng = np.random.default_rng(seed)
+    K = rng.normal(scale=2.0, size=(T, d_k))
+    q = rng.normal(scale=2.0, size=d_k)
+    for needle in {0, T // 2, T - 1}:
+        closed = D.needle_query_gradient(q, K, needle)
+        auto = D.autograd_needle_gradient(q, K, needle)
+        np.testing.assert_allclose(closed, auto, rtol=0, atol=1e-10 * max(1.0, float(np.abs(auto).max())))
+        # the formula spelled out independently of the implementation
+        z = K @ q / math.sqrt(d_k)
+        a = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        np.testing.assert_allclose(closed, (a @ K - K[needle]) / math.sqrt(d_k), atol=1e-12)
+    # an explicit scale replaces 1/√d_k (GPT-2's per-layer scaling, for instance)
+    np.testing.assert_allclose(D.needle_query_gradient(q, K, 0, 0.3), D.autograd_needle_gradient(q, K, 0, 0.3),
+                               atol=1e-10)
+    chk = D.query_gradient_check(q, K, T - 1)
+    assert chk.max_abs_diff <= 1e-10 and (chk.cosine == pytest.approx(1.0, abs=1e-12) or chk.norm_closed < 1e-12)
+    assert chk.norm_closed == pytest.approx(chk.norm_autograd, rel=1e-10, abs=1e-14)
+
+
+def test_query_gradient_check_rejects_a_wrong_row_and_single_key_is_zero() -> None:
+    """The comparison has power (a wrong needle index changes the gradient) and one key gives α = 1, grad 0."""
+    q, K, j = D.synthetic_row()
+    assert 0.05 < D.query_gradient_check(q, K, j).alpha_needle < 0.95  # diluted, not saturated
+    assert np.max(np.abs(D.needle_query_gradient(q, K, j) - D.autograd_needle_gradient(q, K, j + 1))) > 1e-3
+    np.testing.assert_allclose(D.needle_query_gradient(q, K[:1], 0), 0.0, atol=1e-15)
+    with pytest.raises(ValueError):
+        D.needle_query_gradient(q, K, K.shape[0])
+    with pytest.raises(ValueError):
+        D.needle_query_gradient(q[:-1], K, 0)
+
+
+def test_query_gradient_on_a_tiny_model_answer_row() -> None:
+    """On a real (tiny llama) answer row: the query recovered from the recorded row is the model's own
+    post-RoPE query, and closed form = autograd on it (float64, 1e-10).
+
+    Would catch: keys from the wrong kv head or layer, the wrong attention scale, a row that is not the
+    answer row, or a recovery that only matches up to the softmax's free constant in the wrong way."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from ttt_core.examples import load_example
+    from ttt_core.prompts import parse_prompt
+
+    lm = build_tiny_model("llama", seed=0)
+    prompt = parse_prompt(load_example("Needle in a haystack, short"))
+    layer, head = 2, 3
+    # the true query of (layer, head) at the answer row, captured from the attention module's inputs
+    attn = lm.model.model.layers[layer].self_attn
+    seen: dict = {}
+    hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs), with_kwargs=True)
+    try:
+        chk = D.measured_query_gradient_check(lm, prompt, layer, head)
+    finally:
+        hook.remove()
+    # the last forward through the module is the one-row frozen-cache forward of the answer row
+    h, (cos, sin) = seen["hidden_states"], seen["position_embeddings"]
+    with torch.no_grad():
+        q = attn.q_proj(h).view(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    q_true = q[0, head, -1].double().numpy()
+    assert chk.source == "measured" and (chk.layer, chk.head) == (layer, head)
+    assert chk.q_identified and chk.recon_max_abs < 1e-5
+    assert chk.scale == pytest.approx(attn.head_dim ** -0.5)
+    assert chk.d_k == attn.head_dim and chk.n_keys > 100
+    # the identity on the model's own query (captured above) and its frozen keys
+    from ttt_core.attention import prefill
+    from ttt_core.qttt import qttt_inputs
+    inp = qttt_inputs(lm, prompt)
+    _, cache = prefill(lm.model, inp.ids[:, : inp.n_prompt])
+    K = cache.keys[layer][0, lm.adapter.kv_head_of(head), : inp.n_prompt].double().numpy()
+    assert K.shape[0] == chk.n_keys
+    np.testing.assert_allclose(chk.q, q_true, rtol=0, atol=1e-4 * np.abs(q_true).max())
+    closed = D.needle_query_gradient(q_true, K, chk.needle, chk.scale)
+    auto = D.autograd_needle_gradient(q_true, K, chk.needle, chk.scale)
+    np.testing.assert_allclose(closed, auto, rtol=0, atol=1e-10 * max(1.0, float(np.abs(auto).max())))
+    np.testing.assert_allclose(chk.closed, closed, rtol=1e-3, atol=1e-6 * float(np.abs(closed).max()))
+    assert chk.max_abs_diff <= 1e-10
+    # the default head is the one with the largest needle attention
+    auto_chk = D.measured_query_gradient_check(lm, prompt)
+    assert auto_chk.alpha_needle == pytest.approx(float(np.max(auto_chk.alpha_star_grid)), rel=1e-6)
+    with pytest.raises(ValueError):
+        D.measured_query_gradient_check(lm, parse_prompt("1 -> 2\n3 -> 4\n5 ->"))

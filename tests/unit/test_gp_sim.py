@@ -150,3 +150,66 @@ def test_projector_panel_numbers() -> None:
     assert abs(pj.full_fit_mc - pj.full_fit_closed) <= 4 * pj.full_fit_se
     assert abs(pj.floor_mc - pj.floor_closed) <= 4 * pj.floor_se
     assert pj.js_closed < pj.full_fit_closed
+
+
+# ------------------------------------------------------------------ Bayes gap from evidence (DESIGN §5)
+BAYES_GAP_SETTINGS = [
+    # the GP lab page's defaults (σ² = 0.05, second level 2.0) …
+    gp_lab.LabSettings(kernel="rbf", n=48, tau2=1.0, sigma2=0.05, c=0.5, T_max=30, n_draws=300, seed=0,
+                       sigma2_b=2.0),
+    # … and a low-SNR power-law spectrum with a larger step and a longer grid
+    gp_lab.LabSettings(kernel="powerlaw", n=32, alpha=2.0, tau2=0.5, sigma2=2.0, c=0.8, T_max=60, n_draws=400,
+                       seed=3, sigma2_b=None),
+]
+
+
+@pytest.mark.parametrize("s", BAYES_GAP_SETTINGS, ids=["page-defaults", "powerlaw-low-snr"])
+def test_bayes_gap_from_evidence_monte_carlo_and_bound(s: gp_lab.LabSettings) -> None:
+    """E‖f̂_T − f_Bayes‖² ≤ 4σ²·KL(N(0,Σ⋆) ‖ N(0,Σ_T)) in the lab's LabResult.
+
+    Would catch: a wrong closed form or Σ_T in `bayes_gap_bound` (MC off by > 3 SE), a wrong filter or
+    Bayes solve in the MC (same), a bound that fails (MC mean above it), the lab not reusing the risk
+    experiment's draws (its GD-based prompt excess MC would differ), and a KL that is not the population
+    evidence risk n·𝓛(T|K) up to a constant."""
+    res = gp_lab.run_lab(s)
+    bg = res.bayes_gap
+    prob = res.problem
+    np.testing.assert_array_equal(bg.T_grid, np.arange(s.T_max + 1, dtype=float))
+    assert bg.n_draws == s.n_draws and np.all(bg.mc_se > 0)
+    # the lab's curves are posterior_verdict's, for the lab's problem and grid
+    from ttt_core.posterior_verdict import bayes_gap_bound
+    ref = bayes_gap_bound(prob.lam, res.rho, res.T_grid, s.tau2, s.sigma2)
+    np.testing.assert_allclose(bg.expected, ref.expected_gap, rtol=1e-12)
+    np.testing.assert_allclose(bg.bound, ref.bound, rtol=1e-12)
+    # and the closed form is the prompt excess risk of theory (an independent implementation)
+    np.testing.assert_allclose(
+        bg.expected, theory.prompt_excess_risk(prob.lam, s.tau2, s.sigma2, theory.gd_filter(prob.lam, res.rho, res.T_grid)),
+        rtol=1e-10)
+    # Monte Carlo within 3 SE of the closed form at every T, and below the bound at every T
+    assert np.all(np.abs(bg.mc_mean - bg.expected) <= 3 * bg.mc_se), (bg.mc_mean - bg.expected) / bg.mc_se
+    assert np.all(bg.mc_mean <= bg.bound)
+    assert np.all(bg.expected <= bg.bound)
+    # the same draws as the risk experiment: G_T r by the filter = Φθ_T by plain gradient descent
+    np.testing.assert_allclose(bg.mc_mean, res.risks.prompt_excess_mc, rtol=1e-9)
+    # KL = n·𝓛(T|K) − const: the smallest bound sits at the population-evidence optimum
+    d = bg.kl - prob.n * res.evidence.population
+    np.testing.assert_allclose(d, d[0], rtol=1e-10, atol=1e-9 * float(np.abs(bg.kl).max()))
+    assert res.T_grid[int(np.argmin(bg.bound))] == res.evidence.oracle_T_evidence
+
+
+def test_bayes_gap_monte_carlo_has_power() -> None:
+    """The 3-SE check rejects a slightly wrong expectation (σ² off by 20% in Σ⋆) and an MC with the Bayes
+    filter at the wrong noise level: it is not vacuous."""
+    p = gp_sim.make_problem("rbf", n=32, seed=2)
+    tau2, sigma2 = 1.0, 0.5
+    rho = theory.rho_from_c(p.lam, 0.5)
+    T_grid = np.array([0.0, 1.0, 3.0, 10.0, 30.0])
+    dr = gp_sim.draw_benchmark(p, tau2, sigma2, 3000, np.random.default_rng(17))
+    bg = gp_lab.bayes_gap_from_evidence(p, tau2, sigma2, rho, T_grid, dr)
+    assert np.all(np.abs(bg.mc_mean - bg.expected) <= 3 * bg.mc_se)
+    wrong = gp_lab.bayes_gap_from_evidence(p, tau2, 1.2 * sigma2, rho, T_grid, dr)  # Σ⋆, g⋆ at the wrong σ²
+    assert np.any(np.abs(wrong.expected - bg.mc_mean) > 3 * bg.mc_se)
+    # draws from a different noise level than the closed form assumes
+    dr2 = gp_sim.draw_benchmark(p, tau2, 1.2 * sigma2, 3000, np.random.default_rng(17))
+    off = gp_lab.bayes_gap_from_evidence(p, tau2, sigma2, rho, T_grid, dr2)
+    assert np.any(np.abs(off.mc_mean - off.expected) > 3 * off.mc_se)

@@ -301,3 +301,29 @@ def projector_figure(
     _legend_below(fig)
     fig.update_layout(meta={"figure": "projector"})
     return fig
+
+
+def bayes_gap_figure(
+    T_grid: ArrayLike, bound: ArrayLike, expected: ArrayLike, mc_mean: ArrayLike, mc_se: ArrayLike
+) -> go.Figure:
+    """Bayes gap from evidence over T (DESIGN §5, aligned GP benchmark): the bound
+    4σ²·KL(N(0,Σ⋆) ‖ N(0,Σ_T)), the closed-form E‖f̂_T − f_Bayes‖² and its Monte-Carlo mean ± 2 SE.
+
+    Args: arrays of shape (G,) over T_grid; mc_se is one standard error (the bars are 2·mc_se).
+    Traces: [0] bound (dashed), [1] closed form (line), [2] Monte Carlo (markers, error_y = 2·SE).
+    Log y axis: the gap falls by orders of magnitude while T grows.
+    """
+    T = _arr(T_grid)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=T, y=_arr(bound), mode="lines", name="bound 4σ²·KL(N(0,Σ⋆) ‖ N(0,Σ_T))",
+                             line=dict(color=VERMILLION, dash="dash", width=3)))
+    fig.add_trace(go.Scatter(x=T, y=_arr(expected), mode="lines", name="closed form E‖f̂_T − f_Bayes‖²",
+                             line=dict(color=BLUE, width=3)))
+    fig.add_trace(go.Scatter(x=T, y=_arr(mc_mean), mode="markers", name="Monte Carlo ± 2 SE",
+                             marker=dict(color=ORANGE, size=7, symbol="circle-open"),
+                             error_y=dict(type="data", array=2.0 * _arr(mc_se), visible=True, color=ORANGE)))
+    base_layout(fig, "Bayes gap from evidence vs steps",
+                "steps T", "E‖f̂_T − f_Bayes‖²  (log scale)")
+    _legend_below(fig)
+    fig.update_layout(meta={"figure": "bayes_gap"}, yaxis_type="log", yaxis_exponentformat="power")
+    return fig

@@ -1,6 +1,7 @@
 """Figures of the Long context page (DESIGN §8): needle attention mass against context length,
 per-layer/head heat maps, the dilution bound against measured attention, the logarithmic margin
-requirement against measured margins, answer probability, and the FLOP calculator.
+requirement against measured margins, answer probability, the qTTT query-gradient identity and the
+FLOP calculator.
 Pure plotly builders over `ttt_core.dilution` / `ttt_core.flops` results."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ttt_core.dilution import DilutionPoint, required_margin
+from ttt_core.dilution import DilutionPoint, QueryGradientCheck, required_margin
 from ttt_core.figures.style import OKABE_ITO, SEQUENTIAL_SCALE, base_layout
 from ttt_core.flops import FlopModel, approx_thinking_tokens
 
@@ -136,3 +137,17 @@ def flops_figure(fm: FlopModel, N: int, k: int, T_values: Sequence[float], T_mar
     fig.update_xaxes(type="log")
     return base_layout(fig, f"Thinking tokens with the FLOPs of {N} qTTT steps of span {k}", "context length T (tokens)",
                        "T_think")
+
+
+def query_gradient_figure(check: QueryGradientCheck) -> go.Figure:
+    """The query gradient of −log α_needle per coordinate: the closed form s(μ − k_needle) (bars) and
+    torch.autograd's (markers), DESIGN §8. Traces: [0] closed form, [1] autograd; x = coordinate of q."""
+    idx = np.arange(check.d_k)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=idx, y=check.closed, name="closed form (μ − k_needle)·s", marker_color=OKABE_ITO[0],
+                         opacity=0.7))
+    fig.add_trace(go.Scatter(x=idx, y=check.autograd, mode="markers", name="torch.autograd",
+                             marker=dict(color=OKABE_ITO[3], symbol="diamond", size=7)))
+    where = f"L{check.layer}.H{check.head}, " if check.layer is not None else "synthetic row, "
+    return base_layout(fig, f"∂(−log α_needle)/∂q — {where}{check.n_keys} keys, d_k = {check.d_k}",
+                       "coordinate of q", "gradient")
