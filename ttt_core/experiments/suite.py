@@ -101,8 +101,8 @@ def _suite_job(lm: LoadedModel, job: tuple[TaskSpec, SuiteSettings, str]) -> str
     """One task for `pool.map_jobs`: run it and write its record (in the worker)."""
     spec, settings, folder = job
     rec = run_task(lm, spec, settings)
-    write_json(_task_file(folder, rec["task_id"]), rec)
-    return rec["task_id"]
+    write_json(_task_file(folder, rec.task_id), rec.to_dict())
+    return rec.task_id
 
 
 def build_suite(lm: LoadedModel | None, settings: SuiteSettings, n_tasks: int, *, root: str | Path | None = None,

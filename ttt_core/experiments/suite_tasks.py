@@ -330,9 +330,38 @@ def prompt_statistics(lm: LoadedModel, stats_prompt: Prompt, subspace: str, sett
     return {"stats": stats, "seconds": time.perf_counter() - t0}
 
 
-def run_task(lm: LoadedModel, spec: TaskSpec, settings: SuiteSettings) -> dict[str, Any]:
+@dataclass
+class SuiteTaskRecord:
+    """One suite task's result (module docstring): errors[t] and cumulative seconds[t] for
+    t = 0…T_max from ONE engine run, the prompt statistics the controller reads, and `extra`
+    per-step traces (prediction, or answer NLL and needle mass). `to_dict()` is the JSON record
+    cached under tasks/<task_id>.json."""
+
+    task_id: str
+    split: str
+    index: int
+    seed: int
+    family: str
+    meta: dict[str, Any]
+    engine: str
+    subspace: str
+    errors: list[float]
+    seconds: list[float]
+    prep_seconds: float
+    stats_seconds: float
+    steps_done: int
+    status: str
+    reason: str | None
+    stats: dict[str, Any]
+    extra: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_task(lm: LoadedModel, spec: TaskSpec, settings: SuiteSettings) -> SuiteTaskRecord:
     """ONE engine run of the task to T_max (error and seconds at every step) plus the prompt
-    statistics. Returns a JSON-ready dict (see module docstring)."""
+    statistics (see module docstring)."""
     prompt, meta = make_task(spec, settings)
     few = isinstance(prompt, FewShotPrompt)
     T = settings.t_max
@@ -394,11 +423,8 @@ def run_task(lm: LoadedModel, spec: TaskSpec, settings: SuiteSettings) -> dict[s
         stats_part = prompt_statistics(lm, stats_prompt, subspace, settings)
     stats = dict(stats_part["stats"])
     stats.update({"n_tokens": n_tokens, "confidence": float(confidence), "long_context": not few})
-    return {
-        "task_id": spec.task_id, "split": spec.split, "index": spec.index, "seed": spec.seed,
-        "family": spec.family, "meta": meta, "engine": engine, "subspace": subspace,
-        "errors": [float(e) for e in err], "seconds": [float(s) for s in seconds],
-        "prep_seconds": prep_s, "stats_seconds": float(stats_part["seconds"]),
-        "steps_done": steps_done, "status": run.status, "reason": run.reason,
-        "stats": stats, "extra": extra,
-    }
+    return SuiteTaskRecord(
+        task_id=spec.task_id, split=spec.split, index=spec.index, seed=spec.seed, family=spec.family, meta=meta,
+        engine=engine, subspace=subspace, errors=[float(e) for e in err], seconds=[float(s) for s in seconds],
+        prep_seconds=prep_s, stats_seconds=float(stats_part["seconds"]), steps_done=steps_done, status=run.status,
+        reason=run.reason, stats=stats, extra=extra)
