@@ -11,9 +11,11 @@ from pathlib import Path
 import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header
+from pages.downloads import figure_downloads
 from ttt_core.experiments.controller import Controller, ControllerConfig, load_controller, train_controller
 from ttt_core.experiments.schedules import (DEFAULT_LAMBDA, all_schedules, choice_counts, compare_controller,
                                             family_trajectories, pareto_front, results_table)
+from ttt_core.experiments.stats import VERDICT_RULE
 from ttt_core.experiments.store import controller_dir
 from ttt_core.experiments.suite import build_suite, load_cached_suite, suite_dir
 from ttt_core.experiments.suite_tasks import FAMILY_LABELS, TRAP_FAMILIES, SuiteSettings, split_sizes
@@ -116,7 +118,9 @@ st.markdown(f"**{cmp['sentence']}**")
 st.caption(f"Controller {source}; best validation epoch {ctrl.info.get('best_epoch')} (restart "
            f"{ctrl.info.get('best_restart')}), validation regret {ctrl.info.get('val_loss_init', float('nan')):.4g} → "
            f"{ctrl.info.get('val_loss_best', float('nan')):.4g}. Cost differences are paired per test task; the CI is "
-           "a 95 % bootstrap over test tasks. With few test tasks the interval is wide: read it before the mean.")
+           "a 95 % bootstrap over test tasks, p a paired permutation test. With few test tasks the interval is wide: "
+           f"read it before the mean. Rule: {VERDICT_RULE}; otherwise the sentence says \"too few tasks to decide\" "
+           "or \"not distinguishable\".")
 st.info("**Measured vs linearised.** Every error and every second below is *measured* on an engine run "
         "(one run per task to the largest grid value; fixed-T errors are that trajectory at T). Only the "
         "*decisions* of the evidence T_MAP and skip-rule schedules come from the *linearised* model (the prompt "
@@ -146,7 +150,8 @@ real = [i for i, r in enumerate(rows) if r["kind"] != "oracle"]
 left, right = st.columns(2)
 with left:
     front = pareto_front([rows[i]["mean seconds"] for i in real], [rows[i]["mean error"] for i in real])
-    st.plotly_chart(figs.latency_figure([rows[i] for i in real], front, "seconds"), key="sch_fig_latency_s")
+    st.plotly_chart(fig := figs.latency_figure([rows[i] for i in real], front, "seconds"), key="sch_fig_latency_s")
+    figure_downloads(fig, "sch_fig_latency_s", lm)
     how_to_read(r"\text{cost}=\text{error}(T)+\lambda\,T,\qquad \text{Pareto front: no other schedule is both faster and better}",
                 "Each marker is one schedule: measured mean query error (± SE) against measured mean seconds per task "
                 "(adaptation steps, plus the kernel computation for schedules that need it). The dotted line joins "
@@ -156,7 +161,8 @@ with left:
                     "kernel overhead costs more than it saves", section="§5")
 with right:
     front_s = pareto_front([rows[i]["mean steps"] for i in real], [rows[i]["mean error"] for i in real])
-    st.plotly_chart(figs.latency_figure([rows[i] for i in real], front_s, "steps"), key="sch_fig_latency_steps")
+    st.plotly_chart(fig := figs.latency_figure([rows[i] for i in real], front_s, "steps"), key="sch_fig_latency_steps")
+    figure_downloads(fig, "sch_fig_latency_steps", lm)
     how_to_read(None, "The same comparison with latency counted in engine steps (what λ prices).",
                 good="adaptive schedules below the fixed-T curve at the same mean steps",
                 bad="everything on the fixed-T curve: the decisions carry no information about the prompt")
@@ -168,7 +174,8 @@ with left:
     if len(ordinary) and len(trap):
         ro = results_table([r for r in all_schedules(ordinary, float(lam), ctrl) if not r.reference], float(lam))
         rt = results_table([r for r in all_schedules(trap, float(lam), ctrl) if not r.reference], float(lam))
-        st.plotly_chart(figs.trap_figure(ro, rt), key="sch_fig_trap")
+        st.plotly_chart(fig := figs.trap_figure(ro, rt), key="sch_fig_trap")
+        figure_downloads(fig, "sch_fig_trap", lm)
         how_to_read(None, "Mean measured error of every schedule on ordinary tasks and on trap tasks (consistent "
                     "wrong shift, all-noise labels, fake needles), where fitting the prompt harder can move the "
                     "query away from the truth.",
@@ -179,7 +186,8 @@ with left:
 with right:
     names = ["learned controller", "evidence T_MAP (σ profiled)", "evidence T_MAP (fixed σ̂²)",
              "skip rule (TTT-vs-ICL verdict)"]
-    st.plotly_chart(figs.choices_figure(choice_counts(results, part, names), FAMILY_LABELS), key="sch_fig_choices")
+    st.plotly_chart(fig := figs.choices_figure(choice_counts(results, part, names), FAMILY_LABELS), key="sch_fig_choices")
+    figure_downloads(fig, "sch_fig_choices", lm)
     how_to_read(None, "How many steps each adaptive schedule chose, per task family (T = 0 means skip: answer "
                 "in context). Evidence T_MAP may choose any T up to the grid maximum; the controller chooses "
                 "among skip and the grid.",
@@ -188,13 +196,15 @@ with right:
 
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figs.trajectory_figure(family_trajectories(part), FAMILY_LABELS), key="sch_fig_traj")
+    st.plotly_chart(fig := figs.trajectory_figure(family_trajectories(part), FAMILY_LABELS), key="sch_fig_traj")
+    figure_downloads(fig, "sch_fig_traj", lm)
     how_to_read(None, "Measured mean error after T engine steps per family (T = 0 is ICL). Every fixed-T number "
                 "in the table is a point of these curves.",
                 good="a family whose curve has a clear minimum: the best T depends on the family",
                 bad="flat curves: adaptation does nothing at this learning rate")
 with right:
-    st.plotly_chart(figs.training_figure(ctrl.history), key="sch_fig_train")
+    st.plotly_chart(fig := figs.training_figure(ctrl.history), key="sch_fig_train")
+    figure_downloads(fig, "sch_fig_train", lm)
     how_to_read(r"\frac1n\sum_i\sum_a \pi(a\mid x_i)\,\big(C_{ia}-\min_b C_{ib}\big)",
                 "The controller's training objective (expected regret of its softmax policy) on the training and "
                 "validation splits; the kept weights are those of the lowest validation value.",

@@ -54,8 +54,9 @@ def test_button_runs_a_small_reproduction_and_the_page_shows_it(results_dir):
     summ = res["summary"]
     assert summ["tasks_ok"] == 2 and res["settings"]["model"] == MODEL and res["backend"] == "serial"
     assert {m.label: m.value for m in at.metric}["Tasks"] == "2"
+    assert res["settings"]["exp2"] == "gd"  # the page's default is real GD
     frames = [d.value for d in at.dataframe]
-    # per subspace: this run's Exp1 table, then the paper's published table; then Exp2 (linearised)
+    # per subspace: this run's Exp1 table, then the paper's published table; then Exp2 (measured GD)
     assert len(frames) == 2 * len(summ["exp1"]) + 1
     for i, block in enumerate(summ["exp1"].values()):
         mine, paper = frames[2 * i], frames[2 * i + 1]
@@ -64,13 +65,38 @@ def test_button_runs_a_small_reproduction_and_the_page_shows_it(results_dir):
         assert list(mine["Method"]) == [r["label"] for r in block["rows"]]
         np.testing.assert_allclose(paper["Query MSE"].to_numpy(), [r["mse"] for r in PAPER_EXP1["rows"]])
     exp2 = frames[-1]
-    lin = summ["exp2"]["linear"]
-    assert list(exp2["Budget"]) == [int(b) for b in lin]
+    gd = summ["exp2"]["gd"]
+    assert summ["exp2"]["linear"] is None
+    assert list(exp2["Budget"]) == [int(b) for b in gd]
     np.testing.assert_allclose(exp2["Query-Aware (greedy) ΔMSE"].to_numpy(),
-                               [e["query_aware"]["query_error"]["delta"] for e in lin.values()], rtol=1e-12)
+                               [e["query_aware"]["query_error"]["delta"] for e in gd.values()], rtol=1e-12)
+    np.testing.assert_allclose(exp2["QA − TopK p (permutation)"].to_numpy(),
+                               [e["qa_vs_topk"]["query_error"]["p"] for e in gd.values()], rtol=1e-12)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     for kind, block in summ["exp1"].items():
         tr = next(t for t in fig["data"] if t["name"] == f"mean query MSE, {block['subspace']} heads")
         np.testing.assert_allclose(decode(tr["y"]), block["mean_error_by_T"], rtol=1e-12)
     text = " ".join(m.value for m in at.markdown)
     assert "What did and did not reproduce" in text and res["findings"][0] in text
+    # 2 tasks: every verdict sentence on the page says too few tasks, none claims a result
+    assert all(f in text for f in res["findings"])
+    assert text.count("too few tasks to decide (2 < 20 paired tasks)") >= 2 * len(summ["exp1"]) + 1
+    assert "reproduces here" not in text and "does not reproduce" not in text and "Exp2 — block selection (measured GD" in text
+    assert any("a verdict needs ≥ 20 paired tasks" in c.value for c in at.caption)
+
+
+def test_linearised_exp2_is_labelled(results_dir):
+    at = app()
+    at.number_input(key="repro_tasks").set_value(1)
+    at.number_input(key="repro_grid").set_value(8)
+    at.selectbox(key="repro_exp2").set_value("linear")
+    at.button(key="repro_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    path, res = latest_results(results_dir)
+    assert res["settings"]["exp2"] == "linear" and res["summary"]["exp2"]["gd"] is None
+    label = "linearised — the same quantity the greedy rule maximises"
+    text = " ".join(m.value for m in at.markdown)
+    assert f"Exp2 — block selection ({label}" in text and f"Exp2 ({label})" in text
+    assert label in at.selectbox(key="repro_exp2").options
+    assert "too few tasks to decide (1 < 20 paired tasks)" in text

@@ -73,6 +73,10 @@ def test_build_train_and_figures(app: AppTest) -> None:
     # the honest sentence, computed
     text = " ".join(m.value for m in app.markdown)
     assert "On the test split" in text and "bootstrap CI" in text
+    sentence = next(m.value for m in app.markdown if "On the test split" in m.value)
+    assert f"too few tasks to decide ({len(test)} < 20 paired tasks)" in sentence  # DESIGN §10: no verdict below 20
+    assert "beats" not in sentence and "permutation p" in sentence
+    assert any("a verdict needs ≥ 20 paired tasks" in c.value for c in app.caption)
     assert "Measured vs linearised" in " ".join(i.value for i in app.info)
     assert f"λ = {lam:g}" in text
 

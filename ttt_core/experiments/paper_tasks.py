@@ -73,11 +73,11 @@ class ReproSettings:
     fixed_T: int = 8
     exp1_kinds: tuple[str, ...] = ("v", "q")
     last_layers: int = 4
-    exp2: str = "linear"          # "off" | "linear" | "gd" | "both"
+    exp2: str = "gd"              # "off" | "gd" (real GD) | "linear" (linearised) | "both"
     exp2_layers: int = 16
     exp2_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     exp2_random_draws: int = 5
-    exp2_gd_tasks: int = 8
+    exp2_gd_tasks: int | None = None   # real GD on the first N tasks (None = all tasks)
     pilot: bool = False
     pilot_tasks: int = PILOT_TASKS
     pilot_cs: tuple[float, ...] = PILOT_CS
@@ -97,6 +97,14 @@ class ReproSettings:
             raise ValueError("c must lie in (0, 1)")
         if self.tasks < 1:
             raise ValueError("tasks must be ≥ 1")
+        if self.exp2_gd_tasks is not None:
+            self.exp2_gd_tasks = int(self.exp2_gd_tasks)
+            if self.exp2_gd_tasks < 0:
+                raise ValueError("exp2_gd_tasks must be ≥ 0 (or None for all tasks)")
+
+    def runs_exp2_gd(self, index: int) -> bool:
+        """Whether task `index` runs Exp2's real GD (mode "gd" or "both", within `exp2_gd_tasks`)."""
+        return self.exp2 in ("gd", "both") and (self.exp2_gd_tasks is None or index < self.exp2_gd_tasks)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

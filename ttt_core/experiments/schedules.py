@@ -21,7 +21,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ttt_core.experiments.stats import ci_text, ci_verdict, paired_stats, sem
+from ttt_core.experiments.stats import (BETTER, NOT_DISTINGUISHABLE_TEXT, TOO_FEW, TOO_FEW_TEXT, WORSE, ci_text,
+                                      paired_stats, sem, suite_verdict)
 from ttt_core.experiments.suite import Suite
 
 #: Default latency trade-off: cost = error + λ·steps. 1e-3 per step makes 8 steps worth an
@@ -161,7 +162,10 @@ def best_fixed_T(suite: Suite, lam: float) -> int:
 def compare_controller(suite: Suite, controller: StepPolicy, lam: float, n_boot: int = 10_000,
                        seed: int = 0) -> dict[str, Any]:
     """Does the controller beat the best fixed T on the TEST split at λ? Paired per-task cost
-    difference (best fixed − controller; positive = controller better) with a bootstrap CI.
+    difference (best fixed − controller; positive = controller better) with a bootstrap CI and a
+    permutation p; the sentence is worded by `stats.suite_verdict` (≥ 20 test tasks, CI excluding 0,
+    p < 0.05, else "too few tasks to decide" / "not distinguishable"; DESIGN §10). `verdict` is
+    "beats", "worse than", "too few tasks to decide" or "not distinguishable from".
     The best fixed T is chosen on train + validation (honest); the test-oracle best fixed T is
     reported beside it."""
     trval, test = suite.split(("train", "val")), suite.split("test")
@@ -175,15 +179,19 @@ def compare_controller(suite: Suite, controller: StepPolicy, lam: float, n_boot:
     st = paired_stats(fixed.cost(lam), ctrl.cost(lam), n_boot=n_boot, seed=seed)
     st_o = paired_stats(orc.cost(lam), ctrl.cost(lam), n_boot=n_boot, seed=seed)
     st_err = paired_stats(fixed.errors, ctrl.errors, n_boot=n_boot, seed=seed)
-    verdict = ci_verdict(st, "beats", "loses to", "does not significantly differ from")
-    sentence = (f"On the test split ({len(test)} tasks, λ = {lam:g} per step), the learned controller {verdict} the "
-                f"best fixed schedule chosen on train+validation (T = {T_sel}): mean cost difference (fixed − "
+    v = suite_verdict(st, len(test), f"the learned controller beats the best fixed schedule (T = {T_sel})",
+                      f"the learned controller is worse than the best fixed schedule (T = {T_sel})",
+                      f"the best fixed schedule (T = {T_sel})")
+    verdict = {BETTER: "beats", WORSE: "worse than", TOO_FEW: TOO_FEW_TEXT}.get(v.outcome, NOT_DISTINGUISHABLE_TEXT)
+    sentence = (f"On the test split ({len(test)} tasks, λ = {lam:g} per step), learned controller vs the best fixed "
+                f"schedule chosen on train+validation (T = {T_sel}): {v}. Mean cost difference (fixed − "
                 f"controller, positive = controller better) {st['mean']:+.4f}, 95 % paired bootstrap CI "
-                f"[{st['ci_low']:+.4f}, {st['ci_high']:+.4f}]; against the best fixed T in hindsight on the test "
-                f"split (T = {T_orc}) {ci_text(st_o)}. "
+                f"[{st['ci_low']:+.4f}, {st['ci_high']:+.4f}], permutation p = {st['p']:.3g}; against the best fixed "
+                f"T in hindsight on the test split (T = {T_orc}) {ci_text(st_o)}, p = {st_o['p']:.3g}. "
                 f"Controller mean steps {ctrl.steps.mean():.2f} vs {T_sel}.")
     return {"n_test": len(test), "lambda": lam, "best_fixed_T": T_sel, "best_fixed_T_test_oracle": T_orc,
             "cost_diff": st, "cost_diff_vs_test_oracle": st_o, "error_diff": st_err, "verdict": verdict,
+            "verdict_text": v.text,
             "controller_mean_steps": float(ctrl.steps.mean()), "sentence": sentence}
 
 

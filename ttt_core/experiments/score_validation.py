@@ -4,7 +4,7 @@ report it".)
 
 Protocol, per generated digit-shift task (DESIGN §7.1, paper's task):
 1. The prompt kernel of the subspace (`prompt_kernel.compute_prompt_kernel`: LOO residuals r,
-   per-block kernels, couplings) and the Query-Aware / Trace scores (σ² fitted).
+   per-block kernels, couplings) and the Query-Aware / Trace scores (ridge λ⋆ = the posterior median, DESIGN §5.1, §6).
 2. For EVERY block b: one gradient-descent step on the LOO squared loss restricted to b,
    ΔW_b = ρ_b Σ_i r_i ∂s_i/∂W_b (= −η∇L with L = ‖r(θ)‖²/2σ², ρ = η/σ²), ρ_b = c/λ_max(K^(b)),
    c = 0.5 by default. Measured gain = (s_x − v_x)² − (s_x(W + ΔW_b) − v_x)² (positive = the query

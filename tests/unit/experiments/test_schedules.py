@@ -121,8 +121,28 @@ def test_controller_training_reduces_validation_loss_and_generalises() -> None:
     best = S.oracle_steps(test, CFG.lam)
     assert np.mean(chosen == best) >= 0.8
     cmp = S.compare_controller(suite, ctrl, CFG.lam, n_boot=2000)
-    assert cmp["n_test"] == 10 and cmp["verdict"] == "beats" and cmp["cost_diff"]["ci_low"] > 0
+    # a clear gain on 10 test tasks is still too few to decide (DESIGN §10: ≥ 20 tasks)
+    assert cmp["n_test"] == 10 and cmp["cost_diff"]["ci_low"] > 0 and cmp["verdict"] == "too few tasks to decide"
     assert "On the test split (10 tasks" in cmp["sentence"]
+    assert "too few tasks to decide (10 < 20 paired tasks)" in cmp["sentence"] and "beats" not in cmp["sentence"]
+
+
+def test_controller_verdict_needs_twenty_test_tasks_ci_and_p() -> None:
+    suite = synthetic_suite({"train": 20, "val": 10, "test": 24})
+    ctrl = C.train_controller(suite, CFG)
+    cmp = S.compare_controller(suite, ctrl, CFG.lam, n_boot=2000)
+    st = cmp["cost_diff"]
+    assert cmp["n_test"] == 24 and st["ci_low"] > 0 and st["p"] < 0.05 and cmp["verdict"] == "beats"
+    assert f"the learned controller beats the best fixed schedule (T = {cmp['best_fixed_T']})" in cmp["sentence"]
+
+    class Fixed:  # the best fixed T itself: every paired difference is 0
+        def decide(self, s: Suite) -> np.ndarray:
+            return np.full(len(s), cmp["best_fixed_T"])
+
+    same = S.compare_controller(suite, Fixed(), CFG.lam, n_boot=2000)
+    assert same["verdict"] == "not distinguishable from" and same["cost_diff"]["p"] == 1.0
+    assert (f"not distinguishable from the best fixed schedule (T = {cmp['best_fixed_T']}) (CI includes 0 and "
+            "p = 1 ≥ 0.05)") in same["sentence"] and "beats" not in same["sentence"]
 
 
 def test_controller_never_uses_test_data(tmp_path) -> None:
@@ -188,8 +208,9 @@ def test_run_task_records_one_trajectory_on_tiny_model() -> None:
     for fam in ("digit_shift", "needle"):
         spec = ST.TaskSpec("train", 0, 1_000_000, fam)
         rec = ST.run_task(lm, spec, st)
-        assert len(rec["errors"]) == len(rec["seconds"]) == 3 and rec["seconds"][0] == 0.0
-        assert rec["steps_done"] == 2 and np.all(np.diff(rec["seconds"]) >= 0)
+        assert isinstance(rec, ST.SuiteTaskRecord) and rec.to_dict()["task_id"] == rec.task_id
+        assert len(rec.errors) == len(rec.seconds) == 3 and rec.seconds[0] == 0.0
+        assert rec.steps_done == 2 and np.all(np.diff(rec.seconds) >= 0)
         prompt, _ = ST.make_task(spec, st)
         span = st.span_fewshot if fam == "digit_shift" else st.span_long
         run = QTTTRun(lm, prompt, QTTTConfig(steps=2, span=span, lr=st.lr_fewshot, seed=spec.seed))
@@ -198,8 +219,8 @@ def test_run_task_records_one_trajectory_on_tiny_model() -> None:
             ref = [r.query_error for r in recs]
         else:
             ref = [1 - np.exp(-r.answer_nll / run.enc.answer_len) for r in recs]
-        np.testing.assert_allclose(rec["errors"], ref, rtol=1e-5)
-        assert {"t_map_fixed", "t_map_profiled", "verdict_beats", "confidence", "tau2"} <= set(rec["stats"])
+        np.testing.assert_allclose(rec.errors, ref, rtol=1e-5)
+        assert {"t_map_fixed", "t_map_profiled", "verdict_beats", "confidence", "tau2"} <= set(rec.stats)
 
 
 def test_train_controller_cli_tiny(tmp_path) -> None:
@@ -212,6 +233,8 @@ def test_train_controller_cli_tiny(tmp_path) -> None:
     res = json.loads(out.stdout)
     assert res["split_sizes"] == {"train": 2, "val": 1, "test": 2} and res["lambda"] == 0.002
     assert "On the test split (2 tasks" in res["comparison"]["sentence"]
+    assert "too few tasks to decide (2 < 20 paired tasks)" in res["comparison"]["sentence"]
+    assert res["comparison"]["sentence"] in out.stderr  # printed by train-controller
     assert (tmp_path / "ctrl" / "controller.safetensors").exists()
     meta = json.loads((tmp_path / "ctrl" / "controller.json").read_text())
     assert not set(meta["info"]["train_seeds"]) & set(ST.split_seeds("test", 2))
