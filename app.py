@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import streamlit as st
 
 from pages.common import render_sidebar
+from pages.links import apply_link, link_control, show_link_problems, sync_url
 
 
 
@@ -62,6 +63,11 @@ def build_navigation() -> dict[str, list[st.Page]]:
 
 
 st.set_page_config(page_title="TTT Lens", page_icon=":material/lens_blur:", layout="wide")
+apply_link()          # a link's model / prompt / token limit, once per session (pages/links.py)
 render_sidebar()
+sync_url()            # the URL always shows the view (page settings are bound widgets)
 navigation = st.navigation(build_navigation())
+with st.sidebar:
+    link_control(navigation.url_path)
+show_link_problems()
 navigation.run()

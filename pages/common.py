@@ -51,7 +51,8 @@ import html
 import os
 from ttt_core.examples import DEFAULT_EXAMPLE, EXAMPLES, load_example
 from ttt_core.models import EMBEDDED_MODEL, TINY_FAMILIES, TINY_PREFIX, LoadedModel, ModelLoadError, load_model
-from ttt_core.prompts import Prompt, PromptParseError, fit_to_token_limit, parse_prompt
+from ttt_core.prompts import (MAX_PROMPT_CHARS, Prompt, PromptParseError, fit_to_token_limit, parse_prompt,
+                              too_long_message)
 
 CUSTOM = "Other: hub id or local folder…"
 PRESETS = [EMBEDDED_MODEL] + [TINY_PREFIX + f for f in TINY_FAMILIES] + [CUSTOM]
@@ -129,6 +130,11 @@ def render_sidebar() -> None:
                      help="Few-shot: 'x -> y' lines, then a query 'x ->' (optional '# answer: y'). "
                           "Long context: text, then 'Question: …' and optionally 'Answer: …'. "
                           "Mark a needle with <needle>…</needle>.")
+        n_chars = _prompt_chars()
+        if n_chars > MAX_PROMPT_CHARS:  # said next to the box too; nothing parses or tokenises it
+            st.error(f"Prompt too long: {n_chars:,} characters ({n_chars / 1e6:.1f} MB), over the limit of "
+                     f"{MAX_PROMPT_CHARS:,} characters. It was refused: nothing is analysed until you paste a "
+                     "shorter one.")
         with st.expander("Limits"):
             st.number_input("Token limit", min_value=64, max_value=32768, step=64, key="max_tokens",
                             help="Longer prompts are refused (few-shot) or cut from the start (long context), with a warning.")
@@ -156,21 +162,47 @@ def get_model() -> LoadedModel | None:
     return None
 
 
+def _prompt_chars() -> int:
+    text = st.session_state.get("prompt_text")
+    return len(text) if isinstance(text, str) else 0
+
+
+PROMPT_FIT_KEY = "prompt_fit_cache"  # (model, token limit, text) → (prompt, note, error) of the last get_prompt
+
+
 def get_prompt(lm: LoadedModel | None = None) -> Prompt | None:
     """The sidebar's prompt, parsed (and fitted to the token limit when `lm` is given). Shows a
-    readable error and returns None when it cannot be parsed; warns visibly when it is cut."""
+    readable error and returns None when it cannot be parsed; warns visibly when it is cut.
+
+    Responsiveness: a prompt over MAX_PROMPT_CHARS is refused from its length alone (no parsing,
+    no tokenising); the outcome for the current (text, model, token limit) is kept in this
+    session, so a rerun (any widget click) does not tokenise a long prompt again."""
     _init_state()
-    text = st.session_state.get("prompt_text", "")
-    try:
-        prompt = parse_prompt(text)
-        if lm is not None:
-            prompt, note = fit_to_token_limit(prompt, lm.tokenizer, int(st.session_state["max_tokens"]))
-            if note:
-                st.warning(note)
-        return prompt
-    except PromptParseError as exc:
-        st.error(str(exc))
-    return None
+    ss = st.session_state
+    text = ss.get("prompt_text", "")
+    n_chars = _prompt_chars()
+    if n_chars > MAX_PROMPT_CHARS:
+        st.error(too_long_message(n_chars, MAX_PROMPT_CHARS))
+        return None
+    key = (None if lm is None else lm.name, int(ss["max_tokens"]))
+    hit = ss.get(PROMPT_FIT_KEY)
+    if hit is not None and hit[0] == key and (hit[1] is text or hit[1] == text):  # same text, model and limit
+        prompt, note, error = hit[2]
+    else:
+        prompt, note, error = None, None, None
+        try:
+            prompt = parse_prompt(text)
+            if lm is not None:
+                prompt, note = fit_to_token_limit(prompt, lm.tokenizer, key[1])
+        except PromptParseError as exc:
+            prompt, error = None, str(exc)
+        ss[PROMPT_FIT_KEY] = (key, text, (prompt, note, error))
+    if error is not None:
+        st.error(error)
+        return None
+    if note:
+        st.warning(note)
+    return prompt
 
 
 def token_view_html(tokens: list[str], highlight: set[int] | None = None) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import streamlit as st
 
 from pages.common import how_to_read, page_header
+from pages.downloads import figure_downloads
 from ttt_core import gp_lab, gp_sim
 from ttt_core.figures import gp_lab as figs
 
@@ -85,7 +86,8 @@ st.caption(
 # ------------------------------------------------------------------------------ spectrum & filters
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figs.spectrum_figure(prob.lam, prob.k_tilde, lam_star), key="gp_fig_spectrum")
+    st.plotly_chart(fig := figs.spectrum_figure(prob.lam, prob.k_tilde, lam_star), key="gp_fig_spectrum")
+    figure_downloads(fig, "gp_fig_spectrum", settings=asdict(settings))
     how_to_read(
         r"K = U\,\mathrm{diag}(\lambda_i)\,U^\top,\qquad \text{SNR}_i = \tau^2\lambda_i/\sigma^2",
         "Eigenvalues of the prompt kernel (blue) and how much of the query coupling k_x lies on each "
@@ -98,10 +100,11 @@ with right:
     T_vals = sorted(float(t) for t in T_show) or [1.0]
     fc = _filter_curves(items, tuple(T_vals))
     st.plotly_chart(
-        figs.filter_figure(fc.lam_grid, T_vals, fc.gd, fc.bayes,
+        fig := figs.filter_figure(fc.lam_grid, T_vals, fc.gd, fc.bayes,
                            [f"Bayes g⋆, σ² = {s2:g}" for s2 in fc.noise_levels], eigenvalues=prob.lam),
         key="gp_fig_filters",
     )
+    figure_downloads(fig, "gp_fig_filters", settings=asdict(settings))
     how_to_read(
         r"g_T(\lambda) = 1-(1-\rho\lambda)^T \quad\text{vs}\quad g_\star(\lambda)=\frac{\lambda}{\lambda+\lambda_\star}",
         "How much of each eigen-direction of the residual T gradient steps keep (solid), against the Bayes "
@@ -116,10 +119,11 @@ rk = res.risks
 left, right = st.columns(2)
 with left:
     st.plotly_chart(
-        figs.risk_vs_T_figure(T_grid, rk.query_gap_closed, rk.query_gap_mc, rk.query_gap_se,
+        fig := figs.risk_vs_T_figure(T_grid, rk.query_gap_closed, rk.query_gap_mc, rk.query_gap_se,
                               "Query Bayes gap vs steps", "E[(ĥ_T(x) − f_Bayes(x))²]", "query_gap"),
         key="gp_fig_query_gap",
     )
+    figure_downloads(fig, "gp_fig_query_gap", settings=asdict(settings))
     verdict = res.icl
     helps = np.asarray(verdict.beats)
     st.caption(
@@ -136,10 +140,11 @@ with left:
     )
 with right:
     st.plotly_chart(
-        figs.risk_vs_T_figure(T_grid, rk.prompt_risk_closed, rk.prompt_risk_mc, rk.prompt_risk_se,
+        fig := figs.risk_vs_T_figure(T_grid, rk.prompt_risk_closed, rk.prompt_risk_mc, rk.prompt_risk_se,
                               "Prompt risk vs steps", "E‖f̂_T − f⋆‖²", "prompt_risk"),
         key="gp_fig_prompt_risk",
     )
+    figure_downloads(fig, "gp_fig_prompt_risk", settings=asdict(settings))
     how_to_read(
         r"\sum_i \big[\tau^2\lambda_i(1-g_T(\lambda_i))^2+\sigma^2 g_T(\lambda_i)^2\big]",
         "Error of the adapted prompt values against the true f⋆: closed form (line) and Monte Carlo "
@@ -150,9 +155,10 @@ with right:
     )
 
 st.plotly_chart(
-    figs.gain_heatmap_figure(T_grid, res.gain_sigma2, res.gain, sigma2_mark=settings.sigma2),
+    fig := figs.gain_heatmap_figure(T_grid, res.gain_sigma2, res.gain, sigma2_mark=settings.sigma2),
     key="gp_fig_gain",
 )
+figure_downloads(fig, "gp_fig_gain", settings=asdict(settings))
 how_to_read(
     r"1-\frac{\sum_i a_i (q_T-q_\star)^2}{\sum_i a_i q_\star^2}\;>0 \iff \text{TTT beats ICL}",
     "Signed relative improvement of T-step TTT over ICL at the query, across noise levels from far below "
@@ -166,8 +172,9 @@ how_to_read(
 ev = res.evidence
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figs.evidence_figure(T_grid, ev.scores_fixed_first, ev.scores_profiled_first),
+    st.plotly_chart(fig := figs.evidence_figure(T_grid, ev.scores_fixed_first, ev.scores_profiled_first),
                     key="gp_fig_evidence")
+    figure_downloads(fig, "gp_fig_evidence", settings=asdict(settings))
     how_to_read(
         r"\ell_T(r)=\tfrac{1}{2n}\big[n\log\sigma^2-T\sum_i\log(1-\rho\lambda_i)+\sigma^{-2}\sum_i(1-\rho\lambda_i)^T\tilde r_i^2\big]",
         "Normalised negative log-evidence of the first draw's residuals under Σ_T = σ²(I − ρK)^{−T}, "
@@ -177,9 +184,10 @@ with left:
         section="§5",
     )
 with right:
-    st.plotly_chart(figs.tmap_histogram_figure(T_grid, ev.T_map_fixed, ev.T_map_mle, ev.oracle_T_prompt,
+    st.plotly_chart(fig := figs.tmap_histogram_figure(T_grid, ev.T_map_fixed, ev.T_map_mle, ev.oracle_T_prompt,
                                                ev.oracle_T_evidence),
                     key="gp_fig_tmap_hist")
+    figure_downloads(fig, "gp_fig_tmap_hist", settings=asdict(settings))
     how_to_read(
         r"T_{\rm MAP}=\arg\min_{T\in\{0,\dots,T_{\max}\}}\ell_T(r)",
         "Where evidence selection lands over the draws, against the T that minimises the true prompt "
@@ -192,9 +200,10 @@ with right:
 
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(figs.pac_bayes_figure(ev.ell_at_map + ev.slack, ev.pop_at_map, ev.delta, ev.coverage,
+    st.plotly_chart(fig := figs.pac_bayes_figure(ev.ell_at_map + ev.slack, ev.pop_at_map, ev.delta, ev.coverage,
                                           ell=ev.ell_at_map),
                     key="gp_fig_pac")
+    figure_downloads(fig, "gp_fig_pac", settings=asdict(settings))
     st.markdown(
         f"**Empirical coverage {ev.coverage:.3f} ± {ev.coverage_se:.3f}** over {ev.covered.size} draws, "
         f"target 1 − δ = {1 - ev.delta:.3f}.  v̄ = {ev.v_bar:.4g} (attained at T = {ev.v_bar_T:g}), "
@@ -216,9 +225,10 @@ with right:
     if res.shift is not None:
         sh = res.shift
         labels = [f"σ² = {s:g}" for s in sh.sigma2_levels]
-        st.plotly_chart(figs.shift_figure(T_grid, sh.excess, labels, sh.evidence_mc, sh.evidence_se,
+        st.plotly_chart(fig := figs.shift_figure(T_grid, sh.excess, labels, sh.evidence_mc, sh.evidence_se,
                                           sh.T_map_mean, sh.T_minimax),
                         key="gp_fig_shift")
+        figure_downloads(fig, "gp_fig_shift", settings=asdict(settings))
         st.caption(
             f"Best T per level: {sh.T_best[0]:g} and {sh.T_best[1]:g}; best single T = {sh.T_minimax:g} "
             f"(worst-case excess {sh.worst.min():.4g} vs per-level optima "
@@ -243,8 +253,9 @@ with right:
 bg = res.bayes_gap
 left, right = st.columns([2, 1])
 with left:
-    st.plotly_chart(figs.bayes_gap_figure(bg.T_grid, bg.bound, bg.expected, bg.mc_mean, bg.mc_se),
+    st.plotly_chart(fig := figs.bayes_gap_figure(bg.T_grid, bg.bound, bg.expected, bg.mc_mean, bg.mc_se),
                     key="gp_fig_bayes_gap")
+    figure_downloads(fig, "gp_fig_bayes_gap", settings=asdict(settings))
     how_to_read(
         r"\mathbb E\|\hat f_T-f_{\rm Bayes}\|^2=\sum_i(\tau^2\lambda_i+\sigma^2)\big(g_T(\lambda_i)-g_\star(\lambda_i)\big)^2"
         r"\;\le\;4\sigma^2\,\mathrm{KL}\big(\mathcal N(0,\Sigma_\star)\,\|\,\mathcal N(0,\Sigma_T)\big)",
@@ -280,10 +291,11 @@ if res.projector is not None:
     left, right = st.columns([2, 1])
     with left:
         st.plotly_chart(
-            figs.projector_figure(pj.a_grid, pj.risk, [f"σ² = {s:g}" for s in res.shift.sigma2_levels],
+            fig := figs.projector_figure(pj.a_grid, pj.risk, [f"σ² = {s:g}" for s in res.shift.sigma2_levels],
                                   pj.lower_bound, pj.a_T, T_grid),
             key="gp_fig_projector",
         )
+        figure_downloads(fig, "gp_fig_projector", settings=asdict(settings))
         how_to_read(
             r"\max_j \mathbb E\|aKr-f^{(\lambda_j)}_{\rm Bayes}\|^2 \ge m\,\min_j(\tau_j^2+\sigma_j^2)\Big(\frac{|s_1-s_2|}{2}\Big)^2",
             f"K a rank-{pj.m} projector: every fixed shrinkage a (every fixed T, coloured points) pays at "

@@ -9,7 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import posterior_flag, get_model, get_prompt, how_to_read, page_header
+from pages.links import url_choice
 from pages.state import cached_prompt_kernel, cached_result, kernel_key
+from pages.downloads import diagnosis_section, figure_downloads
 from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError, attention_pattern
 from ttt_core.figures import heads as figs
 from ttt_core.prompts import LongContextPrompt
@@ -28,13 +30,13 @@ if lm is None or prompt is None:
 
 long = isinstance(prompt, LongContextPrompt)
 c1, c2, c3 = st.columns(3)
-subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="heads_subspace")
-max_pos = c2.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="heads_maxpos",
+subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="heads_subspace", bind="query-params")
+max_pos = c2.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="heads_maxpos", bind="query-params",
                           disabled=not long)
 # The greedy rule's horizon T and step fraction c (ρ = c/λ_max of the candidate kernel): one pair of
 # variables feeds both score_blocks below and the help text, so the text names what actually runs.
 greedy_T, greedy_c = GREEDY_T, GREEDY_C
-budget = c3.number_input("Greedy Query-Aware budget", min_value=0, max_value=64, value=4, step=1, key="heads_budget",
+budget = c3.number_input("Greedy Query-Aware budget", min_value=0, max_value=64, value=4, step=1, key="heads_budget", bind="query-params",
                          help=f"Blocks picked one at a time by the paper's greedy rule, with T = {greedy_T} steps and "
                               f"step fraction c = {greedy_c:g} (ρ = c/λ_max of each candidate's kernel). 0 = off. "
                               f"Costs one λ_max and {greedy_T} kernel mat-vecs per candidate per pick.")
@@ -66,7 +68,7 @@ posterior_flag(None if scores.posterior is None else scores.posterior.flag_text)
 
 labels = [ev.block_label(b) for b in ev.blocks()]
 if "heads_pick" not in st.session_state or st.session_state["heads_pick"] not in labels:
-    st.session_state["heads_pick"] = labels[0]
+    st.session_state["heads_pick"] = url_choice("heads_pick", labels) or labels[0]  # a link's pick, else the first
 last_clicks = st.session_state.setdefault("_heads_last_click", {})
 
 # ------------------------------------------------------------------ heatmaps (click a cell to drill down)
@@ -109,8 +111,9 @@ tabs = st.tabs(list(available))
 for tab, (name, values) in zip(tabs, available.items()):
     with tab:
         key = f"heads_heat_{name}"
-        st.plotly_chart(figs.score_heatmap(values, name, word, selected), key=key,
+        st.plotly_chart(fig := figs.score_heatmap(values, name, word, selected), key=key,
                         on_select="rerun", selection_mode="points")
+        figure_downloads(fig, key, lm, prompt)
         latex, what = HELP.get(name, (None, name))
         how_to_read(latex, what + " Click a cell to drill into that block.",
                     "a few bright cells: the score singles out a small set of blocks to update.",
@@ -120,9 +123,9 @@ for tab, (name, values) in zip(tabs, available.items()):
 st.subheader("Ranked blocks")
 r1, r2 = st.columns([2, 1])
 rank_opts = list(available)
-rank_by = r1.selectbox("Rank by", rank_opts, key="heads_rank_by")
+rank_by = r1.selectbox("Rank by", rank_opts, key="heads_rank_by", bind="query-params")
 topk = r2.number_input("Recommend top-k", min_value=1, max_value=len(labels), value=min(4, len(labels)), step=1,
-                       key="heads_topk")
+                       key="heads_topk", bind="query-params")
 rows = scores.ranked(rank_by)
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="heads_table")
 picked = [r["block"] for r in rows[:int(topk)]]
@@ -134,7 +137,7 @@ if subspace == "q":
 
 # ------------------------------------------------------------------ drill-down
 st.subheader("Drill-down")
-pick = st.selectbox("Block", labels, key="heads_pick")
+pick = st.selectbox("Block", labels, key="heads_pick", bind="query-params")
 layer, head = ev.blocks()[labels.index(pick)]
 Kb = ev.head_kernel(layer, head)
 kx = None if ev.head_couplings is None else ev.head_couplings[layer, head]
@@ -146,14 +149,16 @@ d[1].metric("Query-Aware", "—" if scores.query_aware is None else f"{scores.qu
 d[2].metric("Trace", f"{scores.trace[layer, head]:.3g}")
 d[3].metric("Effective rank", f"{rep.eff_rank_entropy:.1f}")
 
-st.plotly_chart(figs.head_spectrum_figure(rep.lam, pick), key="heads_block_spectrum")
+st.plotly_chart(fig := figs.head_spectrum_figure(rep.lam, pick), key="heads_block_spectrum")
+figure_downloads(fig, "heads_block_spectrum", lm, prompt)
 how_to_read(r"K^{(b)} = (AA^\top)\odot(B_bB_b^\top) = U_b\,\mathrm{diag}(\lambda_i)\,U_b^\top",
             "Eigenvalues of this block's own kernel (factorised: input Gram ⊙ output-gradient Gram).",
             "a few large eigenvalues: the block moves the prompt outputs along a few clear directions.",
             "eigenvalues orders of magnitude below the full kernel's: updating this block barely moves the outputs.",
             "§2")
 
-st.plotly_chart(figs.share_figure(scores.share[layer], layer, head, word), key="heads_share")
+st.plotly_chart(fig := figs.share_figure(scores.share[layer], layer, head, word), key="heads_share")
+figure_downloads(fig, "heads_share", lm, prompt)
 how_to_read(r"\mathrm{tr}(K^{(b)})/\mathrm{tr}(K)", "This layer's blocks' shares of the full kernel's trace; the "
             "selected block in vermillion.", None, None, "§2, §6")
 
@@ -163,7 +168,8 @@ else:
     qhead = head * (lm.adapter.n_heads // lm.adapter.n_kv_heads) if subspace in ("k", "v") else head
     P, toks = attention_pattern(lm, ev, layer, qhead)
     note = f" (query head {qhead}, the first that reads kv head {head})" if subspace in ("k", "v") else ""
-    st.plotly_chart(figs.attention_figure(P, toks, f"layer {layer} head {qhead}{note}"), key="heads_attention")
+    st.plotly_chart(fig := figs.attention_figure(P, toks, f"layer {layer} head {qhead}{note}"), key="heads_attention")
+    figure_downloads(fig, "heads_attention", lm, prompt)
     how_to_read(r"\alpha_{ks} = \mathrm{softmax}_s\big(q_k^\top k_s/\sqrt{d}\big)",
                 "Attention probabilities of this head on the prompt (last 96 tokens; rows attend to columns).",
                 "attention on the tokens that decide the answer (labels, the needle).",
@@ -208,7 +214,8 @@ if chk is None:
 elif not chk.possible:
     st.warning(chk.note)
 else:
-    st.plotly_chart(score_check_figure(chk), key="heads_check_fig")
+    st.plotly_chart(fig := score_check_figure(chk), key="heads_check_fig")
+    figure_downloads(fig, "heads_check_fig", lm, prompt)
     st.dataframe(pd.DataFrame(chk.table_rows()), hide_index=True, key="heads_check_table")
     (st.success if chk.top_beats_random and chk.top_beats_bottom else st.info)(chk.summary)
     how_to_read(r"\Delta_S = e_{T}(S) - e_0,\quad \hat\Delta_S = e^{\mathrm{lin}}_T(K_S, k_{x,S}) - e_0",
@@ -219,3 +226,6 @@ else:
                 "the top-k point lowest, the bottom-k highest, and the points ordered along y = x (high Spearman).",
                 "the top-k among or above the random subsets: the score does not predict what TTT does here.",
                 "§6, §10")
+
+# ------------------------------------------------------------------ the whole diagnosis (issue 11)
+diagnosis_section(lm, prompt, "heads", subspace=subspace, max_positions=int(max_pos), top_k=int(topk))

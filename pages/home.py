@@ -8,6 +8,7 @@ import streamlit as st
 from pathlib import Path
 
 from pages.common import get_model, get_prompt, page_header, render_tour, token_view_html
+from pages.downloads import diagnosis_section, table_download
 from ttt_core.encoding import EncodingError
 from ttt_core.token_view import greedy_answer, tokenise
 from ttt_core.prompts import FewShotPrompt
@@ -41,6 +42,8 @@ if prompt is not None:
                            for i, (x, y) in enumerate(prompt.demos)])
         left, right = st.columns([2, 1])
         left.dataframe(df, hide_index=True, key="demos_table")
+        with left:
+            table_download(df, "home_demos", lm, prompt, settings={})
         right.markdown(f"**Query:** `{prompt.query_x}`  \n**True answer:** "
                        f"{'`' + prompt.query_y + '`' if prompt.query_y is not None else '_not given (add `# answer: y`)_'}  \n"
                        f"**Label set:** {', '.join(f'`{y}`' for y in prompt.labels)}  \n"
@@ -71,11 +74,15 @@ if tp is not None:
     if len(tp.ids) > shown:
         st.caption(f"… {len(tp.ids) - shown:,} more tokens not drawn.")
     with st.expander("Token table"):
-        st.dataframe(pd.DataFrame({"index": range(len(tp.ids)), "token": tp.tokens, "id": tp.ids}),
+        st.dataframe(tokens_df := pd.DataFrame({"index": range(len(tp.ids)), "token": tp.tokens, "id": tp.ids}),
                      hide_index=True, key="token_table")
+        table_download(tokens_df, "home_tokens", lm, prompt, settings={})
     if st.button("Show the model's answer (greedy, no adaptation)", key="answer_btn"):
         with st.spinner("Generating…"):
             st.session_state["home_answer"] = (tp.text, greedy_answer(lm, prompt))
     ans = st.session_state.get("home_answer")
     if ans and ans[0] == tp.text:
         st.markdown(f"**Model's answer:** `{ans[1]}`")
+
+if lm is not None and prompt is not None:
+    diagnosis_section(lm, prompt, "home")

@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.downloads import figure_downloads, qttt_runs_section, slot_chart
 from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
                                   quality_figure, step_time_figure)
 from ttt_core.prompts import FewShotPrompt
@@ -72,7 +73,7 @@ with top[0]:
     modes = ["qTTT", "Paper mode (LOO gradient descent)"] if few_shot else ["qTTT"]
     if SS.get("qttt_mode") not in modes:
         SS["qttt_mode"] = "qTTT"
-    mode_label = st.radio("Mode", modes, key="qttt_mode", horizontal=True)
+    mode_label = st.radio("Mode", modes, key="qttt_mode", bind="query-params", horizontal=True)
     if not few_shot:
         st.caption("Paper mode needs a few-shot prompt (x -> y lines): its loss is the leave-one-out squared "
                    "error of the demonstrations (DESIGN §7.1). This prompt is a long context, so only qTTT runs.")
@@ -95,40 +96,40 @@ else:
 kind = "q" if mode == "qttt" else None
 c1, c2, c3, c4 = st.columns(4)
 if mode == "qttt":
-    steps = c1.number_input("Steps N", 1, 256, 32, key="qttt_steps")
-    span = c2.number_input("Span length k", 2, 4096, 128, step=16, key="qttt_span",
+    steps = c1.number_input("Steps N", 1, 256, 32, key="qttt_steps", bind="query-params")
+    span = c2.number_input("Span length k", 2, 4096, 128, step=16, key="qttt_span", bind="query-params",
                            help="Clamped to the context length − 1.")
-    lr = c3.select_slider("Learning rate", LRS, value=DEFAULT_LR, key="qttt_lr", format_func=lambda v: f"{v:.0e}",
+    lr = c3.select_slider("Learning rate", LRS, value=DEFAULT_LR, key="qttt_lr", bind="query-params", format_func=lambda v: f"{v:.0e}",
                           help=f"The paper's range is {PAPER_LR_RANGE[0]:.0e}…{PAPER_LR_RANGE[1]:.0e} for billion-scale "
                                f"models; the default {DEFAULT_LR:.0e} was measured on SmolLM2-135M.")
     track_ctx = st.checkbox("Also track the whole-context NLL (one extra frozen-cache forward of the context per step)",
-                            value=False, key="qttt_ctx_nll")
+                            value=False, key="qttt_ctx_nll", bind="query-params")
 else:
-    steps = c1.number_input("Steps T", 1, 64, 8, key="paper_steps")
-    c_val = c2.number_input("c (ρ = c/λ_max)", 0.001, 1.9, 0.1, step=0.05, format="%.3f", key="paper_c",
+    steps = c1.number_input("Steps T", 1, 64, 8, key="paper_steps", bind="query-params")
+    c_val = c2.number_input("c (ρ = c/λ_max)", 0.001, 1.9, 0.1, step=0.05, format="%.3f", key="paper_c", bind="query-params",
                             help="c < 1 keeps every filter g_T(λ) in [0, 1) (DESIGN §3); GD converges for c < 2.")
-    kind_label = c3.radio("Projection", ["V (the paper)", "Q"], key="paper_kind", horizontal=True)
+    kind_label = c3.radio("Projection", ["V (the paper)", "Q"], key="paper_kind", bind="query-params", horizontal=True)
     kind = "v" if kind_label.startswith("V") else "q"
-seed = c4.number_input("Seed", 0, 10_000, 0, key="qttt_seed") if mode == "qttt" else 0
+seed = c4.number_input("Seed", 0, 10_000, 0, key="qttt_seed", bind="query-params") if mode == "qttt" else 0
 
 # ---------------------------------------------------------------- head selection
 n_heads = a.heads_of(kind)
 scores = session_head_scores(kind, a.n_layers, n_heads)
 sel_modes = ["All heads", "Top-k by head scores", "Manual"]
 h1, h2 = st.columns([1, 2])
-sel = h1.radio("Heads to update", sel_modes, key="qttt_head_mode")
+sel = h1.radio("Heads to update", sel_modes, key="qttt_head_mode", bind="query-params")
 heads: list[tuple[int, int]] | None = None
 if sel == "Top-k by head scores":
     if not scores:
         h2.info("No head scores for this projection yet: open **Heads & blocks**, compute the scores, and come back "
                 "(they are kept in this session). Until then all heads are updated.")
     else:
-        k_top = h2.slider("k", 1, len(scores), min(8, len(scores)), key="qttt_topk")
+        k_top = h2.slider("k", 1, len(scores), min(8, len(scores)), key="qttt_topk", bind="query-params")
         heads = SS["head_scores"].top_k(k_top)
         h2.caption("Selected: " + ", ".join(block_label(*hk, kind) for hk in heads))
 elif sel == "Manual":
     options = [block_label(layer, h, kind) for layer in range(a.n_layers) for h in range(n_heads)]
-    chosen = h2.multiselect(f"{kind.upper()} heads", options, key=f"qttt_manual_{kind}",
+    chosen = h2.multiselect(f"{kind.upper()} heads", options, key=f"qttt_manual_{kind}", bind="query-params",
                             help="Only these heads' rows of the projection get updates.")
     heads = [parse_block_label(s)[:2] for s in chosen] if chosen else []
     if not chosen:
@@ -203,21 +204,21 @@ def draw(res: dict[str, Any]) -> None:
         status_slot.info(f"Running… step {done} of {total}")
     if not recs:
         return
-    loss_slot.plotly_chart(loss_figure(recs), key=f"qttt_loss_fig_{n}")
+    slot_chart(loss_slot, loss_figure(recs), f"qttt_loss_fig_{n}", "qttt_loss", res, lm, prompt)
     qf = quality_figure(recs)
     if qf is not None:
-        quality_slot.plotly_chart(qf, key=f"qttt_quality_fig_{n}")
+        slot_chart(quality_slot, qf, f"qttt_quality_fig_{n}", "qttt_quality", res, lm, prompt)
     else:
         quality_slot.caption("This prompt has no query label and no expected answer: nothing to score. Add "
                              "'# answer: y' (few-shot) or 'Answer: …' (long context).")
-    delta_slot.plotly_chart(delta_heatmap(recs), key=f"qttt_delta_fig_{n}")
+    slot_chart(delta_slot, delta_heatmap(recs), f"qttt_delta_fig_{n}", "qttt_delta", res, lm, prompt)
     nf = needle_figure(recs)
     if nf is not None:
-        needle_slot.plotly_chart(nf, key=f"qttt_needle_fig_{n}")
+        slot_chart(needle_slot, nf, f"qttt_needle_fig_{n}", "qttt_needle", res, lm, prompt)
     else:
         needle_slot.caption("No needle marked: wrap the fact in <needle>…</needle> to see the needle attention mass.")
     if n > 1:
-        time_slot.plotly_chart(step_time_figure(recs), key=f"qttt_time_fig_{n}")
+        slot_chart(time_slot, step_time_figure(recs), f"qttt_time_fig_{n}", "qttt_time", res, lm, prompt)
 
 
 def draw_answers(res: dict[str, Any]) -> None:
@@ -233,8 +234,10 @@ def draw_answers(res: dict[str, Any]) -> None:
                 res["labels_after"] = SS[RUN_OBJ].label_distribution(adapted=True)
                 cols[1].markdown(f"**Answer after adaptation:** `{res['answer_after']}`")
         if res.get("labels_before"):
-            st.plotly_chart(label_distribution_figure(res["labels_before"], res.get("labels_after"),
-                                                      res.get("true_label")), key="qttt_labels_fig")
+            st.plotly_chart(fig := label_distribution_figure(res["labels_before"], res.get("labels_after"),
+                                                             res.get("true_label")), key="qttt_labels_fig")
+            if res["status"] != "running":
+                figure_downloads(fig, "qttt_labels", lm, prompt, settings=res["settings"])
             how_to_read(r"p_y=\mathrm{softmax}(\ell_{\text{label tokens}})_y",
                         "The model's distribution over the label set at the query, restricted to the label tokens, "
                         "before and after adaptation.", "mass moves to the true label.",
@@ -299,3 +302,6 @@ else:
         st.caption(f"ρ = {s['rho']:.3g} (λ_max = {s['lambda_max']:.3g} from the {s['rho_source']}, c = {s['c']}).")
     draw_answers(res)
     draw(res)
+
+# ---------------------------------------------------------------- runs you can keep (issue 11.5)
+qttt_runs_section(lm, prompt, SS.get(RESULT))

@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.downloads import figure_downloads
 from ttt_core import dilution as D
 from ttt_core import flops as Fl
 from ttt_core.figures import long_context as figs
@@ -70,7 +71,8 @@ else:
     st.dataframe(D.sweep_table(pts, float(eps)), hide_index=True, width="stretch")
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(figs.mass_figure(pts), key="lc_fig_mass")
+        st.plotly_chart(fig := figs.mass_figure(pts), key="lc_fig_mass")
+        figure_downloads(fig, "lc_fig_mass", lm)
         how_to_read(r"\text{mass}=\sum_{j\in\text{needle}}\alpha_{a,j},\quad \alpha_{a,j}=\frac{e^{z_{a,j}}}{\sum_l e^{z_{a,l}}}",
                     "Attention of the answer position a on the needle tokens, averaged over layers and heads, "
                     "against the context length (measured). For reference, the qTTT paper (App. E, Qwen3-4B, bank "
@@ -82,14 +84,16 @@ else:
         labels = [f"{p.n_words} words, needle at {p.position:.0%} ({p.n_tokens} tokens)" for p in pts]
         pick = st.selectbox("Point for the heat map", range(len(pts)), format_func=lambda i: labels[i],
                             key="lc_point")
-        st.plotly_chart(figs.heatmap_figure(pts[min(pick, len(pts) - 1)]), key="lc_fig_heat")
+        st.plotly_chart(fig := figs.heatmap_figure(pts[min(pick, len(pts) - 1)]), key="lc_fig_heat")
+        figure_downloads(fig, "lc_fig_heat", lm)
         how_to_read(None, "Needle mass of every layer (rows) and query head (columns) from the answer position, "
                     "before and after qTTT, on one colour scale (measured).",
                     good="a few retrieval heads light up, brighter after qTTT", bad="a uniform dark map")
     left, right = st.columns(2)
     with left:
         tight = st.toggle("Tightest bound over Δ instead of the chosen Δ", key="lc_tight")
-        st.plotly_chart(figs.bound_figure(pts, tight=tight), key="lc_fig_bound")
+        st.plotly_chart(fig := figs.bound_figure(pts, tight=tight), key="lc_fig_bound")
+        figure_downloads(fig, "lc_fig_bound", lm)
         how_to_read(r"\alpha_{a,j^\star}\le\frac{1}{1+m\,e^{-\Delta}},\qquad m=\#\{j\notin\text{needle}: z_{a,j}\ge z_{a,j^\star}-\Delta\}",
                     "Lemma 2.2 (qTTT paper) checked on the measured logits: for every layer and head, j* is the "
                     "needle token with the largest logit, m counts the non-needle keys within Δ of it; x = the "
@@ -99,7 +103,8 @@ else:
                          "where distractors are near-ties", bad="a marker above the diagonal would be a bug",
                     section="§8")
     with right:
-        st.plotly_chart(figs.margin_figure(pts, float(eps)), key="lc_fig_margin")
+        st.plotly_chart(fig := figs.margin_figure(pts, float(eps)), key="lc_fig_margin")
+        figure_downloads(fig, "lc_fig_margin", lm)
         how_to_read(r"\gamma=z_{j^\star}-\log\sum_{j\ne j^\star}e^{z_j},\qquad \min_{j\ne j^\star}(z_{j^\star}-z_j)\ge\log\frac{(T-1)(1-\varepsilon)}{\varepsilon}\Rightarrow\alpha_{j^\star}\ge1-\varepsilon",
                     "Lemma 2.3: the dashed curve is the worst-case logit gap that guarantees attention ≥ 1 − ε on "
                     "the needle with T keys — it grows like log T. Markers: the largest measured retrieval margin γ "
@@ -107,7 +112,8 @@ else:
                     "before and after qTTT.",
                     good="qTTT raises γ, and the gap approaches the dashed curve",
                     bad="γ falling with T at fixed weights while the requirement rises", section="§8")
-    st.plotly_chart(figs.answer_figure(pts), key="lc_fig_answer")
+    st.plotly_chart(fig := figs.answer_figure(pts), key="lc_fig_answer")
+    figure_downloads(fig, "lc_fig_answer", lm)
     how_to_read(None, "Teacher-forced probability of the expected answer (all its tokens) before and after qTTT; "
                 "● the greedy answer starts with the expected number, ✕ it does not (measured).",
                 good="after above before at long contexts", bad="after below before: qTTT overfitted the filler")
@@ -163,7 +169,8 @@ g[1].metric("‖gradient‖, closed form", f"{grad_check.norm_closed:.6g}")
 g[2].metric("‖gradient‖, autograd", f"{grad_check.norm_autograd:.6g}")
 g[3].metric("cosine(closed, autograd)", f"{grad_check.cosine:.12f}")
 g[4].metric("max |closed − autograd|", f"{grad_check.max_abs_diff:.2e}")
-st.plotly_chart(figs.query_gradient_figure(grad_check), key="lc_fig_qgrad")
+st.plotly_chart(fig := figs.query_gradient_figure(grad_check), key="lc_fig_qgrad")
+figure_downloads(fig, "lc_fig_qgrad", lm, grad_prompt)
 how_to_read(r"\frac{\partial(-\log\alpha_{\rm needle})}{\partial q}=\frac{\mu-k_{\rm needle}}{\sqrt{d_k}},\qquad"
             r"\mu=\sum_j\alpha_j k_j,\quad \alpha=\mathrm{softmax}(Kq/\sqrt{d_k})",
             "Each coordinate of the gradient of −log α_needle with respect to the query: bars from the closed form, "
@@ -204,7 +211,8 @@ st.caption(f"C_quad = 2Ld = {fm.c_quad:.4g}, C_tok = (4 + 2r)Ld² = {fm.c_tok:.4
            f"default (k, N) = (128, 32) ↔ 8,192 = 2Nk (exact root "
            f"{Fl.FlopModel(32, 4096, 4).matched_thinking_tokens(32, 128, 1e5):,.0f}).")
 T_values = np.unique(np.geomspace(max(2 * k, 16), max(10 * T_ctx, 4 * k), 80).round())
-st.plotly_chart(figs.flops_figure(fm, N, k, T_values, T_mark=T_ctx), key="lc_fig_flops")
+st.plotly_chart(fig := figs.flops_figure(fm, N, k, T_values, T_mark=T_ctx), key="lc_fig_flops")
+figure_downloads(fig, "lc_fig_flops", lm)
 how_to_read(r"C_{quad}\Big(T_{think}T+\tfrac{T_{think}(T_{think}-1)}{2}\Big)+C_{tok}T_{think}=N\cdot2\big(C_{quad}kT+(2+2r)Lkd^2\big)",
             "The number of thinking tokens (decoding with a KV cache after a T-token context) whose FLOPs equal N qTTT "
             "steps of span k against the frozen cache: the exact positive root of the quadratic, and the paper's "

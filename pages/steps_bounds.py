@@ -4,11 +4,13 @@ prediction, the prompt evidence ℓ_T, the plug-in PAC-Bayes bound and the Gibbs
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import asdict
+
 import streamlit as st
 
 from pages.common import interval_text, posterior_flag, verdict_box, get_model, get_prompt, how_to_read, page_header
 from pages.state import cached_prompt_kernel, cached_result
+from pages.downloads import diagnosis_section, figure_downloads, steps_runs_section
 from ttt_core.prompt_kernel import SUBSPACES
 from ttt_core.figures import steps as figs
 from ttt_core.prompts import LongContextPrompt
@@ -27,20 +29,20 @@ if lm is None or prompt is None:
 
 long = isinstance(prompt, LongContextPrompt)
 c1, c2, c3, c4 = st.columns(4)
-subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="steps_subspace",
+subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="steps_subspace", bind="query-params",
                         help="The measured run updates W_V or W_Q heads (few-shot, paper-mode GD) or W_Q heads "
                              "(long context, qTTT); other subspaces show the kernel's curves only.")
-c = c2.slider("Step fraction c (ρ = c/λ_max)", min_value=0.02, max_value=0.9, value=DEFAULT_C, step=0.01, key="steps_c",
+c = c2.slider("Step fraction c (ρ = c/λ_max)", min_value=0.02, max_value=0.9, value=DEFAULT_C, step=0.01, key="steps_c", bind="query-params",
               help="The engine's step is set to the theory's ρ = c/λ_max of the same kernel.")
-grid_max = c3.number_input("Grid max T", min_value=2, max_value=100, value=30, step=1, key="steps_grid")
+grid_max = c3.number_input("Grid max T", min_value=2, max_value=100, value=30, step=1, key="steps_grid", bind="query-params")
 n_layers = lm.adapter.n_layers
 last = c4.number_input("Update the last … layers", min_value=1, max_value=n_layers, value=min(4, n_layers), step=1,
-                       key="steps_layers", help="Blocks = every head of the subspace in these layers.")
+                       key="steps_layers", bind="query-params", help="Blocks = every head of the subspace in these layers.")
 c5, c6, c7 = st.columns([2, 2, 1])
 delta = c5.slider("δ (bound holds with probability ≥ 1 − δ)", min_value=0.01, max_value=0.5, value=0.05, step=0.01,
-                  key="steps_delta")
-beta = c6.select_slider("β (Gibbs posterior inverse temperature)", options=BETAS, value=1.0, key="steps_beta")
-measure = c7.checkbox("Run real TTT", value=True, key="steps_measure",
+                  key="steps_delta", bind="query-params")
+beta = c6.select_slider("β (Gibbs posterior inverse temperature)", options=BETAS, value=1.0, key="steps_beta", bind="query-params")
+measure = c7.checkbox("Run real TTT", value=True, key="steps_measure", bind="query-params",
                       help="Run the engine once over the whole grid (one trajectory records every step).")
 
 settings = StepsSettings(subspace=subspace, c=float(c), grid_max=int(grid_max), delta=float(delta), beta=float(beta),
@@ -62,6 +64,7 @@ except Exception as exc:  # the app stays up whatever fails
     st.error(f"Steps & bounds could not be computed: {exc}")
     st.stop()
 bar.empty()
+settings_dict = asdict(settings)
 
 tc, b, m = rep.theory, rep.bounds, rep.measured
 v = rep.verdict
@@ -91,7 +94,8 @@ if rep.unavailable:
 if m is not None and m.status == "diverged":
     st.warning(f"The run diverged: {m.reason}")
 
-st.plotly_chart(figs.error_figure(rep), key="steps_fig_error")
+st.plotly_chart(fig := figs.error_figure(rep), key="steps_fig_error")
+figure_downloads(fig, "steps_fig_error", lm, prompt, settings=settings_dict)
 how_to_read(r"f_T(x)=f_0(x)+k_x^\top q_T(K)\,r=f_0+\sum_i \tilde a_i\,q_T(\lambda_i)\,\tilde r_i,\quad "
             r"q_T(\lambda)=\frac{1-(1-\rho\lambda)^T}{\lambda},\quad \mathrm{error}=(f_T(x)-y)^2",
             "Solid: the query error of real (nonlinear) TTT after each step, from one engine run. Dashed: the kernel's "
@@ -102,13 +106,15 @@ how_to_read(r"f_T(x)=f_0(x)+k_x^\top q_T(K)\,r=f_0+\sum_i \tilde a_i\,q_T(\lambd
             "the curves part early (the update leaves the kernel regime), or the error only rises: adapting hurts.",
             "§3, §5")
 
-st.plotly_chart(figs.prompt_fit_figure(rep), key="steps_fig_prompt")
+st.plotly_chart(fig := figs.prompt_fit_figure(rep), key="steps_fig_prompt")
+figure_downloads(fig, "steps_fig_prompt", lm, prompt, settings=settings_dict)
 how_to_read(r"\frac1n\|(I-\rho K)^T r\|^2=\frac1n\sum_i(1-\rho\lambda_i)^{2T}\tilde r_i^2",
             "How much of the prompt's leave-one-out residual is left after T steps: measured (engine) and linearised.",
             "a steady decrease that the linearised curve tracks.",
             "a fast fall to zero: the update is fitting the prompt, noise included (compare the query error).", "§3")
 
-st.plotly_chart(figs.evidence_figure(rep), key="steps_fig_evidence")
+st.plotly_chart(fig := figs.evidence_figure(rep), key="steps_fig_evidence")
+figure_downloads(fig, "steps_fig_evidence", lm, prompt, settings=settings_dict)
 how_to_read(r"\ell_T(r)=\frac{1}{2n}\Big[n\log\sigma^2-T\sum_i\log(1-\rho\lambda_i)+\sigma^{-2}\sum_i(1-\rho\lambda_i)^T"
             r"\tilde r_i^2\Big],\quad \mathcal L(T_{MAP}\mid K)\le \ell_{T_{MAP}}(r)+\sqrt{\frac{\bar v\,(\log|\mathcal T|+"
             r"\log(1/\delta))}{n}}",
@@ -119,10 +125,51 @@ how_to_read(r"\ell_T(r)=\frac{1}{2n}\Big[n\log\sigma^2-T\sum_i\log(1-\rho\lambda
             "a clear minimum of ℓ_T at T > 0 and a slack small next to the dip.",
             "ℓ_T smallest at T = 0 (the residuals look like noise) or a slack larger than the whole dip.", "§5")
 
-st.plotly_chart(figs.gibbs_figure(rep), key="steps_fig_gibbs")
+st.plotly_chart(fig := figs.gibbs_figure(rep), key="steps_fig_gibbs")
+figure_downloads(fig, "steps_fig_gibbs", lm, prompt, settings=settings_dict)
 how_to_read(r"\nu_\beta(T)\propto \pi_0(T)\,e^{-\beta n\,\ell_T(r)},\quad \mathbb E_\nu\mathcal L\le \mathbb E_\nu\ell+"
             r"\frac{\mathrm{KL}(\nu\|\pi_0)+\log(1/\delta)}{\beta n}+\frac{\beta\bar v}{4}",
             f"The Gibbs posterior over the step grid (uniform prior). Larger β concentrates it on T_MAP. Plug-in general "
             f"bound for this ν: {b.gibbs_bound:.4g} (β⋆ for the point mass ≈ {b.beta_star:.3g}).",
             "mass concentrated on a few neighbouring T.", "mass spread over the whole grid: the evidence hardly "
             "distinguishes horizons.", "§5")
+
+
+# ------------------------------------------------------------------------------------------
+# Linked view over T: brush steps on the evidence chart, the error and Gibbs charts follow
+# ------------------------------------------------------------------------------------------
+from ttt_core.figures import linked as linked_figs  # noqa: E402  (this section's own import)
+
+st.subheader("Linked view over T")
+st.caption("Drag across the evidence chart (top) to select a range of step counts T; the query-curve and Gibbs "
+           "charts highlight the same T, and the table lists them. Double-click to clear.")
+steps_event = st.altair_chart(linked_figs.steps_linked_chart(rep), key="steps_linked", on_select="rerun",
+                              selection_mode=linked_figs.STEPS_BRUSH, width="stretch")
+steps_idx = linked_figs.brushed_steps_index(rep, linked_figs.brush_range(steps_event, linked_figs.STEPS_BRUSH, "T"))
+if steps_idx.size == 0:
+    st.info("No steps brushed yet: drag across the evidence chart to select some.")
+else:
+    summ = linked_figs.brushed_steps_summary(rep, steps_idx)
+    T_sel = rep.T_grid[steps_idx]
+    lc = st.columns(3)
+    lc[0].metric("Brushed T", f"{int(T_sel[0])}–{int(T_sel[-1])}" if T_sel.size > 1 else f"{int(T_sel[0])}",
+                 help=f"{steps_idx.size} of {len(rep.T_grid)} grid points")
+    lc[1].metric("Gibbs mass on the brushed T", f"{summ['gibbs_mass']:.3g}",
+                 help=f"ν_β(T ∈ brush) at β = {rep.bounds.beta:g}")
+    lc[2].metric("Lowest ℓ_T among them", "—" if summ["best_T"] is None else f"T = {summ['best_T']}",
+                 help="T_MAP (fixed σ̂) is " + ("inside" if summ["contains_t_map"] else "outside") + " the brush.")
+    st.table(linked_figs.brushed_steps_table(rep, steps_idx), hide_index=True)
+how_to_read(None,
+            "One interval selection on T: the evidence curves (ℓ_T with fixed σ̂ and profiled σ, the plug-in bound "
+            "and population risk), the query curve (measured and linearised error, or prediction / qTTT NLL) and "
+            "the Gibbs posterior ν_β(T). Steps outside the brush turn grey.",
+            "the brush around the ℓ_T dip also holds most of the Gibbs mass and the lowest measured error.",
+            "the Gibbs mass sits where the measured error is high: the evidence and the real run disagree.", "§3, §5")
+
+
+# ------------------------------------------------------------------------------------------
+# The whole diagnosis, and results you can keep (issue 11)
+# ------------------------------------------------------------------------------------------
+diagnosis_section(lm, prompt, "steps", subspace=subspace, c=float(c), grid=int(grid_max), delta=float(delta),
+                  last_layers=int(last))
+steps_runs_section(lm, prompt, rep)

@@ -13,15 +13,19 @@ Errors go to stderr with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
+import os
+import stat
 import sys
 import time
 from typing import Any, Callable
 
 from ttt_core.diagnosis import diagnose_markdown, diagnose_report
 from ttt_core.models import EMBEDDED_MODEL, ModelLoadError, convert_embedded, load_model
-from ttt_core.prompts import PromptParseError, fit_to_token_limit, parse_prompt
+from ttt_core.progress import ProgressBar
+from ttt_core.prompts import MAX_PROMPT_CHARS, PromptParseError, fit_to_token_limit, parse_prompt
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}  # filled at the end of the module
 
@@ -44,25 +48,80 @@ def _info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class PromptFileError(ValueError):
+    """The prompt file cannot be used as a prompt; the message is one line naming the file."""
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB"
+
+
+def read_prompt_file(name: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """The text of prompt file `name` ('-' = standard input), checked before anything is loaded:
+    bounded read (never more than 4·max_chars + 1 bytes: UTF-8 needs at most 4 bytes a
+    character), non-empty, UTF-8 (an initial BOM is dropped), no NUL bytes, at most `max_chars`
+    characters. Raises PromptFileError with one line naming the file and the problem."""
+    label = "standard input" if name == "-" else name
+    cap = 4 * max_chars
+    limit = f"prompts are limited to {max_chars:,} characters"
+    if name == "-":
+        buf = getattr(sys.stdin, "buffer", None)
+        raw: bytes | str = buf.read(cap + 1) if buf is not None else sys.stdin.read(max_chars + 1)
+    else:
+        try:
+            st = os.stat(name)
+            if stat.S_ISDIR(st.st_mode):
+                raise PromptFileError(f"cannot read prompt file {name}: it is a directory, not a file")
+            if stat.S_ISREG(st.st_mode) and st.st_size > cap:
+                raise PromptFileError(f"{name} is {_mb(st.st_size)}; {limit}")
+            with open(name, "rb") as fh:
+                raw = fh.read(cap + 1)  # bounded even for /dev/zero-like files that report size 0
+        except OSError as exc:
+            raise PromptFileError(f"cannot read prompt file {name}: {exc.strerror or exc}") from None
+    if isinstance(raw, bytes):
+        if len(raw) > cap:
+            raise PromptFileError(f"{label} is more than {_mb(cap)}; {limit}")
+        offset = 3 if raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = raw[offset:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            pos = exc.start + offset
+            raise PromptFileError(f"{label} is not UTF-8 text (invalid byte 0x{raw[pos]:02x} at position {pos})") from None
+    else:
+        text = raw
+    if not text.strip():
+        raise PromptFileError(f"{label} is empty" + (" (only whitespace)" if text else ""))
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise PromptFileError(f"{label} contains NUL characters (first at character {nul}): "
+                              "it looks like a binary file, not a prompt")
+    if len(text) > max_chars:
+        raise PromptFileError(f"{label} has {len(text):,} characters; {limit}")
+    return text
+
+
 def _diagnose(args: argparse.Namespace) -> int:
+    # Every check on the input (size, encoding, parse) runs before the model is loaded.
+    label = "standard input" if args.prompt_file == "-" else args.prompt_file
     try:
-        text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
-    except OSError as exc:
-        print(f"error: cannot read prompt file {args.prompt_file!r}: {exc}", file=sys.stderr)
+        text = read_prompt_file(args.prompt_file)
+    except PromptFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         prompt = parse_prompt(text)
     except PromptParseError as exc:
-        print(f"error: cannot parse the prompt: {exc}", file=sys.stderr)
+        print(f"error: cannot parse the prompt in {label}: {exc}", file=sys.stderr)
         return 2
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     prompt, note = fit_to_token_limit(prompt, lm.tokenizer, args.max_tokens)
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    report = diagnose_report(lm, prompt, subspace=args.subspace, c=args.c, grid=args.grid, delta=args.delta,
-                             top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions,
-                             check=args.check, check_k=args.check_k, check_steps=args.check_steps,
-                             check_random=args.check_random, check_seed=args.check_seed)
+    with ProgressBar("diagnose", quiet=args.quiet) as bar:
+        report = diagnose_report(lm, prompt, subspace=args.subspace, c=args.c, grid=args.grid, delta=args.delta,
+                                 top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions,
+                                 check=args.check, check_k=args.check_k, check_steps=args.check_steps,
+                                 check_random=args.check_random, check_seed=args.check_seed, progress=bar.fraction)
     if args.format == "md":
         sys.stdout.write(diagnose_markdown(report))
     else:
@@ -86,10 +145,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                       exp2_budgets=tuple(int(b) for b in args.budgets.split(",")), exp2_gd_tasks=args.exp2_gd_tasks,
                       pilot=args.pilot)
 
-    def progress(done: int, total: int, text: str) -> None:
-        print(f"[reproduce] {text}", file=sys.stderr, flush=True)
-
-    res = run_reproduction(s, backend=args.backend, workers=args.workers, progress=progress)
+    with ProgressBar("reproduce", quiet=args.quiet) as bar:
+        res = run_reproduction(s, backend=args.backend, workers=args.workers, progress=bar.count)
     failed = res["summary"].get("tasks_failed", [])
     for t in failed:
         print(f"warning: task {t['index']} failed: {t['error']}", file=sys.stderr)
@@ -135,11 +192,9 @@ def _train_controller(args: argparse.Namespace) -> int:
     lam = DEFAULT_LAMBDA if args.lam is None else args.lam
     cfg = ControllerConfig(lam=lam, epochs=args.epochs, restarts=args.restarts)
 
-    def progress(frac: float, text: str) -> None:
-        print(f"[train-controller] {text}", file=sys.stderr, flush=True)
-
-    res = train_and_evaluate(lm, settings, args.tasks, lam=lam, out=args.out, workers=args.workers, config=cfg,
-                             suite_root=args.suite_dir, progress=progress)
+    with ProgressBar("train-controller", quiet=args.quiet) as bar:
+        res = train_and_evaluate(lm, settings, args.tasks, lam=lam, out=args.out, workers=args.workers, config=cfg,
+                                 suite_root=args.suite_dir, progress=bar.fraction)
     print(json.dumps(json_clean(res), indent=1, ensure_ascii=False))
     print(res["comparison"]["sentence"], file=sys.stderr)
     return 0
@@ -177,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-steps", type=int, default=4, help="--check: TTT steps per subset")
     p.add_argument("--check-random", type=int, default=5, help="--check: number of random k-subsets")
     p.add_argument("--check-seed", type=int, default=0, help="--check: seed of the random subsets and qTTT spans")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("reproduce", help="the paper's experiments (Exp1 horizon, Exp2 heads); JSON + Markdown")
@@ -190,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default="v,q", help="Exp1 subspaces, comma-separated (v, q)")
     p.add_argument("--last-layers", type=int, default=4, help="Exp1 updates every head of the last N layers")
     p.add_argument("--exp2", choices=["gd", "linear", "both", "off"], default="gd",
-                   help="Exp2 query error: real GD (default; several CPU-minutes per task on SmolLM2), "
+                   help="Exp2 query error: real GD (default; ~10 CPU-minutes per task on SmolLM2), "
                         "linear = linearised — the same quantity the greedy rule maximises (cheap, favours "
                         "Query-Aware by construction), both, or off")
     p.add_argument("--exp2-layers", type=int, default=16, help="Exp2 candidates: W_V heads of the last N layers")
@@ -200,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["process", "ray", "serial"], default="process")
     p.add_argument("--workers", type=int, default=2, help="worker processes / Ray CPUs")
     p.add_argument("--out", default=str(_default_out()), help="results folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("train-controller", help="schedule suite + learned step controller; test-split evaluation")
     p.add_argument("--tasks", type=int, default=40, help="suite size (≈ 50/20/30 %% train/val/test)")
@@ -218,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=5, help="controller random restarts (best on val)")
     p.add_argument("--suite-dir", default=None, help="suite cache folder (default artifacts/schedules/<key>)")
     p.add_argument("--tiny", action="store_true", help="tiny prompts (for tests with tiny-random models)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_train_controller)
     return parser
 
@@ -228,13 +286,37 @@ def _default_out() -> str:
     return str(reproduction_dir())
 
 
+def _one_line(text: str, limit: int = 2000) -> str:
+    """An error message as one line (newlines and runs of whitespace folded), at most `limit` chars."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors are ONE line on stderr, never a traceback: bad input / a model that
+    cannot be loaded → exit 2; anything unexpected → exit 1 ("internal error", with the
+    exception's type; TTT_LENS_DEBUG=1 re-raises it for the traceback); Ctrl-C → 130."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`… | head`): stop quietly, like other Unix tools
+        try:  # no second BrokenPipeError when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as exc:  # noqa: BLE001 — the CLI's contract: one line, no traceback
+        if os.environ.get("TTT_LENS_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}): {_one_line(exc)} (TTT_LENS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 COMMANDS.update({"prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce,

@@ -21,6 +21,7 @@ from ttt_core.score_check import check_scores
 from ttt_core.scores import score_blocks
 from ttt_core.spectrum import compute_spectrum
 from ttt_core.steps import StepsSettings, block_kernel, compute_steps, select_blocks
+from ttt_core.types import Progress
 
 
 def json_clean(o: Any) -> Any:
@@ -43,7 +44,7 @@ def json_clean(o: Any) -> Any:
 def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: float = 0.1, grid: int = 30,
                     delta: float = 0.05, top_k: int = 8, last_layers: int | None = None,
                     max_positions: int = 256, check: bool = False, check_k: int = 3, check_steps: int = 4,
-                    check_random: int = 5, check_seed: int = 0) -> dict[str, Any]:
+                    check_random: int = 5, check_seed: int = 0, progress: Progress = None) -> dict[str, Any]:
     """The `diagnose` report (keys documented in README.md, section "diagnose report").
 
     When: P(TTT beats ICL) over the λ⋆ posterior (DESIGN §5.1) on the query Bayes gap (prompt-value
@@ -54,9 +55,16 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
     The kernel is that of every block of the subspace (or of the last `last_layers` layers).
     With `check`, "check" holds `score_check.check_scores` of the ranked score (top-`check_k`,
     bottom-`check_k` and `check_random` random subsets, `check_steps` steps of real TTT, ρ = c/λ_max)
-    as plain data with its "summary" sentence (DESIGN §6, §10)."""
+    as plain data with its "summary" sentence (DESIGN §6, §10). `progress(fraction, text)` is told
+    how far it is (the report itself does not depend on it)."""
+    def tell(frac: float, text: str) -> None:
+        if progress is not None:
+            progress(min(max(float(frac), 0.0), 1.0), text)
+
     t0 = time.perf_counter()
-    ev = compute_prompt_kernel(lm, prompt, subspace, max_positions=max_positions)
+    ev = compute_prompt_kernel(lm, prompt, subspace, max_positions=max_positions,
+                               progress=None if progress is None else (lambda f, t: tell(0.6 * f, t)))
+    tell(0.6, "Evidence, spectrum and bounds…")
     t1 = time.perf_counter()
     st = StepsSettings(subspace=subspace, c=c, grid_max=grid, delta=delta, last_layers=last_layers, measure=False)
     rep = compute_steps(lm, prompt, st, ev=ev)
@@ -66,6 +74,7 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
     spec = compute_spectrum(K, ev.residuals, kx, T=float(tc.t_map_fixed), c=c, T_grid=tc.T_grid,
                             posterior=tc.posterior)
     t2 = time.perf_counter()
+    tell(0.75, "Scoring every block…")
     has_q = ev.head_couplings is not None
     sc = score_blocks(ev, greedy_budget=top_k if has_q else 0, greedy_c=c, top_k=top_k,
                       posterior=tc.posterior if last_layers is None else None)  # same K: reuse its posterior
@@ -74,9 +83,12 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
     t3 = time.perf_counter()
     chk = None
     if check:
+        tell(0.85, "Checking the scores against real TTT…")
         chk = check_scores(lm, prompt, ev, sc, k=check_k, steps=check_steps, c=c, random_subsets=check_random,
-                           seed=check_seed, score=rank_by).to_dict()
+                           seed=check_seed, score=rank_by,
+                           progress=None if progress is None else (lambda f, t: tell(0.85 + 0.15 * f, t))).to_dict()
     t4 = time.perf_counter()
+    tell(1.0, "Diagnosis ready.")
     q = ev.query
     tm = tc.t_map_fixed
     lam = tc.lam

@@ -33,7 +33,6 @@ see there) and `synthetic_row` gives a small random row when the prompt marks no
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -206,7 +205,6 @@ def dilution_point(lm: LoadedModel, n_words: int, position: float, *, steps: int
                                          max_new_tokens=8))
     run.prepare()
     before = measure_answer_row(lm, run, None, delta)
-    t0 = time.perf_counter()
     secs = 0.0
     for rec in run.steps():
         secs += rec.step_s

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from ttt_core.models import LoadedModel
 from ttt_core.optim import global_grad_norm
-from ttt_core.prompts import FewShotPrompt, Prompt, parse_prompt
+from ttt_core.prompts import Prompt, parse_prompt
 from ttt_core.types import HeadSel, Key, StopLike, should_stop
 
 
@@ -117,12 +117,22 @@ def effective_deltas(deltas: dict[Key, torch.Tensor], masks: dict[Key, torch.Ten
 def _layer_norms(n_layers: int, deltas: dict[Key, torch.Tensor]) -> list[float]:
     out = [0.0] * n_layers
     for (layer, _), d in deltas.items():
-        out[layer] = float(d.detach().float().norm())
+        n = float(d.detach().float().norm())
+        if not math.isfinite(n) and bool(torch.isfinite(d).all()):  # finite entries whose fp32 ‖·‖ overflows
+            n = float(d.detach().double().norm())
+        out[layer] = n
     return out
 
 
-def _finite(x: float | None) -> bool:
-    return x is None or math.isfinite(x)
+def _finite(x: Any) -> bool:
+    """None, or a finite number; lists and dicts (label_probs, prompt_predictions): every value."""
+    if x is None:
+        return True
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_finite(v) for v in x)
+    return not isinstance(x, (int, float)) or math.isfinite(x)  # other values (text) are not numbers
 
 
 def _all_finite(deltas: dict[Key, torch.Tensor]) -> bool:
@@ -223,8 +233,11 @@ class EngineRun:
             return
         self.status = "running"
         n_layers = self.lm.adapter.n_layers
+        # (deltas, metrics at them, step that produced them) for the current and the previous state,
+        # so a divergence reports the numbers of the deltas it keeps (a resumed run starts at its last record)
         prev = cur = self.deltas
-        last_metrics = self._metrics_of(self.baseline)
+        last_metrics = self._metrics_of(self.records[-1] if self.records else self.baseline)
+        prev_metrics, prev_step = last_metrics, len(self.records)
         for t in range(len(self.records) + 1, self.config.steps + 1):
             if self._stop_event.is_set() or should_stop(self._stop_external):
                 self.status, self.reason = "stopped", f"stopped on request after {t - 1} step(s)"
@@ -241,33 +254,37 @@ class EngineRun:
                        f"loss of the same data ({ref:.4g})")
             if why is not None:  # `cur` is bad: discard the update that produced it
                 self.deltas = prev
-                yield self._diverged(t, lossf, None, why, prev, last_metrics, ts, info)
+                if prev_step < t - 1:
+                    why += f"; the update of step {t - 1} led there and was discarded"
+                yield self._diverged(t, lossf, None, why, prev, prev_metrics, ts, info, prev_step)
                 return
             self.deltas = cur  # verified: gave a sane loss
             gnorm = global_grad_norm(grads) if grads else 0.0
             self._gnorm = gnorm
             if not math.isfinite(gnorm):
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the gradient norm is {gnorm} (not finite)",
-                                     cur, last_metrics, ts, info)
+                                     cur, last_metrics, ts, info, t - 1)
                 return
             new = self._update(cur, grads)
             if not _all_finite(new):
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the update produced non-finite weights",
-                                     cur, last_metrics, ts, info)
+                                     cur, last_metrics, ts, info, t - 1)
                 return
             step_s = time.perf_counter() - ts
             te = time.perf_counter()
             ahead = self.lookahead and t < self.config.steps and not self._stop_event.is_set()
             metrics = self._evaluate(new, lookahead=ahead)
             eval_s = time.perf_counter() - te
-            bad = [k for k in ("answer_nll", "query_error", "context_nll") if not _finite(metrics.get(k))]
+            # every metric, not only those with a target: without '# answer:' a NaN query prediction
+            # (or LOO prediction, label probability, needle mass) must stop the run too
+            bad = [k for k, v in metrics.items() if not _finite(v)]
             if bad:
                 yield self._diverged(t, lossf, gnorm, f"step {t}: after the update {bad[0]} is not finite",
-                                     cur, last_metrics, ts, info)
+                                     cur, last_metrics, ts, info, t - 1)
                 return
             prev, cur = cur, new
             self.deltas = cur
-            last_metrics = metrics
+            prev_metrics, prev_step, last_metrics = last_metrics, t - 1, metrics
             rec = StepRecord(step=t, mode=self.mode, loss=lossf, loss_per_token=info.get("per_token", lossf),
                              span_start=info.get("start"), span_len=info.get("span"), grad_norm=gnorm,
                              step_s=step_s, eval_s=eval_s, wall_s=step_s + eval_s,
@@ -298,9 +315,13 @@ class EngineRun:
         return {k: getattr(rec, k) for k in keys} if rec is not None else {}
 
     def _diverged(self, t: int, loss: float, gnorm: float | None, why: str, keep: dict[Key, torch.Tensor],
-                  metrics: dict[str, Any], ts: float, info: dict[str, Any]) -> StepRecord:
+                  metrics: dict[str, Any], ts: float, info: dict[str, Any], kept_step: int) -> StepRecord:
+        """The record of divergent step t: `keep` (the deltas after step `kept_step`) are the run's
+        deltas from now on, and `metrics` (evaluated at `keep`) are the record's metrics."""
         self.deltas = keep
-        self.status, self.reason = "diverged", why + "; the run stopped and kept the last good deltas"
+        metrics = {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in metrics.items()}  # own copies
+        kept = "the unadapted weights" if kept_step == 0 else f"the deltas after step {kept_step}"
+        self.status, self.reason = "diverged", f"{why}; the run stopped and kept the last good deltas ({kept})"
         step_s = time.perf_counter() - ts
         rec = StepRecord(step=t, mode=self.mode, loss=loss, loss_per_token=info.get("per_token"),
                          span_start=info.get("start"), span_len=info.get("span"), grad_norm=gnorm, step_s=step_s,
