@@ -146,7 +146,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                       pilot=args.pilot)
 
     with ProgressBar("reproduce", quiet=args.quiet) as bar:
-        res = run_reproduction(s, backend=args.backend, workers=args.workers, progress=bar.count)
+        res = run_reproduction(s, backend=args.backend, workers=args.workers, progress=bar.count,
+                               command="ttt-lens " + " ".join(sys.argv[1:]))
     failed = res["summary"].get("tasks_failed", [])
     for t in failed:
         print(f"warning: task {t['index']} failed: {t['error']}", file=sys.stderr)

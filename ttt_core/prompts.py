@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 FEWSHOT_LINE = re.compile(r"^(?P<x>.*?\S)\s*(?P<sep>->|=>|:)\s*(?P<y>.*)$")
-ANSWER_COMMENT = re.compile(r"^#\s*answer\s*[:=]\s*(?P<y>.+?)\s*$", re.IGNORECASE)
-NEEDLE = re.compile(r"<needle>(.*?)</needle>", re.DOTALL)
+# The answer is the rest of the line, stripped (not a lazy `.+?\s*$` group: that backtracks
+# quadratically over long whitespace runs).
+ANSWER_COMMENT = re.compile(r"^#\s*answer\s*[:=]", re.IGNORECASE)
+NEEDLE_OPEN, NEEDLE_CLOSE = "<needle>", "</needle>"
+#: parse_prompt's default character limit (the CLI and the app check it before anything else).
+MAX_PROMPT_CHARS = 400_000
 
 
 class PromptParseError(ValueError):
@@ -192,17 +196,32 @@ class LongContextPrompt:
 Prompt = Union[FewShotPrompt, LongContextPrompt]
 
 
-def parse_prompt(text: str, max_chars: int = 400_000) -> Prompt:
+def too_long_message(n_chars: int, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """The one sentence for a prompt over the character limit: its length, the limit, the outcome."""
+    return (f"The prompt has {n_chars:,} characters ({n_chars / 1e6:.1f} MB); the limit is {max_chars:,} characters, "
+            "so it was refused and nothing was analysed: paste a shorter prompt (a long context is then cut "
+            "to the token limit, keeping its end).")
+
+
+def parse_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> Prompt:
     """Detect the kind of a pasted prompt and parse it (see module docstring for the formats).
 
-    Raises PromptParseError with a readable message for an empty prompt, an over-long one, or
-    few-shot-looking text with lines that do not parse.
+    Raises PromptParseError with a readable message — and no other exception, whatever the text —
+    for an empty prompt, an over-long one (checked first, before any other work), or text that
+    does not parse. Runs in time linear in the length of the text.
     """
+    if text is not None and not isinstance(text, str):
+        raise PromptParseError(f"The prompt must be text (str), not {type(text).__name__}.")
+    if text is not None and len(text) > max_chars:
+        raise PromptParseError(too_long_message(len(text), max_chars))
     if text is None or not text.strip():
         raise PromptParseError("The prompt is empty: paste a few-shot list (x -> y lines) or a context with a question.")
-    if len(text) > max_chars:
-        raise PromptParseError(f"The prompt has {len(text):,} characters; the limit is {max_chars:,}.")
-    text = text.replace("\r\n", "\n")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no tokenizer accepts it (TypeError deep inside)
+        raise PromptParseError(f"The prompt contains an invalid character (lone surrogate U+{ord(text[exc.start]):04X} "
+                               f"at position {exc.start:,}): paste it again as plain text.") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text files are read
     fs = _try_few_shot(text)
     if fs is not None:
         return fs
@@ -216,8 +235,8 @@ def _try_few_shot(text: str) -> FewShotPrompt | None:
     body: list[tuple[int, str]] = []
     for no, ln in numbered:
         m = ANSWER_COMMENT.match(ln)
-        if m:
-            answer = m.group("y")
+        if m and ln[m.end():].strip():
+            answer = ln[m.end():].strip()
         elif not ln.startswith("#"):
             body.append((no, ln))
     if len(body) < 2 or any(ln.lower().startswith("question:") for _, ln in body):
@@ -228,7 +247,8 @@ def _try_few_shot(text: str) -> FewShotPrompt | None:
     short = [p for p in matches if len(p[2].group("x")) <= 80 and len(p[2].group("y")) <= 40]
     if len(short) < max(2, 0.6 * len(body)):
         return None
-    bad = [(no, ln) for no, ln, m in parsed if m is None or m not in [s[2] for s in short]]
+    short_lines = {no for no, _, _ in short}  # a set: a list here made this quadratic in the line count
+    bad = [(no, ln) for no, ln, m in parsed if m is None or no not in short_lines]
     if bad:
         shown = "; ".join(f"line {no}: {ln[:60]!r}" for no, ln in bad[:3])
         raise PromptParseError(f"This looks like a few-shot prompt, but {len(bad)} line(s) are not 'x -> y': {shown}.")
@@ -245,7 +265,9 @@ def _try_few_shot(text: str) -> FewShotPrompt | None:
         if not y:
             raise PromptParseError(f"Line {no} ({ln!r}) has no label; only the last line may be the query.")
         demos.append((m.group("x").strip(), y))
-    spaced = any(re.search(re.escape(sep) + r"\s", ln) for _, ln, _ in demo_lines)
+    # Spaced when whitespace follows the line's own separator (a "sep + space" inside a label,
+    # e.g. the label "b: c" of "a:b: c", does not count).
+    spaced = any(m.start("y") > m.end("sep") for _, _, m in demo_lines)
     return FewShotPrompt(demos=demos, query_x=qm.group("x").strip(), query_y=answer, sep=sep, spaced=spaced)
 
 
@@ -265,17 +287,25 @@ def _parse_long_context(text: str) -> LongContextPrompt:
             raise PromptParseError("The 'Question:' line is empty.")
     else:
         context = text.rstrip()
+    # <needle>…</needle> pairs, leftmost first, not nested (a linear scan: the lazy regex used
+    # before rescanned to the end of the text for every unclosed <needle>).
     spans: list[tuple[int, int]] = []
-    out, pos = [], 0
-    for m in NEEDLE.finditer(context):
-        out.append(context[pos:m.start()])
-        start = sum(len(s) for s in out)
-        out.append(m.group(1))
-        spans.append((start, start + len(m.group(1))))
-        pos = m.end()
+    out, pos, length = [], 0, 0
+    while True:
+        i = context.find(NEEDLE_OPEN, pos)
+        j = context.find(NEEDLE_CLOSE, i + len(NEEDLE_OPEN)) if i >= 0 else -1
+        if j < 0:
+            break
+        out.append(context[pos:i])
+        length += i - pos
+        inner = context[i + len(NEEDLE_OPEN):j]
+        out.append(inner)
+        spans.append((length, length + len(inner)))
+        length += len(inner)
+        pos = j + len(NEEDLE_CLOSE)
     out.append(context[pos:])
     clean = "".join(out)
-    if "<needle>" in clean or "</needle>" in clean:
+    if NEEDLE_OPEN in clean or NEEDLE_CLOSE in clean:
         raise PromptParseError("Unbalanced <needle> markers: each <needle> needs a matching </needle>.")
     if not clean.strip():
         raise PromptParseError("The context is empty: put the text before the 'Question:' line.")
