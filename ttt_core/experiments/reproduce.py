@@ -102,11 +102,12 @@ from ttt_core import theory
 from ttt_core.experiments.paper_tasks import PAPER_EXP1, PILOT_OFFSET, ReproSettings, paper_task, task_rng
 from ttt_core.experiments.pool import map_jobs
 from ttt_core.experiments.reproduce_report import RESULT_KIND, findings, summarize
+from ttt_core.experiments.store import provenance
 from ttt_core.models import LoadedModel
+from ttt_core.noise_posterior import noise_posterior
 from ttt_core.paper_gd import gd_trajectory
 from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt
-from ttt_core.noise_posterior import noise_posterior
 from ttt_core.scores import greedy_query_aware, resolvent
 from ttt_core.steps import block_kernel, select_blocks, theory_curves
 from ttt_core.types import Block, CountProgress, block_label
@@ -266,7 +267,7 @@ def versions() -> dict[str, str]:
 
 
 def run_reproduction(s: ReproSettings, backend: str = "process", workers: int = 2, lm: LoadedModel | None = None,
-                     progress: CountProgress = None) -> dict[str, Any]:
+                     progress: CountProgress = None, command: str | None = None) -> dict[str, Any]:
     """Pilot (optional), all tasks, statistics. Returns the results dict (see
     `reproduce_report.write_results`)."""
     t0 = time.perf_counter()
@@ -287,5 +288,6 @@ def run_reproduction(s: ReproSettings, backend: str = "process", workers: int = 
     return {"kind": RESULT_KIND, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": used.to_dict(), "c_source": "pilot" if pilot else "given", "pilot": pilot,
             "backend": backend, "workers": int(workers), "versions": versions(),
+            "provenance": provenance(command, workers if backend != "serial" else None),
             "wall_seconds": time.perf_counter() - t0, "summary": summary, "findings": findings(summary),
             "paper": PAPER_EXP1, "tasks": sorted(tasks, key=lambda t: t["index"])}

@@ -22,7 +22,7 @@ import numpy as np
 
 from ttt_core.experiments.paper_tasks import KIND_NAMES, PAPER_EXP1, ReproSettings
 from ttt_core.experiments.stats import VERDICT_RULE, ci_text, improvement_text, mean_se, paired_stats, suite_verdict
-from ttt_core.experiments.store import latest_result, reproduction_dir, write_json
+from ttt_core.experiments.store import latest_result, published_dir, reproduction_dir, write_json
 
 RESULT_KIND = "ttt_lens_reproduction"
 EXP2_METHODS = (("query_aware", "Query-Aware (greedy)"), ("trace_topk", "Trace-TopK"), ("trace_bottomk", "Trace-BottomK"))
@@ -294,4 +294,6 @@ def write_results(res: dict[str, Any], out_dir: str | Path | None = None) -> tup
 def latest_results(out_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
     """The newest reproduction results JSON in out_dir (default `store.reproduction_dir()`) by its
     'created' time, or None."""
-    return latest_result(out_dir if out_dir is not None else reproduction_dir(), RESULT_KIND)
+    if out_dir is not None:
+        return latest_result(out_dir, RESULT_KIND)
+    return latest_result(reproduction_dir(), RESULT_KIND) or latest_result(published_dir("reproduction"), RESULT_KIND)

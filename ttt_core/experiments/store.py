@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IN_CLONE = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "ttt_core").is_dir()
@@ -38,6 +43,34 @@ def reproduction_dir() -> Path:
     <artifacts root>/reproduction."""
     env = os.environ.get("TTT_LENS_REPRO_DIR")
     return Path(env) if env else artifacts_root() / "reproduction"
+
+
+PUBLISHED_DIR = REPO_ROOT / "artifacts" / "published"
+
+
+def published_dir(kind: str) -> Path:
+    """<repo>/artifacts/published/<kind>: results committed with the project (with the command,
+    commit, seeds and machine that made them), shown by the pages when nothing newer exists."""
+    return PUBLISHED_DIR / kind
+
+
+def provenance(command: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """What a saved result needs to be checked: the command, the git commit (and whether the tree
+    had uncommitted changes), the machine and the library versions."""
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=10).stdout
+        dirty = bool(status.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"command": command or " ".join(sys.argv), "commit": commit, "uncommitted_changes": dirty,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "torch_threads_per_worker": 1 if workers else torch.get_num_threads()},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def schedules_dir() -> Path:
