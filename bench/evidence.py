@@ -18,9 +18,25 @@
    on a ~256-token needle prompt with a question and answer (model already loaded).
 3. Peak RSS (resource.getrusage, in a fresh subprocess each) for a 2048-token prompt at
    max_positions 256 (default) and 2048 (n = 2048).
+4. ``--long`` (issue 15; only this section runs): long prompts, each case in a fresh subprocess.
+   Memory = VmHWM − VmRSS after a warm-up kernel has paged the model's weights in (the weights are
+   memory-mapped: without the warm-up ~0.5 GB of them count as "above the model", as in section
+   3's `extra_over_model_mb`), so `*_mb_above_model` is the job's own working memory. Seconds are
+   the median of `--repeats` runs in that process (the first run also sets the memory peak).
+   * ``long_kernel_n2048_*``: `compute_prompt_kernel` (W_Q, qTTT frozen-KV route) on a
+     ~2,060-token needle prompt at max_positions 2048 (n = 2,048 positions);
+   * ``long_kernel_t8192_*``: the same at max_positions 256 on a context filling SmolLM2's 8,192
+     positions;
+   * ``*_baseline_*``: the implementation before issue 15, measured in the same run
+     (`baseline_kernel`: prefill of the whole text then 384-row chunks against the frozen cache,
+     or one pass with the rows' K/V detached through SDPA, and float64 Grams); ``*_speedup`` =
+     baseline seconds / new seconds, ``*_memory_ratio`` = baseline MB / new MB,
+     ``*_rel_diff_vs_baseline`` = ‖K_new − K_base‖/‖K_base‖ (fp32 round-off);
+   * ``*_estimate_mb``: `ttt_core.memory_guard`'s estimate for the job (an upper bound);
+   * ``long_over_limit_error``: the message for a prompt over the 8,192 positions.
 
 The last line printed is one JSON object.
-Usage: python bench/evidence.py [--quick]
+Usage: python bench/evidence.py [--quick] | [--long [--repeats R]]
 """
 
 from __future__ import annotations
@@ -37,6 +53,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# OpenMP threads sleep instead of spinning between parallel regions (as bench/qttt_step.py): on a
+# shared 2-core machine spinning makes runs many times slower whenever another process is busy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -271,17 +290,208 @@ def memory(max_positions: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# --long (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+def long_prompt(lm, context_tokens: int, seed: int = 2) -> LongContextPrompt:
+    """A needle prompt (question + answer) whose context is cut to about `context_tokens` tokens."""
+    tok = lm.tokenizer
+    p = needle_haystack(seed, n_words=int(context_tokens * 0.9) + 200, position=0.3)
+    offs = tok(p.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offs) <= context_tokens:
+        raise RuntimeError(f"filler too short: {len(offs)} tokens")
+    cut = offs[context_tokens][0]
+    spans = [(a, b) for a, b in p.needle_spans if b <= cut]
+    return LongContextPrompt(context=p.context[:cut], question=p.question, answer=p.answer, needle_spans=spans)
+
+
+def baseline_kernel(lm, prompt, max_positions: int, row_chunk: int = 384):
+    """The W_Q frozen-KV prompt kernel as it was before issue 15 (for the same-run baseline):
+    rows spanning ≤ row_chunk tokens: prefill of the tokens before them, one pass with their own
+    K/V detached (SDPA); longer spans: prefill of the whole text, then the rows in chunks of
+    row_chunk against its frozen cache (`forward_with_frozen_kv`); Grams in float64.
+    Returns (K (n, n) float64 numpy, k_x or None, n)."""
+    from ttt_core.attention import detached_kv
+    from ttt_core import kernel_routes as kr
+
+    li = encode_long_context(lm, prompt, max_positions)
+    wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
+    targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
+    ids = torch.tensor(li.ids)[None]
+    keys = kr._keys(lm, "q")
+    start, stop = wanted[0], wanted[-1] + 1
+    A_parts: dict = {k: [] for k in keys}
+    B_parts: dict = {k: [] for k in keys}
+    vals = []
+    if stop - start <= row_chunk:
+        cache = None
+        if start > 0:
+            with torch.no_grad():
+                cache = lm.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1).past_key_values
+        rows = torch.tensor([p - start for p in wanted])
+        probes = kr._probes(lm, keys, 1, stop - start)
+        with detached_kv(), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+            out = lm.model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=cache is not None,
+                           logits_to_keep=rows)
+            s = token_prob(out.logits[0], torch.tensor(targets))
+            grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+        vals.append(s.detach())
+        for k, g in zip(keys, grads):
+            A_parts[k].append(st.capture_in[k][0].detach().index_select(0, rows).float())
+            B_parts[k].append(g[0].index_select(0, rows).float())
+        del out, st, grads, probes, cache
+    else:
+        cache = kr._prefill_cache(lm.model, ids)
+        for r0 in range(start, stop, row_chunk):
+            r1 = min(stop, r0 + row_chunk)
+            sel = [j for j, p in enumerate(wanted) if r0 <= p < r1]
+            rows = torch.tensor([wanted[j] - r0 for j in sel])
+            probes = kr._probes(lm, keys, 1, r1 - r0)
+            with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+                out = forward_with_frozen_kv(lm.model, ids[:, r0:r1], cache, r0, logits_to_keep=rows)
+                s = token_prob(out.logits[0], torch.tensor([targets[j] for j in sel]))
+                grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+            vals.append(s.detach())
+            for k, g in zip(keys, grads):
+                A_parts[k].append(st.capture_in[k][0].detach().index_select(0, rows).float())
+                B_parts[k].append(g[0].index_select(0, rows).float())
+            del out, st, grads, probes
+        del cache
+    rr = kr._frozen_q_result(lm, li, A_parts, B_parts, vals)
+    K = None
+    for f in rr.factors:                                  # float64 Grams, as before
+        O, H = f.O.double(), f.H.double()
+        Kl = (O @ O.T) * (H @ H.T)
+        K = Kl if K is None else K + Kl
+    K = K.numpy()
+    kx = None
+    if li.query_position is not None:
+        kx = sum(f.query_couplings().sum(0) for f in rr.factors).numpy()
+    return 0.5 * (K + K.T), kx, len(li.positions)
+
+
+LONG_CASES = {
+    # case: (context tokens, max_positions, baseline?)
+    "kernel_n2048": (2052, 2048, False),
+    "kernel_n2048_baseline": (2052, 2048, True),
+    "kernel_t8192": (8160, 256, False),
+    "kernel_t8192_baseline": (8160, 256, True),
+}
+
+
+def long_child(case: str, repeats: int) -> None:
+    """Fresh process: warm-up (pages the weights in), reset VmHWM, run the case `repeats` times."""
+    from ttt_core import memory_guard
+
+    ctx, max_pos, base = LONG_CASES[case]
+    lm = load_model()
+    prompt = long_prompt(lm, ctx)
+    li = encode_long_context(lm, prompt, max_pos)
+    compute_prompt_kernel(lm, free_text(40, lm.tokenizer), "q", max_positions=16)      # warm-up
+    if base:
+        baseline_kernel(lm, free_text(40, lm.tokenizer), 16)
+    rss0 = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    secs, cpu, K, kx = [], [], None, None
+    for _ in range(max(1, repeats)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if base:
+            K, kx, n = baseline_kernel(lm, prompt, max_pos)
+        else:
+            ev = compute_prompt_kernel(lm, prompt, "q", max_positions=max_pos)
+            K, kx, n = ev.K, ev.k_x, ev.n
+            del ev
+        secs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if len(secs) == 1:
+            hwm = _status_kb("VmHWM")
+    if os.environ.get("EVIDENCE_LONG_OUT"):
+        np.save(Path(os.environ["EVIDENCE_LONG_OUT"]) / f"{case}.npy", K)
+    wanted = li.positions + ([li.query_position] if li.query_position is not None else [])
+    est = memory_guard.frozen_q_kernel_estimate(lm, len(li.ids), len(li.positions), wanted[-1] + 1 - wanted[0])
+    print(json.dumps({"case": case, "tokens": len(li.ids), "n": n, "seconds": [round(x, 2) for x in secs],
+                      "median_s": round(float(np.median(secs)), 2), "min_s": round(min(secs), 2),
+                      "cpu_seconds_median": round(float(np.median(cpu)), 2),
+                      "load_avg_1min": round(os.getloadavg()[0], 2),
+                      "mb_above_model": round((hwm - rss0) / 1024, 1), "rss_model_mb": round(rss0 / 1024, 1),
+                      "estimate_mb": round(est.total / 2**20, 1), "estimate_raw_mb": round(est.raw / 2**20, 1)}))
+
+
+def long_section(repeats: int, cases: list[str]) -> dict:
+    import tempfile
+
+    from ttt_core import memory_guard
+    from ttt_core.prompt_kernel import KernelContextLengthError
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        res = {}
+        for case in cases:
+            cmd = [sys.executable, __file__, "--long-child", case, "--repeats", str(repeats)]
+            if torch.get_num_threads():
+                cmd += ["--threads", str(torch.get_num_threads())]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "EVIDENCE_LONG_OUT": tmp})
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+            if r.returncode or not line:
+                raise RuntimeError(r.stderr[-3000:])
+            d = json.loads(line[-1])
+            print(json.dumps(d), flush=True)
+            res[case] = d
+            key = "long_" + case
+            out[f"{key}_tokens"], out[f"{key}_n"] = d["tokens"], d["n"]
+            out[f"{key}_seconds_median"], out[f"{key}_seconds"] = d["median_s"], d["seconds"]
+            out[f"{key}_cpu_seconds_median"] = d.get("cpu_seconds_median")
+            out[f"{key}_mb_above_model"] = d["mb_above_model"]
+            out[f"{key}_estimate_mb"] = d["estimate_mb"]
+        for case in cases:
+            if case.endswith("_baseline") or case + "_baseline" not in res:
+                continue
+            new, base = res[case], res[case + "_baseline"]
+            key = "long_" + case
+            out[f"{key}_speedup"] = round(base["median_s"] / new["median_s"], 2)
+            if new.get("cpu_seconds_median") and base.get("cpu_seconds_median"):
+                out[f"{key}_cpu_speedup"] = round(base["cpu_seconds_median"] / new["cpu_seconds_median"], 2)
+            out[f"{key}_memory_ratio"] = round(base["mb_above_model"] / max(new["mb_above_model"], 1e-9), 2)
+            Kn, Kb = np.load(Path(tmp) / f"{case}.npy"), np.load(Path(tmp) / f"{case}_baseline.npy")
+            out[f"{key}_rel_diff_vs_baseline"] = rel(Kn, Kb)
+    lm = load_model()
+    try:
+        compute_prompt_kernel(lm, long_prompt(lm, 8300), "q", max_positions=256)
+        out["long_over_limit_error"] = None
+    except KernelContextLengthError as exc:
+        out["long_over_limit_error"] = str(exc)
+    out["long_memory_limit_source"] = memory_guard.available_memory()[1]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="n = 32 and 64 only, no memory runs")
     ap.add_argument("--memory-child", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--sections", default="kernel,e2e,memory", help="comma list of kernel, e2e, memory")
+    ap.add_argument("--long", action="store_true", help="only the long-prompt section (module docstring, 4.)")
+    ap.add_argument("--long-cases", default=",".join(LONG_CASES), help="comma list of " + ", ".join(LONG_CASES))
+    ap.add_argument("--long-child", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="--long: runs per case (median seconds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         memory_child(args.memory_child)
+        return
+    if args.long_child is not None:
+        long_child(args.long_child, args.repeats)
+        return
+    if args.long:
+        result = {"device": "cpu", "threads": torch.get_num_threads(), "section": "long",
+                  "load_avg_1min_at_start": round(os.getloadavg()[0], 2)}
+        result.update(long_section(args.repeats, args.long_cases.split(",")))
+        result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+        print(json.dumps(result))
         return
     torch.manual_seed(0)
     lm = load_model()

@@ -32,6 +32,18 @@ generation-free; target ≤ 60 s on this 2-core CPU.
 
 Learning-rate sweep (`--lr-sweep`): 32 default steps for lr ∈ {1e-5, 3e-5, 1e-4, 3e-4, 1e-3} on
 two ~1024-token needle prompts; reports the whole-context NLL and the answer NLL before/after.
+
+Long contexts (`--long`, issue 15; only this section runs): SmolLM2's full 8,192 positions.
+* ``long_qttt_step_s_T8192``: the qTTT step above (k = 128) against the frozen cache of 8,192
+  tokens, median of `--repeats`; ``long_qttt_step_mem_mb_T8192``: its working memory (fresh
+  subprocess, as above); the same at T = 2,048 in the same run is the baseline:
+  ``long_qttt_step_time_ratio_T8192_vs_T2048`` / ``…_mem_ratio_…``. With ``--long-full`` the
+  full-context step at T = 8,192 (~12 GB of activations by `ttt_core.memory_guard`'s estimate) is
+  measured too and gives ``long_speedup_T8192`` / ``long_mem_ratio_T8192``.
+* ``long_run_*``: `QTTTRun` (k = 128, 3 steps) on a needle prompt of ~8,190 tokens in a fresh
+  subprocess: prepare (prefill) seconds, mean step seconds, peak memory above the resident model
+  (VmHWM after a warm-up that pages the memory-mapped weights in) and the guard's estimate.
+* ``long_over_limit_error``: the message for a prompt over 8,192 positions.
 """
 
 from __future__ import annotations
@@ -187,6 +199,101 @@ def _memory(mode: str, T: int) -> dict:
     return json.loads(lines[-1])
 
 
+def _long_needle(lm, tokens: int):
+    """A needle prompt whose prompt + answer has at most `tokens` tokens (context cut by offsets)."""
+    from ttt_core.encoding import encode
+    from ttt_core.generators import needle_haystack
+    from ttt_core.prompts import LongContextPrompt
+
+    p = needle_haystack(0, n_words=int(tokens * 0.9) + 200, position=0.3)
+    offs = lm.tokenizer(p.context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut_tokens = tokens - 24
+    for _ in range(10):
+        cut = offs[cut_tokens][0]
+        q = LongContextPrompt(context=p.context[:cut], question=p.question, answer=p.answer,
+                              needle_spans=[(a, b) for a, b in p.needle_spans if b <= cut])
+        n = len(encode(lm, q).train_ids)
+        if n <= tokens:
+            return q, n
+        cut_tokens -= n - tokens
+    raise RuntimeError("could not fit the needle prompt")
+
+
+def _run_child(tokens: int, steps: int) -> None:
+    """Subprocess body: QTTTRun prepare + `steps` steps on a ~`tokens`-token needle prompt."""
+    from ttt_core import memory_guard
+    from ttt_core.qttt import QTTTConfig, QTTTRun
+
+    _setup_torch()
+    lm = _load()
+    p, n = _long_needle(lm, tokens)
+    warm = QTTTRun(lm, _needle_prompt(lm, 200, seed=1)[0], QTTTConfig(steps=1))
+    warm.prepare()
+    warm.run_to_end()
+    del warm
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    cfg = QTTTConfig(steps=steps)
+    run = QTTTRun(lm, p, cfg)
+    t = time.perf_counter()
+    base = run.prepare()
+    prep = time.perf_counter() - t
+    recs = run.run_to_end()
+    hwm = _status_kb("VmHWM")
+    est = memory_guard.qttt_estimate(lm, n, run.span)
+    print(json.dumps({"tokens": n, "steps": len(recs), "status": run.status, "prepare_s": round(prep, 2),
+                      "mean_step_s": round(statistics.mean(r.wall_s for r in recs), 3),
+                      "step_s": [round(r.wall_s, 3) for r in recs],
+                      "mb_above_model": round((hwm - before) / 1024, 1), "rss_model_mb": round(before / 1024, 1),
+                      "estimate_mb": round(est.total / 2**20, 1), "estimate_raw_mb": round(est.raw / 2**20, 1),
+                      "answer_nll": [round(base.answer_nll, 4), round(recs[-1].answer_nll, 4)]}))
+
+
+def _long(args) -> dict:
+    from ttt_core import memory_guard
+    from ttt_core.qttt import QTTTConfig, QTTTRun
+
+    res: dict = {}
+    lm = _load()
+    T_long, T_base = 8192, 2048
+    for T in (T_base, T_long):
+        st = Step(lm, _context_ids(lm, T))
+        res[f"long_prefill_s_T{T}"] = round(st.prefill(), 2)
+        res[f"long_qttt_step_s_T{T}"] = round(_timeit(lambda: st.step("qttt"), args.repeats), 3)
+        if args.long_full and T == T_long:
+            res[f"long_full_step_s_T{T}"] = round(_timeit(lambda: st.step("full"), max(1, args.repeats - 1)), 3)
+        print(json.dumps({k: v for k, v in res.items() if k.endswith(f"T{T}")}), file=sys.stderr, flush=True)
+        del st
+    for T in (T_base, T_long):
+        res[f"long_qttt_step_mem_mb_T{T}"] = round(_memory("qttt", T)["step_extra_mb"], 1)
+    if args.long_full:
+        res[f"long_full_step_mem_mb_T{T_long}"] = round(_memory("full", T_long)["step_extra_mb"], 1)
+        res[f"long_speedup_T{T_long}"] = round(res[f"long_full_step_s_T{T_long}"] / res[f"long_qttt_step_s_T{T_long}"], 2)
+        res[f"long_mem_ratio_T{T_long}"] = round(res[f"long_full_step_mem_mb_T{T_long}"]
+                                                 / max(res[f"long_qttt_step_mem_mb_T{T_long}"], 1e-9), 2)
+    res["long_qttt_step_time_ratio_T8192_vs_T2048"] = round(res["long_qttt_step_s_T8192"] / res["long_qttt_step_s_T2048"], 2)
+    res["long_qttt_step_mem_ratio_T8192_vs_T2048"] = round(res["long_qttt_step_mem_mb_T8192"]
+                                                           / max(res["long_qttt_step_mem_mb_T2048"], 1e-9), 2)
+    res["long_full_step_estimate_mb_T8192"] = round(
+        memory_guard.MemoryEstimate("full step", {"graph": memory_guard._graph(memory_guard.Shapes.of(lm), T_long,
+                                                                              lm.adapter.n_layers, full=True)}).total / 2**20)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, __file__, "--run-child", str(T_long), "3"], capture_output=True, text=True,
+                         env=env, timeout=1800)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"run subprocess failed: {out.stderr[-2000:]}")
+    for k, v in json.loads(lines[-1]).items():
+        res[f"long_run_{k}"] = v
+    over, _ = _long_needle(lm, 8400)
+    try:
+        QTTTRun(lm, over, QTTTConfig(steps=1)).prepare()
+        res["long_over_limit_error"] = None
+    except memory_guard.ContextLengthError as exc:
+        res["long_over_limit_error"] = str(exc)
+    return res
+
+
 def _cos(a: dict, b: dict) -> float:
     va = torch.cat([a[k].reshape(-1) for k in sorted(a)]).double()
     vb = torch.cat([b[k].reshape(-1) for k in sorted(b)]).double()
@@ -253,11 +360,24 @@ def main() -> None:
     ap.add_argument("--lr-sweep", action="store_true")
     ap.add_argument("--lr-sweep-only", action="store_true", help="run only the learning-rate sweep")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "T"))
+    ap.add_argument("--long", action="store_true", help="only the long-context section (module docstring)")
+    ap.add_argument("--long-full", action="store_true", help="--long: also the full-context step at T = 8192")
+    ap.add_argument("--run-child", nargs=2, metavar=("TOKENS", "STEPS"))
     args = ap.parse_args()
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
+    if args.run_child:
+        _run_child(int(args.run_child[0]), int(args.run_child[1]))
+        return
     _setup_torch()
+    if args.long:
+        res = {"bench": "qttt_step --long", "threads": THREADS, "span": SPAN, "repeats": args.repeats,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_start": round(os.getloadavg()[0], 2)}
+        res.update(_long(args))
+        res["load_average_end"] = round(os.getloadavg()[0], 2)
+        print(json.dumps(res))
+        return
     if args.lr_sweep_only:
         print(json.dumps({"lr_sweep": _lr_sweep(_load()), "threads": THREADS}))
         return

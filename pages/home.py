@@ -31,6 +31,8 @@ if lm is not None:
     cols[5].metric("Device", card["device"])
     st.caption(f"{card['name']} · {card['architecture']} ({card['family']} family) · head dim {card['head_dim']} · "
                f"hidden {card['hidden_size']} · vocab {card['vocab_size']:,} · {card['source']} · loaded in {card['load_seconds']} s")
+    st.caption(f"Weights fingerprint: `{lm.weights_fingerprint()[:12]}` (sha256 over every parameter, recomputed on each "
+               "view: it stays the same while sessions adapt, because runs keep their own deltas)")
 
 prompt = get_prompt(lm)
 if prompt is not None:

@@ -14,11 +14,17 @@ Routes (how the per-position gradients b are obtained)
 * ``qttt-frozen-kv`` (long context, W_Q): keys/values held at their unadapted values, so positions
   are independent and one backward of Σ_i s_i (+ s_x) gives every b_i exactly; K^(h) =
   (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT actually makes), not the
-  exact-model W_Q kernel. When the rows fit one chunk (``row_chunk``, default 384): a no-grad
-  prefill of the tokens before the first row, then one forward of the rows with their own K/V
-  detached (`attention.detached_kv`) and one backward. Longer spans: prefill the full text once, then
-  run the rows in chunks of ``row_chunk`` with `forward_with_frozen_kv`, so memory does not grow
-  with the context length.
+  exact-model W_Q kernel. A no-grad prefill of the tokens before the first row only, then the
+  rows in order: in one pass when they span at most ``row_chunk`` tokens, else in chunks of
+  ``row_chunk`` rows (default `CHUNK_ROWS` = 128). A chunk's forward appends its own (base-weight)
+  K/V to the growing cache, as a prefill would, and attends to the cache through the dQ-only
+  frozen attention (`attention.frozen_kv` on a live view of that cache: no repeated K/V heads
+  saved for the backward, unlike SDPA with a mask); one backward per chunk, then the cache is
+  detached and the chunk's graph freed. Every token is run forward once (the earlier
+  form prefilled the whole text and then ran the rows again: one extra forward over all tokens),
+  and the autograd graph holds one chunk. Factor rows go straight into preallocated stores.
+  Memory (SmolLM2, measured, `ttt_core.memory_guard` has the formula): graph ≈ 1.3 MB per chunk
+  row, factors n·(d_in + d_out)·4 bytes per layer, K/V cache 46 KB per token.
 * ``exact-per-output`` (long context, W_K/W_V/W_O/MLP, or W_Q with ``qttt=False``): positions
   are not independent (s_i depends on the block at every t ≤ i), so each output needs its own
   backward. The full sequence is replicated ``chunk`` times in a batch and each copy back-propagates
@@ -40,12 +46,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ttt_core.attention import FrozenKV, detached_kv, forward_with_frozen_kv
+from ttt_core.attention import FrozenKV, frozen_kv
 from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
 from ttt_core.kernel_factors import FeatureFactors, LayerFactors, RowFactors
 from ttt_core.models import LoadedModel
 from ttt_core.readout import FewShotReadout, token_prob
 from ttt_core.types import Progress
+
+
+#: Default rows per chunk of the frozen-KV route (`row_chunk`). Measured on SmolLM2 at
+#: n = 2,048 (2 CPU threads, CPU seconds of the route): 128 rows 19–21 s, 192: 22–24 s,
+#: 256: 22–23 s, 384: 21–23 s; at 128 rows × ≤ 2,048 keys the frozen attention keeps its
+#: probabilities for the backward (`kernels.dispatch.saves_probs`), and the graph stays small.
+CHUNK_ROWS = 128
 
 
 @dataclass
@@ -124,68 +137,103 @@ def _prefill_cache(model: Any, ids: torch.Tensor) -> FrozenKV:
     return FrozenKV(keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers])
 
 
-def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
-                          progress: Progress) -> tuple[dict, dict, torch.Tensor]:
-    """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
-    of the rows with their own keys/values detached (`attention.detached_kv`) and one backward.
-    Same features as the frozen-cache route (the rows' K/V are the values a prefill would cache),
-    without prefilling the rows first. Returns ({key: A rows}, {key: B rows}, s)."""
+class _LiveKV:
+    """A `FrozenKV` look-alike over a growing transformers cache: keys[l] / values[l] are the
+    cache's current layer-l tensors, detached. Inside a forward that passes the same cache as
+    `past_key_values`, each attention layer appends the chunk's own keys/values before it attends,
+    so under `attention.frozen_kv` the chunk's rows read exactly what a prefill would have cached."""
+
+    class _Side:
+        def __init__(self, cache: Any, attr: str) -> None:
+            self.cache, self.attr = cache, attr
+
+        def __getitem__(self, layer: int) -> torch.Tensor:
+            return getattr(self.cache.layers[layer], self.attr).detach()
+
+    def __init__(self, cache: Any) -> None:
+        self.keys, self.values = self._Side(cache, "keys"), self._Side(cache, "values")
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+
+def _detach_cache(cache: Any) -> None:
+    """Cut the growing cache from the chunk's autograd graph (frees the graph's saved tensors)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+
+
+def _frozen_q_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
+                   chunk_rows: int, progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+    """The supervised rows in chunks of `chunk_rows` against a cache that grows chunk by chunk
+    (module docstring). Returns ({key: A (len(wanted), d_in)}, {key: B (len(wanted), d_out)}, s)."""
+    from transformers import DynamicCache
+
     ids = torch.tensor(li.ids, device=lm.device)[None]
     start, stop = wanted[0], wanted[-1] + 1
-    cache = None
+    keys = _keys(lm, "q")
+    a = lm.adapter
+    store = torch.float64 if lm.dtype == torch.float64 else torch.float32
+    n_w = len(wanted)
+    A = {k: torch.empty(n_w, a.spec(*k).in_features, dtype=store, device=lm.device) for k in keys}
+    B = {k: torch.empty(n_w, a.spec(*k).out_features, dtype=store, device=lm.device) for k in keys}
+    vals = torch.empty(n_w, dtype=torch.float64)
+    cache: Any = DynamicCache()
     if start > 0:
         report(progress, 0.05, f"Prefill of the {start} tokens before the supervised rows")
         with torch.no_grad():
             cache = lm.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1).past_key_values
-    keys = _keys(lm, "q")
-    rows = torch.tensor([p - start for p in wanted], dtype=torch.long, device=lm.device)
-    tg = torch.tensor(targets, dtype=torch.long, device=lm.device)
-    report(progress, 0.3, f"Rows {start}…{stop - 1}: one forward (keys/values detached) + one backward")
-    probes = _probes(lm, keys, 1, stop - start)
-    with detached_kv(), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-        out = lm.model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=cache is not None,
-                       logits_to_keep=rows)
-        s = token_prob(out.logits[0], tg)
-        grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
-    A = {k: _store(st.capture_in[k][0].index_select(0, rows)) for k in keys}
-    B = {k: _store(g[0].index_select(0, rows)) for k, g in zip(keys, grads)}
-    return A, B, s.detach()
+    live = _LiveKV(cache)
+    pos_t = torch.tensor(wanted)
+    chunks = list(range(start, stop, chunk_rows))
+    for ci, r0 in enumerate(chunks):
+        r1 = min(stop, r0 + chunk_rows)
+        j0, j1 = int(torch.searchsorted(pos_t, r0)), int(torch.searchsorted(pos_t, r1))
+        report(progress, 0.1 + 0.8 * ci / len(chunks),
+               f"qTTT rows {r0}…{r1 - 1}: forward (frozen K/V) + one backward, chunk {ci + 1} of {len(chunks)}")
+        rows = (pos_t[j0:j1] - r0).to(lm.device)
+        tg = torch.tensor(targets[j0:j1], dtype=torch.long, device=lm.device)
+        probes = _probes(lm, keys, 1, r1 - r0)
+        pos = torch.arange(r0, r1, device=lm.device)[None]
+        with frozen_kv(live, r0), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+            out = lm.model(input_ids=ids[:, r0:r1], position_ids=pos, past_key_values=cache, use_cache=True,
+                           logits_to_keep=rows if j1 > j0 else 1)
+            if j1 > j0:
+                s = token_prob(out.logits[0], tg)
+                grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
+        _detach_cache(cache)
+        if j1 > j0:
+            vals[j0:j1] = s.detach().double().cpu()
+            for k, g in zip(keys, grads):
+                A[k][j0:j1] = st.capture_in[k][0].detach().index_select(0, rows)
+                B[k][j0:j1] = g[0].index_select(0, rows)
+            del s, grads
+        del out, probes, st
+    del cache, live
+    return A, B, vals
 
 
-def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = 384, progress: Progress = None) -> RouteResult:
-    """The ``qttt-frozen-kv`` route (module docstring)."""
+def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
+                          progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+    """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
+    of the rows (their own keys/values appended to the cache, attention through the dQ-only
+    frozen kernel) and one backward. Same features as a prefill of the whole text followed by the
+    rows against its frozen cache (the rows' K/V are the values a prefill would cache)."""
+    return _frozen_q_rows(lm, li, wanted, targets, wanted[-1] + 1 - wanted[0], progress)
+
+
+def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
+                   progress: Progress = None) -> RouteResult:
+    """The ``qttt-frozen-kv`` route (module docstring): one pass when the rows span at most
+    `row_chunk` tokens, else chunks of `row_chunk` rows."""
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     if wanted[-1] + 1 - wanted[0] <= row_chunk:
-        A1, B1, s1 = _frozen_q_single_pass(lm, li, wanted, targets, progress)
-        return _frozen_q_result(lm, li, {k: [a] for k, a in A1.items()}, {k: [b] for k, b in B1.items()}, [s1])
-    ids = torch.tensor(li.ids, device=lm.device)[None]
-    report(progress, 0.05, f"Prefill of {len(li.ids)} tokens (frozen keys/values)")
-    cache = _prefill_cache(lm.model, ids)
-    keys = _keys(lm, "q")
-    start, stop = wanted[0], wanted[-1] + 1
-    A_parts: dict = {k: [] for k in keys}
-    B_parts: dict = {k: [] for k in keys}
-    vals: list[torch.Tensor] = []
-    chunks = list(range(start, stop, row_chunk))
-    for ci, r0 in enumerate(chunks):
-        r1 = min(stop, r0 + row_chunk)
-        sel = [j for j, p in enumerate(wanted) if r0 <= p < r1]
-        if not sel:
-            continue
-        rows = torch.tensor([wanted[j] - r0 for j in sel], dtype=torch.long, device=lm.device)
-        tg = torch.tensor([targets[j] for j in sel], dtype=torch.long, device=lm.device)
-        report(progress, 0.1 + 0.8 * ci / len(chunks), f"qTTT rows {r0}…{r1 - 1}: forward with frozen K/V + one backward")
-        probes = _probes(lm, keys, 1, r1 - r0)
-        with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-            out = forward_with_frozen_kv(lm.model, ids[:, r0:r1], cache, r0, logits_to_keep=rows)
-            s = token_prob(out.logits[0], tg)
-            grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
-        vals.append(s.detach())
-        for k, g in zip(keys, grads):
-            A_parts[k].append(_store(st.capture_in[k][0].index_select(0, rows)))
-            B_parts[k].append(_store(g[0].index_select(0, rows)))
-    return _frozen_q_result(lm, li, A_parts, B_parts, vals)
+        A, B, s = _frozen_q_single_pass(lm, li, wanted, targets, progress)
+    else:
+        A, B, s = _frozen_q_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress)
+    return _frozen_q_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s])
 
 
 def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list) -> RouteResult:
@@ -195,7 +243,9 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
     H = blocks_per_layer(lm, "q")
     factors = []
     for k in keys:
-        A, B = torch.cat(A_parts[k]), torch.cat(B_parts[k])
+        A = A_parts[k][0] if len(A_parts[k]) == 1 else torch.cat(A_parts[k])
+        B = B_parts[k][0] if len(B_parts[k]) == 1 else torch.cat(B_parts[k])
+        A_parts[k] = B_parts[k] = None
         Ax = A[n:] if li.query_position is not None else None
         Bx = B[n:] if li.query_position is not None else None
         factors.append(_row_factors("q", A[:n], B[:n], H, n, None, Ax, Bx))

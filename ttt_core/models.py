@@ -16,6 +16,7 @@ and never mutated after loading: adaptations keep their own deltas.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -72,6 +73,18 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def weights_fingerprint(self) -> str:
+        """sha256 (hex) over every parameter of the shared model: for each, in name order, its name,
+        dtype and shape, then its raw bytes. Computed afresh on every call (nothing is cached), so a
+        change to any bit of any weight changes it; used to show that runs never mutate the model."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.named_parameters(), key=lambda kv: kv[0]):
+            t = p.detach()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            if t.numel():
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
+        return h.hexdigest()
 
     def card(self) -> dict[str, Any]:
         """Facts for the model card: parameters, layers, heads, kv heads, dtype, device, source."""

@@ -38,12 +38,14 @@ from ttt_core.attention import record_attention
 from ttt_core.encoding import DEFAULT_MAX_POSITIONS, EncodingError, FewShotEncoding, decoded_tokens, encode
 from ttt_core.kernel_factors import LayerFactors, RowFactors
 from ttt_core.kernel_routes import (
+    CHUNK_ROWS,
     blocks_per_layer,
     exact_per_output_route,
     frozen_q_route,
     loo_exact_route,
     report,
 )
+from ttt_core import memory_guard
 from ttt_core.models import LoadedModel
 from ttt_core.prompts import Prompt
 from ttt_core.types import Block, Progress
@@ -60,6 +62,33 @@ SUBSPACES: dict[str, str] = {
 
 class PromptKernelError(ValueError):
     """The prompt kernel cannot be computed for this prompt; the message says why, for the UI."""
+
+
+class KernelMemoryError(PromptKernelError, memory_guard.MemoryBudgetError):
+    """The kernel would not fit (or ran out of) memory; the message names a setting that fits."""
+
+
+class KernelContextLengthError(PromptKernelError, memory_guard.ContextLengthError):
+    """The prompt has more tokens than the model has positions; the message says how to truncate."""
+
+
+def _memory_plan(lm: LoadedModel, enc: Any, subspace: str, qttt: bool, row_chunk: int, chunk: int,
+                 max_positions: int) -> tuple[memory_guard.MemoryEstimate, Any]:
+    """(estimate, advice) of this kernel job (`memory_guard` docstring has the formulas)."""
+    if isinstance(enc, FewShotEncoding):
+        lengths = [len(s) for s in enc.seqs]
+        return (memory_guard.loo_exact_estimate(lm, lengths, subspace), memory_guard.fewshot_advice(enc.n))
+    n = len(enc.positions)
+    wanted = list(enc.positions) + ([enc.query_position] if enc.query_position is not None else [])
+    T = len(enc.ids)
+    if subspace == "q" and qttt:
+        span = wanted[-1] + 1 - wanted[0]
+        est = memory_guard.frozen_q_kernel_estimate(lm, T, n, span, row_chunk)
+        adv = memory_guard.kernel_advice(lm, T, n, "qttt-frozen-kv", row_chunk=row_chunk, span_extra=span - n)
+    else:
+        est = memory_guard.exact_per_output_estimate(lm, T, len(wanted), subspace, chunk)
+        adv = memory_guard.kernel_advice(lm, T, n, "exact-per-output", kind=subspace, chunk=chunk)
+    return est, adv
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +192,7 @@ def compute_prompt_kernel(
     max_positions: int = DEFAULT_MAX_POSITIONS,
     qttt: bool = True,
     chunk: int = 8,
-    row_chunk: int = 384,
+    row_chunk: int = CHUNK_ROWS,
     feature_budget_bytes: int = 1 << 30,
     progress: Progress = None,
 ) -> PromptKernel:
@@ -177,22 +206,41 @@ def compute_prompt_kernel(
         qttt: long context + "q": use the frozen-KV qTTT kernel (default) instead of the exact
             per-output route.
         chunk: outputs per batched backward in the exact long-context route.
-        row_chunk: rows per forward in the frozen-KV route.
+        row_chunk: rows per forward in the frozen-KV route (default kernel_routes.CHUNK_ROWS = 128;
+            rows spanning at most this many tokens run in one pass).
         feature_budget_bytes: memory for per-output features in the exact long-context route.
         progress: optional callback(fraction, text).
     Returns:
         PromptKernel with K = Σ_b K^(b) (n, n), per-block couplings k_x^(b) (L, H, n) or None.
     Raises:
-        PromptKernelError: unknown subspace, labels sharing a first token, no supervised positions.
+        PromptKernelError: unknown subspace, labels sharing a first token, no supervised positions;
+        KernelContextLengthError (also a memory_guard.ContextLengthError): more tokens than the
+            model's maximum positions (8,192 for SmolLM2);
+        KernelMemoryError (also a memory_guard.MemoryBudgetError): the estimated peak does not
+            fit the memory available, or the job ran out of memory; the message names a setting
+            that fits (fewer positions, a shorter context).
     """
     if subspace not in SUBSPACES:
         raise PromptKernelError(f"Unknown subspace {subspace!r}; choose one of {list(SUBSPACES)}.")
     t0 = time.perf_counter()
-    tok = lm.tokenizer
     try:
         enc = encode(lm, prompt, max_positions)
     except EncodingError as exc:
         raise PromptKernelError(str(exc)) from exc
+    n_tokens = max(len(s) for s in enc.seqs) if isinstance(enc, FewShotEncoding) else len(enc.ids)
+    memory_guard.check_context_length(lm, n_tokens, "The prompt", error=KernelContextLengthError)
+    est, advice = _memory_plan(lm, enc, subspace, qttt, row_chunk, chunk, max_positions)
+    memory_guard.check(est, advice, error=KernelMemoryError)
+    with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
+        return _assemble(lm, prompt, enc, subspace, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
+                         feature_budget_bytes=feature_budget_bytes, max_positions=max_positions,
+                         progress=progress, t0=t0)
+
+
+def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, subspace: str, *, qttt: bool, chunk: int, row_chunk: int,
+              feature_budget_bytes: int, max_positions: int, progress: Progress, t0: float) -> PromptKernel:
+    """The route and the assembly of `compute_prompt_kernel` (inside its memory guard)."""
+    tok = lm.tokenizer
     if isinstance(enc, FewShotEncoding):
         rr = loo_exact_route(lm, enc, subspace, progress)
         targets = enc.targets

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import backend_label, current_backend
+from ttt_core import memory_guard
 from ttt_core.attention import FrozenKV, forward_rows_with_frozen_kv, forward_with_frozen_kv, record_attention
 from ttt_core.encoding import FewShotEncoding, encode, encode_few_shot
 from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
@@ -108,6 +109,7 @@ def qttt_inputs(lm: LoadedModel, prompt: Prompt) -> QTTTInputs:
         ids, n_ctx, n_prompt, answer, needle = enc.train_ids, enc.n_context, enc.n_prompt, len(enc.answer_ids), enc.needle
     if n_ctx < 2:
         raise ValueError("the context has fewer than 2 tokens: nothing to adapt on")
+    memory_guard.check_context_length(lm, len(ids), "The prompt with its expected answer")
     return QTTTInputs(ids=torch.tensor([ids], dtype=torch.long, device=lm.device), n_ctx=n_ctx, n_prompt=n_prompt,
                       answer_len=answer, needle=list(needle), text=enc.text)
 
@@ -162,6 +164,15 @@ class QTTTRun(EngineRun):
         lm = self.lm
         self.backend, self.backend_label = kernel_backend(lm.device)
         self.enc = qttt_inputs(lm, self.prompt)
+        # memory guard (ttt_core.memory_guard): refuse before the prefill if prefill + step cannot fit
+        T = int(self.enc.ids.shape[1])
+        self._mem = (memory_guard.qttt_estimate(lm, T, self.span), memory_guard.qttt_advice(lm, T, self.span))
+        memory_guard.check(*self._mem)
+        with memory_guard.oom_guard(*self._mem):
+            self._prefill()
+
+    def _prefill(self) -> None:
+        lm = self.lm
         self.masks = head_masks(lm, "q", self.config.heads)
         base = {k: lm.adapter.logical_weight(*k) for k in self.masks}
         self.deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=lm.device) for k, w in base.items()}
@@ -201,6 +212,10 @@ class QTTTRun(EngineRun):
         return int(torch.randint(0, hi + 1, (1,), generator=self._gen))
 
     def _loss_grads(self, deltas, t):
+        with memory_guard.oom_guard(*self._mem):
+            return self._span_loss_grads(deltas, t)
+
+    def _span_loss_grads(self, deltas, t):
         k = self.span
         pend, self._pending = self._pending, None
         if pend is not None and pend["deltas"] is deltas:   # forward already run by the look-ahead
@@ -249,8 +264,12 @@ class QTTTRun(EngineRun):
             res["answer_prob"] = math.exp(-nll) if math.isfinite(nll) else float("nan")
         return res
 
-    @torch.no_grad()
     def _evaluate(self, deltas, lookahead: bool = False) -> dict[str, Any]:
+        with memory_guard.oom_guard(*self._mem):
+            return self._evaluate_rows(deltas, lookahead)
+
+    @torch.no_grad()
+    def _evaluate_rows(self, deltas, lookahead: bool = False) -> dict[str, Any]:
         """Metrics with the (adapted) W_Q against the frozen cache of the full text. With
         `lookahead`, the same forward also runs the next step's span (class `EngineRun` docstring)."""
         lm, enc = self.lm, self.enc
