@@ -26,15 +26,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(request):
     """Start the real app (embedded SmolLM2 default) and yield its URL; stop it afterwards.
 
     One server per test module: stopping it also stops work that a closed browser session left
     running (Streamlit finishes a script run after its tab is gone), which otherwise competes for
-    the CI machine's two cores with the next module's runs."""
+    the CI machine's two cores with the next module's runs. The server's log is
+    artifacts/streamlit_e2e_<module>.log, one per module, so a failure's log is not overwritten."""
     port = _free_port()
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "streamlit_e2e.log", "w")
+    log_name = f"streamlit_e2e_{request.module.__name__.rsplit('.', 1)[-1]}.log"
+    log = open(ARTIFACTS / log_name, "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
@@ -51,7 +53,7 @@ def app_url():
             time.sleep(0.5)
     else:
         proc.kill()
-        raise RuntimeError("streamlit did not become healthy within 120 s; see artifacts/streamlit_e2e.log")
+        raise RuntimeError(f"streamlit did not become healthy within 120 s; see artifacts/{log_name}")
     yield url
     proc.terminate()
     try:
