@@ -170,7 +170,7 @@ def _train_controller(args: argparse.Namespace) -> int:
     schedule on the test split; JSON summary on stdout, progress on stderr."""
     import torch
 
-    from ttt_core.diagnosis import json_clean
+    from ttt_core.figure_data import json_clean
     from ttt_core.experiments.controller import ControllerConfig, train_and_evaluate
     from ttt_core.experiments.schedules import DEFAULT_LAMBDA
     from ttt_core.experiments.suite_tasks import SuiteSettings

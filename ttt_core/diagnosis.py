@@ -4,7 +4,6 @@ how far and which blocks (keys documented in README.md, section "diagnose report
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 import transformers
 
 import ttt_core
+from ttt_core.figure_data import json_clean
 from ttt_core.models import LoadedModel
 from ttt_core.posterior_verdict import posterior_dict
 from ttt_core.prompt_kernel import SUBSPACES, compute_prompt_kernel
@@ -22,23 +22,6 @@ from ttt_core.scores import score_blocks
 from ttt_core.spectrum import compute_spectrum
 from ttt_core.steps import StepsSettings, block_kernel, compute_steps, select_blocks
 from ttt_core.types import Progress
-
-
-def json_clean(o: Any) -> Any:
-    """JSON-safe copy: numpy → Python, non-finite floats → None."""
-    if isinstance(o, dict):
-        return {str(k): json_clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [json_clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return json_clean(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        return float(o) if math.isfinite(float(o)) else None
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    return o
 
 
 def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: float = 0.1, grid: int = 30,

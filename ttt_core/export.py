@@ -28,12 +28,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Mapping
 
-import numpy as np
 import pandas as pd
 
 import ttt_core
 from ttt_core.engine import StepRecord
-from ttt_core.figure_data import COLUMNS, column_names, figure_json, figure_table, slug  # noqa: F401 (re-exported)
+from ttt_core.figure_data import COLUMNS, column_names, figure_json, figure_table, json_clean, slug  # noqa: F401 (re-exported)
 
 EXPORT_VERSION = 1
 RUN_VERSION = 1
@@ -64,23 +63,7 @@ def versions() -> dict[str, str | None]:
             "plotly": v("plotly"), "streamlit": v("streamlit")}
 
 
-def clean(o: Any) -> Any:
-    """A JSON-safe copy: numpy → Python, tuples → lists, non-finite floats → None."""
-    if isinstance(o, Mapping):
-        return {str(k): clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return clean(o.tolist())
-    if isinstance(o, (bool, np.bool_)):
-        return bool(o)
-    if isinstance(o, (int, np.integer)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return float(o) if math.isfinite(float(o)) else None
-    if isinstance(o, np.str_):
-        return str(o)
-    return o
+clean = json_clean
 
 
 def dumps(obj: Any) -> str:

@@ -17,20 +17,23 @@ import pandas as pd
 _GRID_TYPES = ("heatmap", "contour")
 
 
-def _clean(o: Any) -> Any:
-    """JSON-safe copy (numpy → Python, non-finite → None)."""
+def json_clean(o: Any) -> Any:
+    """A JSON-safe copy: numpy → Python, tuples → lists, non-finite floats → None (the one such
+    function: exports, figure data and the diagnose report use it)."""
     if isinstance(o, Mapping):
-        return {str(k): _clean(v) for k, v in o.items()}
+        return {str(k): json_clean(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
+        return [json_clean(v) for v in o]
     if isinstance(o, np.ndarray):
-        return _clean(o.tolist())
+        return json_clean(o.tolist())
     if isinstance(o, (bool, np.bool_)):
         return bool(o)
     if isinstance(o, (int, np.integer)):
         return int(o)
     if isinstance(o, (float, np.floating)):
         return float(o) if math.isfinite(float(o)) else None
+    if isinstance(o, np.str_):
+        return str(o)
     return o
 
 
@@ -178,7 +181,7 @@ def _lines(layout: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
                 used.add(i)
                 label = re.sub(r"<[^>]+>", " ", str(a["text"]))
                 break
-        lines.append({"orientation": orient, "axis": axis, "value": _clean(value), "label": label,
+        lines.append({"orientation": orient, "axis": axis, "value": json_clean(value), "label": label,
                       "dash": (s.get("line") or {}).get("dash")})
     rest = [re.sub(r"<[^>]+>", " ", str(a["text"])) for i, a in enumerate(anns) if i not in used]
     return lines, rest
@@ -428,4 +431,4 @@ def figure_json(fig: Any) -> dict[str, Any]:
             tr["colorbar_title"] = _title(t["colorbar"])
         out_traces.append(tr)
     lines, anns = _lines(layout)
-    return _clean({"title": _title(layout), "axes": axes, "traces": out_traces, "lines": lines, "annotations": anns})
+    return json_clean({"title": _title(layout), "axes": axes, "traces": out_traces, "lines": lines, "annotations": anns})
