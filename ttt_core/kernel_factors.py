@@ -144,16 +144,32 @@ class RowFactors:
     def layer_kernel(self) -> torch.Tensor:
         """Σ_h K_h = S((O Oᵀ) ⊙ (H Hᵀ))Sᵀ: the whole layer's block family (n, n)."""
         K = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.H.device)
-        for bi, I in enumerate(self._blocks):
+        return self.add_layer_kernel_to(K)
+
+    def _sym_blocks(self) -> list[slice]:
+        """Row blocks for the symmetric Gram loop: `_blocks`, split in halves when a single
+        block holds ≥ 2·FP32_GRAM_MIN_ROWS rows (then 3 of 4 block products are computed)."""
+        N = self.H.shape[0]
+        if len(self._blocks) == 1 and N >= 2 * FP32_GRAM_MIN_ROWS:
+            h = (N + 1) // 2
+            return [slice(0, h), slice(h, N)]
+        return self._blocks
+
+    def add_layer_kernel_to(self, K: torch.Tensor) -> torch.Tensor:
+        """K += Σ_h K_h in place (K: (n, n) float64); returns K. Blocks J ≥ I only (K is
+        symmetric); block products in fp32 or float64 (`_fp32_grams`), accumulated in float64."""
+        blocks = self._sym_blocks()
+        for bi, I in enumerate(blocks):
             OI, HI = self._g(self.O[I]), self._g(self.H[I])
-            for J in self._blocks[bi:]:                       # K is symmetric: blocks J ≥ I only
-                X = ((OI @ self._g(self.O[J]).T) * (HI @ self._g(self.H[J]).T)).double()
+            for J in blocks[bi:]:
+                X = OI @ self._g(self.O[J]).T
+                X.mul_(HI @ self._g(self.H[J]).T)
                 if self.seg is None:
-                    K[I, J] = X
+                    K[I, J] += X
                     if J != I:
-                        K[J, I] = X.T
+                        K[J, I] += X.T
                 else:
-                    X = _segsum(_segsum(X, self.seg[J], self.n, 1), self.seg[I], self.n, 0)
+                    X = _segsum(_segsum(X.double(), self.seg[J], self.n, 1), self.seg[I], self.n, 0)
                     K += X
                     if J != I:
                         K += X.T

@@ -55,9 +55,10 @@ from ttt_core.types import Progress
 
 
 #: Default rows per chunk of the frozen-KV route (`row_chunk`). Measured on SmolLM2 at
-#: n = 2,048 (2 CPU threads, CPU seconds of the route): 128 rows 19–21 s, 192: 22–24 s,
-#: 256: 22–23 s, 384: 21–23 s; at 128 rows × ≤ 2,048 keys the frozen attention keeps its
-#: probabilities for the backward (`kernels.dispatch.saves_probs`), and the graph stays small.
+#: n = 2,048 (2 CPU threads, CPU seconds of the route on a loaded machine): 128 rows 19–21 s,
+#: 192: 22–24 s, 256: 22–23 s, 384: 21–23 s; at 128 rows × ≤ 2,048 keys the frozen attention
+#: keeps its probabilities for the backward (`kernels.dispatch.saves_probs`), and the graph
+#: stays small (~170 MB).
 CHUNK_ROWS = 128
 
 

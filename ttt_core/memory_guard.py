@@ -23,16 +23,16 @@ Building blocks:
   forward keeps for its backward, per token row and layer. Frozen-KV rows (keys/values detached)
   use C_ROW_HIDDEN = 8, C_ROW_FFN = 4 (counted for a Llama layer: two RMSNorms, q, the attention
   output, SiLU and the gated product; measured 43 KB per row and layer on SmolLM2 against
-  (8·576 + 4·1536)·4 = 43 KB); full autograd (paper GD, the exact per-output route) adds the
-  key/value paths: C_FULL_HIDDEN = 10.
+  (8·576 + 4·1536)·4 = 43 KB); graph_full, full autograd (few-shot, paper GD, the exact
+  per-output route), adds the key/value paths: C_FULL_HIDDEN = 10 instead of 8.
 * logits(rows) = rows · V · 4 · 3 — fp32 logits, their log-softmax and its gradient.
 * kv(T) = 2 · L · Hkv · hd · T · b — a key/value cache (46 KB per token on SmolLM2).
-* prefill(T) = T · (4·d + 3·f) · b + T · V · 4 · [all logits] — one no-grad forward's largest
-  live set (one layer at a time).
+* prefill(T) = T · (4·d + 3·f) · b — one no-grad forward's largest live set (one layer at a
+  time; only the last position's logits are kept).
 * factors(n) = n · (d_in + d_out) · L · s, s = 4 (fp32 stores; 8 for fp64 models).
 * gram(n) = 5 · n² · 8 — the float64 kernel K, its symmetrised copy and the fp32/fp64 block
   products while it is summed.
-* ALLOCATOR_SLACK: 64 MB + 15 % of the total (allocator fragmentation, thread buffers).
+* slack (`MemoryEstimate.total`): + 15 % + 64 MB (allocator fragmentation, thread buffers).
 
 Per job:
 * prompt kernel, ``qttt-frozen-kv`` (n positions, T tokens, rows R = span of the supervised
@@ -40,21 +40,31 @@ Per job:
   r = min(R, row_chunk) rows per pass (row_chunk = 128 by default);
   attention (the dQ-only frozen kernel) = the probabilities it may keep for the backward,
   ≤ min(Hq·r·T·4, 16 MB) per layer, + 3·2²⁴·4 bytes of score blocks while it recomputes them.
-* prompt kernel, ``loo-exact`` (few-shot, B = n+1 prompts of width W, N_rows = Σ lengths):
-  graph_full(B·W, L) + logits(B)·0 + factors(N_rows) + gram(N_rows) (the row Grams are N_rows²).
-* prompt kernel, ``exact-per-output`` (m outputs, T tokens, c copies per batch, block out × in,
-  q = min(T, in) (in for W_O)): features L · m · out · q · 4 + graph_full(c·T, L) + logits(c)
-  + kv-free + 2 · c · T · out · 8 (float64 gradients per layer while features are formed) + gram(m).
-* qTTT run (T tokens, span k): the prefill: prefill(T) + 2·kv(T) (the cache and the decoding
-  template copy) + T·d·b (hidden states); a step: graph(k, L) + logits(k) + frozen attention
-  (≤ 3·2²⁴·4 bytes transient) + the optimizer: 6 · Σ |W_Q| · 4 (Δ, two Adam moments, gradient,
-  clipped gradient, the previous Δ).
-* paper GD (B = n+1 prompts of width W, layers l₀ … L−1 run): graph_full(B·W, L − l₀) +
-  B·W·d·b·(l₀ > 0: the cached hidden states) + 6 · Σ |updated block| · 4.
+* prompt kernel, ``loo-exact`` (few-shot, B = n+1 prompts of width W, N_rows = Σ lengths of the
+  LOO prompts): graph_full(B·W, L) + logits(B) + B·W·(d_in + d_out)·L·b (captured inputs and
+  probe gradients) + factors(N_rows + the query prompt's rows) + gram(N_rows).
+* prompt kernel, ``exact-per-output`` (m outputs, T tokens, c = `chunk` copies, block out × in,
+  q = min(T, in) (in for W_O), rows = min(c·T, max(T, tokens_per_batch)) ≥ the batch the route
+  runs): features L·m·out·q·4 + max(graph_full(rows, L) + logits(c) + 2·rows·out·8·L (float64
+  gradients while features are formed), gram(m)).
+* qTTT run (T tokens, span k): 2·kv(T) (the cache and the decoding template's copy) + the
+  optimizer 6·Σ|W_Q|·4 (Δ, two Adam moments, gradient, clipped gradient, the previous Δ) +
+  max(prefill(T) + T·d·b (hidden states) + 2·512·V·4 (the per-token NLL in 512-row blocks), a step: graph(k, L) + logits(k) + frozen attention
+  (L·min(Hq·k·T·4, 16 MB) + 3·2²⁴·4)).
+* paper GD (B = n+1 prompts of width W, layers l₀ … L−1 run): graph_full(B·W, L − l₀) + logits(B)
+  + 2·B·W·d·b when l₀ > 0 (the cached hidden states) + 6·Σ|updated blocks|·4.
 
 Calibration (SmolLM2-135M fp32, 2 CPU threads; measured = VmHWM − VmRSS of a fresh process
-after a warm-up forward has paged the weights in; estimate before slack / with slack):
-see `CALIBRATION` below (filled from bench/evidence.py --long and bench/qttt_step.py --long).
+after a warm-up has paged the memory-mapped weights in; `bench/evidence.py --long`,
+`bench/qttt_step.py --long`). The estimate (with slack) is an upper bound within 2×:
+
+    job                                              measured MB   estimate MB   ratio
+    kernel, n = 2,048 (2,066 tokens, 128-row chunks)   1,009–1,029     1,277      1.24–1.27
+    kernel, 256 positions of an 8,174-token context    1,029–1,069     1,553      1.45–1.51
+    qTTT run, 8,186 tokens, k = 128, prepare + 3 steps     1,357        2,190      1.61
+
+(The implementation before issue 15 needed 1,858–2,347 MB and 2,172–2,313 MB for the two
+kernels, measured the same way in the same runs.)
 """
 
 from __future__ import annotations
@@ -82,10 +92,6 @@ SLACK_FIXED = 64 * MB
 SLACK_FRACTION = 0.15
 KEEP_P_BUDGET = 16 << 20          # kernels.dispatch.SAVED_PROBS_BUDGET
 SCORE_TRANSIENT = 3 * (1 << 24) * 4
-
-#: Measured peak above the resident model vs this module's estimate (filled by the benches).
-CALIBRATION: dict[str, tuple[float, float]] = {}
-
 
 class MemoryBudgetError(ValueError):
     """A job would not fit (or ran out of) memory; the message names a setting that fits."""
@@ -159,7 +165,7 @@ def _cgroup_available(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/p
 
 def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
     try:
-        m = re.search(r"^MemAvailable:\s+(\d+) kB", path.read_text(), re.M)
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", path.read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(m.group(1)) * 1024 if m else None
@@ -219,7 +225,7 @@ class Shapes:
     b: int
 
     @classmethod
-    def of(cls, lm: Any) -> "Shapes":
+    def of(cls, lm: Any) -> Shapes:
         a = lm.adapter
         emb = lm.model.get_output_embeddings()
         V = int(emb.weight.shape[0]) if emb is not None else int(getattr(lm.model.config, "vocab_size", 0))
@@ -240,8 +246,8 @@ def _kv(s: Shapes, tokens: float) -> float:
     return 2 * s.L * s.Hkv * s.hd * tokens * s.b
 
 
-def _prefill(s: Shapes, tokens: float, all_logits: bool = False) -> float:
-    return tokens * (4 * s.d + 3 * s.f) * s.b + (tokens * s.V * 4 if all_logits else 0)
+def _prefill(s: Shapes, tokens: float) -> float:
+    return tokens * (4 * s.d + 3 * s.f) * s.b
 
 
 def _store_bytes(s: Shapes) -> int:
@@ -313,7 +319,7 @@ def qttt_estimate(lm: Any, tokens: int, span: int) -> MemoryEstimate:
     step = _graph(s, k, s.L) + _logits(s, k) + SCORE_TRANSIENT + s.L * min(s.Hq * k * T * 4, KEEP_P_BUDGET)
     return MemoryEstimate("qTTT run", {
         "K/V cache + decoding copy": 2 * _kv(s, T),
-        "largest phase (prefill / step)": max(_prefill(s, T) + T * s.d * s.b, step),
+        "largest phase (prefill / step)": max(_prefill(s, T) + T * s.d * s.b + 2 * 512 * s.V * 4, step),
         "optimizer state": 6 * s.L * d_in * d_out * 4,
     })
 
@@ -464,7 +470,7 @@ def oom_guard(est: MemoryEstimate | None, advice: Callable[[int], str] | str,
     are freed before the message reaches the page (the process lives on)."""
     try:
         yield
-    except BaseException as exc:  # noqa: BLE001 - filtered by is_oom, everything else re-raised
+    except BaseException as exc:  # filtered by is_oom; everything else is re-raised
         if not is_oom(exc):
             raise
         traceback.clear_frames(exc.__traceback__)

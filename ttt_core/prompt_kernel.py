@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttt_core import memory_guard
 from ttt_core.attention import record_attention
 from ttt_core.encoding import DEFAULT_MAX_POSITIONS, EncodingError, FewShotEncoding, decoded_tokens, encode
 from ttt_core.kernel_factors import LayerFactors, RowFactors
@@ -45,7 +46,6 @@ from ttt_core.kernel_routes import (
     loo_exact_route,
     report,
 )
-from ttt_core import memory_guard
 from ttt_core.models import LoadedModel
 from ttt_core.prompts import Prompt
 from ttt_core.types import Block, Progress
@@ -277,7 +277,14 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, subspace: str, *, qttt:
     t1 = time.perf_counter()
     report(progress, 0.95, "Summing block kernels and query couplings")
     factors = rr.factors
-    K = sum(f.layer_kernel() for f in factors).cpu().numpy()
+    Kt = torch.zeros(rr.values.shape[0], rr.values.shape[0], dtype=torch.float64, device=_dev(factors[0]))
+    for f in factors:                                   # summed in place: one n × n float64 buffer
+        if isinstance(f, RowFactors):
+            f.add_layer_kernel_to(Kt)
+        else:
+            Kt += f.layer_kernel()
+    K = Kt.cpu().numpy()
+    del Kt
     K = 0.5 * (K + K.T)
     hc = None
     if has_query:
