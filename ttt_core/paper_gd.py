@@ -38,7 +38,7 @@ import torch
 from ttt_core.encoding import FewShotEncoding, encode_few_shot, padded_batch
 from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
 from ttt_core.models import LoadedModel
-from ttt_core.partial_forward import PartialForward
+from ttt_core.partial_forward import PackedLoo, PartialForward
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, Prompt
 from ttt_core.readout import FewShotReadout
@@ -71,7 +71,7 @@ class LooBatch:
     `first_layer` run once (module docstring)."""
 
     def __init__(self, lm: LoadedModel, enc: FewShotEncoding, first_layer: int = 0, partial: bool = True,
-                 shared: dict | None = None) -> None:
+                 shared: dict | None = None, packed: bool = True) -> None:
         self.lm = lm
         seqs = enc.seqs
         dev = lm.device
@@ -79,20 +79,38 @@ class LooBatch:
         self.rows = torch.arange(len(seqs), device=dev)
         self.first_layer = int(first_layer)
         self.partial: PartialForward | None = None
-        if partial and self.first_layer > 0:
-            key = ("partial_forward", tuple(tuple(s) for s in seqs))
-            if shared is not None and key in shared:
-                self.partial = shared[key]
-            else:
-                self.partial = lm.adapter.partial_forward(self.ids, self.mask)
-                if shared is not None and self.partial is not None:
-                    shared[key] = self.partial
-            if self.partial is not None:
+        self.packed: PackedLoo | None = None
+        use_packed = partial and packed and PackedLoo.supports(lm.model, int(self.ids.shape[1])) \
+            if lm.adapter.family == "llama" else False
+        if partial and (self.first_layer > 0 or use_packed):
+            self.partial = self._shared(shared, ("partial_forward", tuple(tuple(s) for s in seqs)),
+                                        lambda: lm.adapter.partial_forward(self.ids, self.mask))
+            if self.partial is not None and use_packed:
+                self.packed = self._shared(shared, ("packed_loo", self.first_layer, tuple(tuple(s) for s in seqs)),
+                                           lambda: PackedLoo(self.partial, seqs, self.first_layer))
+            elif self.partial is not None:
                 self.h0 = self.partial.hidden_entering(self.first_layer)
+
+    @staticmethod
+    def _shared(shared: dict | None, key: tuple, make: Any) -> Any:
+        if shared is not None and key in shared:
+            return shared[key]
+        value = make()
+        if shared is not None and value is not None:
+            shared[key] = value
+        return value
+
+    @property
+    def path(self) -> str:
+        """Which forward runs each step: "packed" (shared prefixes, `PackedLoo`), "partial"
+        (padded batch from the first updated layer) or "full" (the whole model)."""
+        return "packed" if self.packed is not None else "partial" if self.partial is not None else "full"
 
     def logits(self, eff: dict[Key, torch.Tensor]) -> torch.Tensor:
         with self.lm.adapter.apply(deltas=eff):
-            if self.partial is not None:
+            if self.packed is not None:
+                logits = self.packed.logits()
+            elif self.partial is not None:
                 logits = self.partial.logits_from(self.first_layer, self.h0, self.rows, self.last)
             else:
                 out = self.lm.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False,
