@@ -147,7 +147,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     with ProgressBar("reproduce", quiet=args.quiet) as bar:
         res = run_reproduction(s, backend=args.backend, workers=args.workers, progress=bar.count,
-                               command="ttt-lens " + " ".join(sys.argv[1:]))
+                               command="ttt-lens " + " ".join(sys.argv[1:]), cache_dir=args.cache)
     failed = res["summary"].get("tasks_failed", [])
     for t in failed:
         print(f"warning: task {t['index']} failed: {t['error']}", file=sys.stderr)
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["process", "ray", "serial"], default="process")
     p.add_argument("--workers", type=int, default=2, help="worker processes / Ray CPUs")
     p.add_argument("--out", default=str(_default_out()), help="results folder")
+    p.add_argument("--cache", default=None,
+                   help="folder keeping every finished task record; a rerun with the same settings resumes from it")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("train-controller", help="schedule suite + learned step controller; test-split evaluation")

@@ -89,8 +89,12 @@ given model: the dashboard's button).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -112,7 +116,7 @@ from ttt_core.scores import greedy_query_aware, resolvent
 from ttt_core.steps import block_kernel, select_blocks, theory_curves
 from ttt_core.types import Block, CountProgress, block_label
 
-Job = tuple[str, int, dict, float | None]
+Job = tuple  # (mode, index, settings dict, c[, cache file])
 
 
 # ============================================================================================
@@ -237,16 +241,50 @@ def run_pilot_task(lm: LoadedModel, index: int, s: ReproSettings) -> dict[str, A
 
 
 def _job(lm: LoadedModel, job: Job) -> dict[str, Any]:
-    """One unit of work for `pool.map_jobs`: ("task" | "pilot", index, settings dict, c). A task
-    that fails is reported, not raised: one bad task must not end the sweep."""
-    mode, index, sd, c = job
+    """One unit of work for `pool.map_jobs`: ("task" | "pilot", index, settings dict, c[, cache
+    file]). A task that fails is reported, not raised: one bad task must not end the sweep. With a
+    cache file, a finished record is written there (atomically) before it is returned."""
+    mode, index, sd, c = job[:4]
     s = ReproSettings(**sd)
     try:
-        if mode == "pilot":
-            return run_pilot_task(lm, index, s)
-        return run_task(lm, index, s, c)
+        res = run_pilot_task(lm, index, s) if mode == "pilot" else run_task(lm, index, s, c)
     except Exception as exc:
         return {"index": int(index), "error": f"{type(exc).__name__}: {exc}"}
+    if len(job) > 4 and job[4]:
+        path = Path(job[4])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, default=float))
+        os.replace(tmp, path)
+    return res
+
+
+def _cache_file(cache_dir: Path | None, mode: str, index: int, sd: dict, c: float | None) -> str | None:
+    """The record file of one job in `cache_dir`, named by its mode, index and a hash of every
+    setting it depends on (so a changed setting never reads a stale record)."""
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps([mode, sd, c], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return str(cache_dir / f"{mode}-{int(index):05d}-{key}.json")
+
+
+def _map_cached(jobs: list[tuple], cache_dir: Path | None, label: str, **run: Any) -> list[dict[str, Any]]:
+    """`map_jobs(_job, jobs)`, reading the records already in `cache_dir` instead of recomputing them
+    (a long sweep resumes where it stopped; failed tasks are not cached and run again)."""
+    if cache_dir is None:
+        return map_jobs(_job, jobs, label=label, **run)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        f = _cache_file(cache_dir, job[0], job[1], job[2], job[3])
+        if Path(f).is_file():
+            out[i] = json.loads(Path(f).read_text())
+        else:
+            todo.append((i, (*job[:4], f)))
+    if todo:
+        for (i, _), res in zip(todo, map_jobs(_job, [j for _, j in todo], label=label, **run)):
+            out[i] = res
+    return out  # type: ignore[return-value]
 
 
 # ============================================================================================
@@ -267,22 +305,25 @@ def versions() -> dict[str, str]:
 
 
 def run_reproduction(s: ReproSettings, backend: str = "process", workers: int = 2, lm: LoadedModel | None = None,
-                     progress: CountProgress = None, command: str | None = None) -> dict[str, Any]:
+                     progress: CountProgress = None, command: str | None = None,
+                     cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Pilot (optional), all tasks, statistics. Returns the results dict (see
-    `reproduce_report.write_results`)."""
+    `reproduce_report.write_results`). `cache_dir`: every finished task record is kept there and
+    reused by a rerun with the same settings (resume after an interruption)."""
+    cache = None if cache_dir is None else Path(cache_dir)
     t0 = time.perf_counter()
     sd = s.to_dict()
     run = dict(model=s.model, backend=backend, workers=workers, lm=lm, progress=progress)
     pilot = None
     c = s.c
     if s.pilot:
-        pres = map_jobs(_job, [("pilot", i, sd, None) for i in range(s.pilot_tasks)], label="pilot tasks", **run)
+        pres = _map_cached([("pilot", i, sd, None) for i in range(s.pilot_tasks)], cache, "pilot tasks", **run)
         good = [r for r in pres if "error" not in r]
         if good:
             means = {k: float(np.mean([r["errors"][k] for r in good])) for k in good[0]["errors"]}
             c = float(min(means, key=means.get))
             pilot = {"tasks": len(good), "mean_error_at_T": means, "chosen_c": c, "seed_stream": f"[seed, {PILOT_OFFSET}+i]"}
-    tasks = map_jobs(_job, [("task", i, sd, c) for i in range(s.tasks)], label="tasks", **run)
+    tasks = _map_cached([("task", i, sd, c) for i in range(s.tasks)], cache, "tasks", **run)
     used = dataclasses.replace(s, c=c)
     summary = summarize(tasks, used)
     return {"kind": RESULT_KIND, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -3,6 +3,7 @@ statistics, files, and identical numbers on the process-pool and Ray backends.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -295,3 +296,24 @@ def test_process_pool_and_ray_give_identical_numbers(tmp_path):
     assert f"Exp2 ({LINEARISED_LABEL})" in text and "Exp2 (measured GD)" in text
     assert f"## Exp2 — block selection ({LINEARISED_LABEL}" in md and "Rule: a verdict needs ≥ 20 paired tasks" in md
     assert all("ridge" in t["exp2"] and t["exp2"]["ridge"] > 0 for t in pool["tasks"])
+
+
+def test_a_cached_sweep_resumes_without_recomputing(tiny, tmp_path, monkeypatch):
+    import ttt_core.experiments.reproduce as R
+
+    s = dataclasses.replace(TINY, exp2="off", tasks=2)
+    first = run_reproduction(s, backend="serial", lm=tiny, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("task-*.json"))
+    assert len(files) == 2
+
+    def boom(*a, **k):
+        raise AssertionError("a cached task was recomputed")
+
+    monkeypatch.setattr(R, "run_task", boom)
+    again = run_reproduction(s, backend="serial", lm=tiny, cache_dir=tmp_path)
+    assert json.dumps(again["tasks"], default=float) == json.dumps(first["tasks"], default=float)
+    # a changed setting does not read the old records
+    monkeypatch.undo()
+    other = run_reproduction(dataclasses.replace(s, c=0.2), backend="serial", lm=tiny, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("task-*.json"))) == 4
+    assert other["tasks"][0]["c"] == 0.2
