@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ttt_core import memory_guard
 from ttt_core.encoding import FewShotEncoding, encode_few_shot, padded_batch
 from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
 from ttt_core.models import LoadedModel
@@ -161,7 +162,11 @@ class PaperRun(EngineRun):
         self.readout = FewShotReadout(self.enc, lm.device)
         self.masks = head_masks(lm, cfg.kind, cfg.heads)
         first = min(layer for layer, _ in self.masks)
-        self.batch = LooBatch(lm, self.enc, first, partial=cfg.partial, shared=self._shared)
+        # refuse a LOO batch that cannot fit before any of it is built (MemoryBudgetError names
+        # fewer layers or demonstrations that fit); an OOM later still ends in that message
+        self._mem = memory_guard.check_paper_gd(lm, self.enc, first if cfg.partial else 0, cfg.kind)
+        with memory_guard.oom_guard(*self._mem):
+            self.batch = LooBatch(lm, self.enc, first, partial=cfg.partial, shared=self._shared)
         how = "layers below the first updated one run once" if self.batch.partial is not None else "full forward"
         self.backend, self.backend_label = "torch-sdpa", f"PyTorch SDPA (paper mode: {how}, no frozen cache)"
         self.y = self.readout.targets
@@ -197,7 +202,7 @@ class PaperRun(EngineRun):
         """One batched forward at `deltas`: last-position logits (n+1, V), s (n+1,), ½‖r‖²; with
         `grad` the graph is kept (leaves = the deltas)."""
         leaves = {k: d.detach().requires_grad_(grad) for k, d in deltas.items()}
-        with torch.enable_grad() if grad else torch.no_grad():
+        with memory_guard.oom_guard(*self._mem), torch.enable_grad() if grad else torch.no_grad():
             logits = self.batch.logits(effective_deltas(leaves, self.masks))
             s = self.readout.scalars(logits)
             half_sq = 0.5 * ((self.y - s[: self.n]) ** 2).sum()  # ½‖r‖²; L = ½‖r‖²/σ̂²
@@ -211,7 +216,8 @@ class PaperRun(EngineRun):
         loss = half_sq.detach() / self.sigma2
         if not torch.isfinite(loss):
             return loss, None, {"per_token": float("nan")}
-        grads = torch.autograd.grad(half_sq, list(fw["leaves"].values()))
+        with memory_guard.oom_guard(*self._mem):
+            grads = torch.autograd.grad(half_sq, list(fw["leaves"].values()))
         info = {"per_token": float((r ** 2).mean()), "s": s.detach().cpu().tolist()}
         return loss, {k: g for k, g in zip(fw["leaves"], grads)}, info
 

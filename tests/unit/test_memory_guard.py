@@ -232,3 +232,46 @@ def test_other_errors_pass_through(tiny, monkeypatch):
     monkeypatch.setattr(pk, "frozen_q_route", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         compute_prompt_kernel(tiny, PROMPT, "q", max_positions=32)
+
+
+# ------------------------------------------------------------------ paper GD and the experiments
+
+
+def _paper_prompt():
+    from ttt_core.experiments.paper_tasks import paper_task
+
+    return paper_task(5, 0).prompt
+
+
+def test_paper_gd_refused_before_it_builds_anything(tiny, monkeypatch):
+    from ttt_core.paper_gd import PaperConfig, PaperRun
+
+    _limit(monkeypatch, 1024)
+    run = PaperRun(tiny, _paper_prompt(), PaperConfig(steps=2, rho=0.01, kind="v"))
+    with pytest.raises(mg.MemoryBudgetError, match="fewer demonstrations|fewer layers|last \\d+ layer"):
+        run.prepare()
+    assert not hasattr(run, "batch")
+
+
+def test_oom_in_a_paper_gd_step_becomes_clear_error(tiny, monkeypatch):
+    import ttt_core.paper_gd as pg
+
+    run = pg.PaperRun(tiny, _paper_prompt(), pg.PaperConfig(steps=2, rho=0.01, kind="v"))
+    run.prepare()
+
+    def boom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+
+    monkeypatch.setattr(run.batch, "logits", boom)
+    with pytest.raises(mg.MemoryBudgetError, match="Ran out of memory during the paper-mode GD"):
+        run.run_to_end()
+
+
+def test_a_reproduction_task_that_does_not_fit_is_reported_not_raised(tiny, monkeypatch):
+    from ttt_core.experiments.paper_tasks import ReproSettings
+    from ttt_core.experiments.reproduce import _job
+
+    _limit(monkeypatch, 1024)
+    s = ReproSettings(model="tiny-random-llama", tasks=1, grid_max=2, fixed_T=1, exp2="off", last_layers=1)
+    res = _job(tiny, ("task", 0, s.to_dict(), 0.1))
+    assert "memory" in res["error"].lower() and "MB" in res["error"]
