@@ -49,10 +49,18 @@ def how_to_read(
 
 import html
 import os
+
+from ttt_core import memory_guard
 from ttt_core.examples import DEFAULT_EXAMPLE, EXAMPLES, load_example
 from ttt_core.models import EMBEDDED_MODEL, TINY_FAMILIES, TINY_PREFIX, LoadedModel, ModelLoadError, load_model
-from ttt_core.prompts import (MAX_PROMPT_CHARS, Prompt, PromptParseError, fit_to_token_limit, parse_prompt,
-                              too_long_message)
+from ttt_core.prompts import (
+    MAX_PROMPT_CHARS,
+    Prompt,
+    PromptParseError,
+    fit_to_token_limit,
+    parse_prompt,
+    too_long_message,
+)
 
 CUSTOM = "Other: hub id or local folder…"
 PRESETS = [EMBEDDED_MODEL] + [TINY_PREFIX + f for f in TINY_FAMILIES] + [CUSTOM]
@@ -184,7 +192,13 @@ def get_prompt(lm: LoadedModel | None = None) -> Prompt | None:
     if n_chars > MAX_PROMPT_CHARS:
         st.error(too_long_message(n_chars, MAX_PROMPT_CHARS))
         return None
-    key = (None if lm is None else lm.name, int(ss["max_tokens"]))
+    limit = int(ss["max_tokens"])
+    model_max = None if lm is None else memory_guard.max_positions_of(lm)
+    if model_max is not None and limit > model_max:   # the sidebar cannot know the model's positions
+        st.info(f"Token limit {limit:,} is above {lm.name}'s {model_max:,} positions (max_position_embeddings): "
+                f"prompts are fitted to {model_max:,} tokens.")
+        limit = model_max
+    key = (None if lm is None else lm.name, limit)
     hit = ss.get(PROMPT_FIT_KEY)
     if hit is not None and hit[0] == key and (hit[1] is text or hit[1] == text):  # same text, model and limit
         prompt, note, error = hit[2]

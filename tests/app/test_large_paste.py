@@ -115,3 +115,17 @@ def test_long_but_allowed_prompt_is_tokenised_once_across_reruns(calls):
     at.session_state["max_tokens"] = 1024             # a new limit: fitted again, once
     at.run()
     assert not at.exception and calls["fit"] == n_fit + 1
+
+
+def test_a_token_limit_above_the_models_positions_is_capped_with_a_message():
+    """The sidebar cannot know the model's maximum positions before it loads: get_prompt caps the
+    limit at max_position_embeddings (2,048 for the tiny models) and says so."""
+    long_ctx = "The mill stands by the river. " * 400 + "\nQuestion: Where is the mill?"
+    at = _app(long_ctx)
+    at.session_state["max_tokens"] = 32768
+    at.run()
+    assert not at.exception, at.exception
+    infos = [i.value for i in at.info if "positions" in i.value]
+    assert infos and "2,048" in infos[0] and "32,768" in infos[0]
+    # the prompt was fitted to 2,048 tokens: the truncation is shown
+    assert any("2,048" in w.value or "2048" in w.value for w in at.warning), [w.value for w in at.warning]
