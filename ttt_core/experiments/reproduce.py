@@ -263,7 +263,8 @@ def _cache_file(cache_dir: Path | None, mode: str, index: int, sd: dict, c: floa
     setting it depends on (so a changed setting never reads a stale record)."""
     if cache_dir is None:
         return None
-    key = hashlib.sha256(json.dumps([mode, sd, c], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    deps = {k: v for k, v in sd.items() if k != "tasks"}   # a record does not depend on how many tasks run
+    key = hashlib.sha256(json.dumps([mode, deps, c], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return str(cache_dir / f"{mode}-{int(index):05d}-{key}.json")
 
 

@@ -317,3 +317,9 @@ def test_a_cached_sweep_resumes_without_recomputing(tiny, tmp_path, monkeypatch)
     other = run_reproduction(dataclasses.replace(s, c=0.2), backend="serial", lm=tiny, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("task-*.json"))) == 4
     assert other["tasks"][0]["c"] == 0.2
+    # more tasks with the same settings: the first two come from the cache, only the third runs
+    monkeypatch.setattr(R, "run_task", lambda lm, i, s, c=None: (_ for _ in ()).throw(AssertionError("cached"))
+                        if i < 2 else {"index": i, "c": c, "exp1": {}, "exp2": None})
+    more = R._map_cached([("task", i, dataclasses.replace(s, tasks=3).to_dict(), first["tasks"][0]["c"])
+                          for i in range(3)], tmp_path, "tasks", model=s.model, backend="serial", lm=tiny)
+    assert [t["index"] for t in more] == [0, 1, 2] and more[0] == first["tasks"][0]
