@@ -21,6 +21,8 @@ Two storage forms share one interface (`LayerFactors`):
   the head split along axis 1 (output rows) or 2 (input columns), and the query's fx (P, Q).
   Used by the exact long-context route for k/v/o/MLP subspaces (DESIGN §2: positions are not
   independent there).
+* `DiagFactors` — a norm gain or bias (DESIGN §11), one block per layer: per-output features
+  F (n, d), f_i = Σ_{t ∈ seg i} b_{i,t} ⊙ x̂_t for γ (Σ_t b_{i,t} for β), K = F Fᵀ.
 
 All results are float64 tensors on the factors' device. Shapes: n outputs, n_heads blocks.
 
@@ -72,6 +74,11 @@ def _segsum(X: torch.Tensor, seg: torch.Tensor | None, n: int, dim: int = 0) -> 
     shape[dim] = n
     out = torch.zeros(shape, dtype=X.dtype, device=X.device)
     return out.index_add_(dim, seg, X)
+
+
+def segment_sum(X: torch.Tensor, seg: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Rows (N, …) summed per output: out[s] = Σ_{p: seg p = s} X[p] (n, …); X itself when seg is None."""
+    return _segsum(X, seg, n, 0)
 
 
 def _seg_expand(M: torch.Tensor, seg_i: torch.Tensor | None, seg_j: torch.Tensor | None,
@@ -364,4 +371,71 @@ class FeatureFactors:
 
     def nbytes(self) -> int:
         ts = [self.F, self.fx, self.basis]
+        return int(sum(t.numel() * t.element_size() for t in ts if t is not None))
+
+
+@dataclass
+class DiagFactors:
+    """Features of a norm gain or bias of one layer (DESIGN §11), one block (n_heads = 1).
+
+    F: (n, d) per-output features — f_i = Σ_{t ∈ output i} b_{i,t} ⊙ x̂_{i,t} for a gain γ
+    (y = γ ⊙ x̂ + β, b = ∂s/∂y), f_i = Σ_t b_{i,t} for a bias β; fx: (d,) the query's feature or
+    None. K = F Fᵀ, k_x = F fx. Gradients are in the parameter's own layout, (d,)."""
+    F: torch.Tensor
+    fx: torch.Tensor | None = None
+    n_heads: int = 1
+
+    @property
+    def n(self) -> int:
+        return self.F.shape[0]
+
+    def _f(self) -> torch.Tensor:
+        return self.F.double()
+
+    def _heads(self, heads: Sequence[int] | None) -> list[int]:
+        heads = [0] if heads is None else list(heads)
+        if any(h != 0 for h in heads):
+            raise IndexError("a norm target has one block per layer (head 0)")
+        return heads
+
+    def layer_kernel(self) -> torch.Tensor:
+        """K = F Fᵀ: (n, n) float64."""
+        Fd = self._f()
+        return Fd @ Fd.T
+
+    def head_kernels(self, heads: Sequence[int] | None = None) -> torch.Tensor:
+        """(h, n, n): the layer kernel once per requested head (only head 0 exists)."""
+        K = self.layer_kernel()
+        return torch.stack([K for _ in self._heads(heads)])
+
+    def trace_scores(self, M: torch.Tensor) -> torch.Tensor:
+        """tr(K M) = Σ (F ⊙ M F): (1,)."""
+        Fd = self._f()
+        return (Fd * (M.to(torch.float64) @ Fd)).sum().reshape(1)
+
+    def head_traces(self) -> torch.Tensor:
+        """tr(K) = ‖F‖²: (1,)."""
+        return (self._f() ** 2).sum().reshape(1)
+
+    def query_couplings(self) -> torch.Tensor | None:
+        """k_x = F fx: (1, n), or None without a query."""
+        return None if self.fx is None else (self._f() @ self.fx.double())[None]
+
+    def quad_forms(self, Z: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """z_rᵀ K u_r for every column r: (1, R). Z, U: (n, R)."""
+        Fd = self._f()
+        return ((Fd.T @ Z.to(torch.float64)) * (Fd.T @ U.to(torch.float64))).sum(0)[None]
+
+    def weighted_gradient(self, w: torch.Tensor, head: int = 0) -> torch.Tensor:
+        """Σ_i w_i ∂s_i/∂γ (or ∂β): (d,). w: (n,)."""
+        self._heads([head])
+        return w.to(torch.float64) @ self._f()
+
+    def query_gradient(self, head: int = 0) -> torch.Tensor | None:
+        """∂s_x/∂γ (or ∂β): (d,), or None."""
+        self._heads([head])
+        return None if self.fx is None else self.fx.double()
+
+    def nbytes(self) -> int:
+        ts = [self.F, self.fx]
         return int(sum(t.numel() * t.element_size() for t in ts if t is not None))

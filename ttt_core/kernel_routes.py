@@ -6,15 +6,21 @@ route and assembles the `PromptKernel`.
 
 Routes (how the per-position gradients b are obtained)
 ------------------------------------------------------
+Every route takes a subspace name or a resolved `target_kernels.Target` (DESIGN §11: linear
+blocks, LoRA B at init, norm gains and biases); the captured inputs/output gradients of the
+target's adapter kind become its factors through `target_kernels.row_target_factors` (rows) or
+the per-output features below.
+
 * ``loo-exact`` (few-shot, every subspace): the n LOO prompts and the full prompt form one
   right-padded batch (causal attention makes right padding harmless; each prompt's last real
   position is gathered). Samples are independent, so ONE backward of Σ_i s_i + s_x gives every
   b_{i,t} = ∂s_i/∂y_{i,t} at every position t exactly (adapter output probes), and the kernel is
   K_ij = Σ_{t,t'} (a_{i,t}·a_{j,t'})(b_{i,t}·b_{j,t'}) (DESIGN §2), stored as `RowFactors`.
-* ``qttt-frozen-kv`` (long context, W_Q): keys/values held at their unadapted values, so positions
-  are independent and one backward of Σ_i s_i (+ s_x) gives every b_i exactly; K^(h) =
-  (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT actually makes), not the
-  exact-model W_Q kernel. A no-grad prefill of the tokens before the first row only, then the
+* ``qttt-frozen-kv`` (long context, W_Q, and LoRA on W_Q: its B sits in the query path, so the
+  same frozen-KV rows give its features with input rows s·x Aᵀ): keys/values held at their
+  unadapted values, so positions are independent and one backward of Σ_i s_i (+ s_x) gives every
+  b_i exactly; K^(h) = (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT
+  actually makes), not the exact-model W_Q kernel. A no-grad prefill of the tokens before the first row only, then the
   rows in order: in one pass when they span at most ``row_chunk`` tokens, else in chunks of
   ``row_chunk`` rows (default `CHUNK_ROWS` = 128). A chunk's forward appends its own (base-weight)
   K/V to the growing cache, as a prefill would, and attends to the cache through the dQ-only
@@ -32,9 +38,10 @@ Routes (how the per-position gradients b are obtained)
   compressed to an orthonormal basis of the input row space when the sequence is shorter than the
   input width) are stored as `FeatureFactors`. Cost: ⌈(n+1)/chunk⌉ forward+backward passes over
   ``chunk`` copies of the sequence, times the number of layer groups needed to keep the features
-  under ``feature_budget_bytes`` (n·out·min(N, in)·4 bytes per layer) — far more expensive than
-  the other two routes. The batch holds at most ``tokens_per_batch`` tokens (chunk is lowered
-  for long sequences: a 2048-token context back-propagates one output at a time).
+  under ``feature_budget_bytes`` (n·out·min(N, in)·4 bytes per layer; LoRA: G_i = B_iᵀ (s·X Aᵀ),
+  (out, r); norm targets: f_i = Σ_t b_{i,t} ⊙ x̂_t or Σ_t b_{i,t}, (d,), as `DiagFactors`) — far
+  more expensive than the other two routes. The batch holds at most ``tokens_per_batch`` tokens
+  (chunk is lowered for long sequences: a 2048-token context back-propagates one output at a time).
 """
 
 from __future__ import annotations
@@ -48,11 +55,11 @@ import torch
 
 from ttt_core.attention import FrozenKV, frozen_kv
 from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
-from ttt_core.kernel_factors import FeatureFactors, LayerFactors, RowFactors
+from ttt_core.kernel_factors import DiagFactors, FeatureFactors, LayerFactors
 from ttt_core.models import LoadedModel
 from ttt_core.readout import FewShotReadout, token_prob
+from ttt_core.target_kernels import Target, diag_rows, lora_inputs, resolve_target, row_target_factors
 from ttt_core.types import Progress
-
 
 #: Default rows per chunk of the frozen-KV route (`row_chunk`). Measured on SmolLM2 at
 #: n = 2,048 (2 CPU threads, CPU seconds of the route on a loaded machine): 128 rows 19–21 s,
@@ -86,8 +93,9 @@ def _keys(lm: LoadedModel, kind: str, layers: Sequence[int] | None = None) -> li
     return [(l, kind) for l in layers]
 
 
-def blocks_per_layer(lm: LoadedModel, kind: str) -> int:
-    return lm.adapter.heads_of(kind) or 1
+def blocks_per_layer(lm: LoadedModel, kind: str | Target) -> int:
+    """Blocks per layer of a subspace: heads for q/k/v/o, 1 for MLP, LoRA and norm targets."""
+    return resolve_target(lm, kind).n_blocks(lm)
 
 
 def _probes(lm: LoadedModel, keys: list, batch: int, length: int) -> dict:
@@ -95,21 +103,14 @@ def _probes(lm: LoadedModel, keys: list, batch: int, length: int) -> dict:
                            dtype=lm.dtype, requires_grad=True) for k in keys}
 
 
-def _row_factors(kind: str, A: torch.Tensor, B: torch.Tensor, n_heads: int, n: int,
-                 seg: torch.Tensor | None, Ax: torch.Tensor | None, Bx: torch.Tensor | None) -> RowFactors:
-    """Assign head/other sides: q/k/v/MLP heads slice B (outputs), o heads slice A (inputs)."""
-    if kind == "o":
-        return RowFactors(H=A, O=B, n_heads=n_heads, n=n, seg=seg, Hx=Ax, Ox=Bx, head_on_output=False)
-    return RowFactors(H=B, O=A, n_heads=n_heads, n=n, seg=seg, Hx=Bx, Ox=Ax, head_on_output=True)
-
-
-def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str, progress: Progress = None) -> RouteResult:
+def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str | Target, progress: Progress = None) -> RouteResult:
     """The ``loo-exact`` route (module docstring): one batched forward/backward over the n LOO
     prompts and the query prompt."""
+    target = resolve_target(lm, kind)
     n = fs.n
     lengths = [len(s) for s in fs.seqs]
     ids, mask, last = padded_batch(lm, fs.seqs)
-    keys = _keys(lm, kind)
+    keys = _keys(lm, target.kind)
     probes = _probes(lm, keys, n + 1, ids.shape[1])
     report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt")
     with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
@@ -118,14 +119,13 @@ def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str, progress: P
         grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
     s = s.detach().double().cpu().numpy()
     seg = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in range(n)]).to(lm.device)
-    H = blocks_per_layer(lm, kind)
     factors: list[LayerFactors] = []
     for k, g in zip(keys, grads):
         a = st.capture_in[k].detach()
-        A = _store(torch.cat([a[i, :lengths[i]] for i in range(n)]))
-        B = _store(torch.cat([g[i, :lengths[i]] for i in range(n)]))
-        Ax, Bx = _store(a[n, :lengths[n]]), _store(g[n, :lengths[n]])
-        factors.append(_row_factors(kind, A, B, H, n, seg, Ax, Bx))
+        A = torch.cat([a[i, :lengths[i]] for i in range(n)])
+        B = torch.cat([g[i, :lengths[i]] for i in range(n)])
+        Ax, Bx = a[n, :lengths[n]], g[n, :lengths[n]]
+        factors.append(row_target_factors(lm, target, k[0], A, B, n, seg, Ax, Bx, store=_store))
     return RouteResult("loo-exact", "Exact autograd through each leave-one-out prompt (one batched backward).",
                        s[:n], factors, float(s[n]))
 
@@ -225,23 +225,28 @@ def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list
 
 
 def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
-                   progress: Progress = None) -> RouteResult:
+                   progress: Progress = None, target: str | Target = "q") -> RouteResult:
     """The ``qttt-frozen-kv`` route (module docstring): one pass when the rows span at most
-    `row_chunk` tokens, else chunks of `row_chunk` rows."""
+    `row_chunk` tokens, else chunks of `row_chunk` rows. `target`: "q" or a LoRA on q."""
+    target = resolve_target(lm, target)
+    if target.kind != "q" or target.form not in ("linear", "lora"):
+        raise ValueError(f"the frozen-KV route serves W_Q and LoRA on W_Q, not {target.subspace!r}")
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     if wanted[-1] + 1 - wanted[0] <= row_chunk:
         A, B, s = _frozen_q_single_pass(lm, li, wanted, targets, progress)
     else:
         A, B, s = _frozen_q_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress)
-    return _frozen_q_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s])
+    return _frozen_q_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s],
+                            target)
 
 
-def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list) -> RouteResult:
+def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list,
+                     target: str | Target = "q") -> RouteResult:
+    target = resolve_target(lm, target)
     keys = list(A_parts)
     s_all = torch.cat(vals).double().cpu().numpy()
     n = len(li.positions)
-    H = blocks_per_layer(lm, "q")
     factors = []
     for k in keys:
         A = A_parts[k][0] if len(A_parts[k]) == 1 else torch.cat(A_parts[k])
@@ -249,16 +254,19 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
         A_parts[k] = B_parts[k] = None
         Ax = A[n:] if li.query_position is not None else None
         Bx = B[n:] if li.query_position is not None else None
-        factors.append(_row_factors("q", A[:n], B[:n], H, n, None, Ax, Bx))
+        factors.append(row_target_factors(lm, target, k[0], A[:n], B[:n], n, None, Ax, Bx))
     return RouteResult("qttt-frozen-kv",
                        "qTTT kernel: keys/values held at their unadapted (prefill) values, so each position's W_Q "
                        "features come from its own row (one backward for all positions).",
                        s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
 
 
-def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str, chunk: int = 8, budget: int = 1 << 30,
-                           progress: Progress = None, tokens_per_batch: int = 2048) -> RouteResult:
+def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = 8,
+                           budget: int = 1 << 30, progress: Progress = None,
+                           tokens_per_batch: int = 2048) -> RouteResult:
     """The ``exact-per-output`` route (module docstring)."""
+    target = resolve_target(lm, kind)
+    kind = target.kind
     N = len(li.ids)
     chunk = max(1, min(int(chunk), int(tokens_per_batch) // max(N, 1)))   # bound activation memory
     ids = torch.tensor(li.ids, device=lm.device)[None]
@@ -267,11 +275,17 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str, 
     n_out = len(outs)
     a = lm.adapter
     spec0 = a.spec(0, kind)
-    q_width = spec0.in_features if kind == "o" else min(N, spec0.in_features)
+    if target.diagonal:
+        q_width = 1
+    elif target.form == "lora":
+        q_width = target.lora.rank
+    else:
+        q_width = spec0.in_features if kind == "o" else min(N, spec0.in_features)
     per_layer = n_out * spec0.out_features * q_width * 4
     group = max(1, int(budget // max(per_layer, 1)))
     layer_groups = [list(range(i, min(a.n_layers, i + group))) for i in range(0, a.n_layers, group)]
-    H = blocks_per_layer(lm, kind)
+    H = target.n_blocks(lm)
+    fdtype = torch.float64 if lm.dtype == torch.float64 else torch.float32
     F: dict[int, torch.Tensor] = {}
     basis: dict[int, torch.Tensor | None] = {}
     vals = torch.zeros(n_out, dtype=torch.float64)
@@ -295,14 +309,24 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str, 
                 vals[sel] = s.detach().double().cpu()
             for (l, _), g in zip(keys, grads):
                 A = st.capture_in[(l, kind)].detach()[0].double()          # (N, in)
+                if target.diagonal:                                          # f_i = Σ_t b_{i,t} ⊙ x̂_t (or Σ_t b)
+                    if l not in F:
+                        F[l] = torch.zeros(n_out, spec0.out_features, device=lm.device, dtype=fdtype)
+                    F[l][sel] = diag_rows(target, A[None], g.double()).sum(1).to(fdtype)
+                    continue
+                if target.form == "lora":                                    # G_i = B_iᵀ (s·X Aᵀ): (out, r)
+                    if l not in F:
+                        basis[l] = None
+                        F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device, dtype=fdtype)
+                    F[l][sel] = torch.einsum("cto,tq->coq", g.double(), lora_inputs(lm, target, l, A)).to(fdtype)
+                    continue
                 if l not in basis:
                     if kind != "o" and N < A.shape[1]:
                         _, _, Vh = torch.linalg.svd(A, full_matrices=False)  # A = U S Vᵀ, V (in, N)
                         basis[l] = Vh.T.contiguous()
                     else:
                         basis[l] = None
-                    F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device,
-                                       dtype=torch.float64 if lm.dtype == torch.float64 else torch.float32)
+                    F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device, dtype=fdtype)
                 AV = A if basis[l] is None else A @ basis[l]
                 F[l][sel] = torch.einsum("cto,tq->coq", g.double(), AV).to(F[l].dtype)   # G_i = B_iᵀ A V
     n = len(li.positions)
@@ -310,10 +334,13 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str, 
     for l in range(a.n_layers):
         Fl = F.pop(l)
         fx = Fl[n] if li.query_position is not None else None
+        if target.diagonal:
+            factors.append(DiagFactors(F=Fl[:n].clone(), fx=None if fx is None else fx.clone()))
+            continue
         V = basis[l]
-        factors.append(FeatureFactors(F=Fl[:n].clone(), n_heads=H, head_axis=2 if kind == "o" else 1,
-                                      fx=None if fx is None else fx.clone(),
-                                      basis=V))
+        axis = 2 if kind == "o" and target.form == "linear" else 1
+        factors.append(FeatureFactors(F=Fl[:n].clone(), n_heads=H, head_axis=axis,
+                                      fx=None if fx is None else fx.clone(), basis=V))
     v = vals.numpy()
     return RouteResult("exact-per-output",
                        f"Exact autograd: one backward per output ({math.ceil(n_out / chunk)} batched passes of "

@@ -259,8 +259,25 @@ def _gram(n: float) -> float:
 
 
 def _block_shape(lm: Any, kind: str) -> tuple[int, int]:
-    sp = lm.adapter.spec(0, kind)
+    """(in, out) of the projection behind `kind` (a LoRA subspace name → its projection)."""
+    sp = lm.adapter.spec(0, _base_kind(kind))
     return int(sp.in_features), int(sp.out_features)
+
+
+def _base_kind(kind: str) -> str:
+    """``lora:<kind>:<rank>`` → <kind>; anything else unchanged."""
+    return kind.split(":")[1] if kind.startswith("lora:") else kind
+
+
+def _feature_width(lm: Any, kind: str, tokens: int) -> int:
+    """Columns of one output's per-output feature in the exact route: in (o), min(T, in), the rank
+    (LoRA) or 1 (norm gains/biases: a (d,) vector)."""
+    if kind.startswith("lora:"):
+        return int(kind.split(":")[2])
+    if kind.startswith("norm_"):
+        return 1
+    d_in, _ = _block_shape(lm, kind)
+    return d_in if kind == "o" else min(tokens, d_in)
 
 
 def frozen_q_kernel_estimate(lm: Any, tokens: int, positions: int, span_rows: int | None = None,
@@ -290,7 +307,7 @@ def exact_per_output_estimate(lm: Any, tokens: int, outputs: int, kind: str, chu
     c = max(1, int(chunk))
     rows = min(c * T, max(T, int(tokens_per_batch)))     # ≥ the route's copies × T (it lowers c for long T)
     d_in, d_out = _block_shape(lm, kind)
-    q = d_in if kind == "o" else min(T, d_in)
+    q = _feature_width(lm, kind, T)
     return MemoryEstimate(f"prompt kernel (exact per-output route, W_{kind})", {
         "per-output features": s.L * m * d_out * q * _store_bytes(s),
         "largest phase (batch graph / Gram)": max(_graph(s, rows, s.L, full=True) + _logits(s, c)

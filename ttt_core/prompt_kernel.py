@@ -21,6 +21,12 @@ Scalar outputs (what the kernel is a kernel *of*)
 
 Routes: `ttt_core.kernel_routes` (loo-exact, qttt-frozen-kv, exact-per-output).
 
+Subspaces (DESIGN §11, `ttt_core.target_kernels`): q/k/v/o per head; mlp_up, mlp_gate (Llama
+family), mlp_down; norm gains norm_attn/norm_mlp and biases norm_attn_bias/norm_mlp_bias (LayerNorm
+models); LoRA ``lora:<kind>:<rank>`` (B at init, A seeded by ``lora_seed``) — one block per layer
+for all but q/k/v/o. Every prompt kind supports every target: few-shot through ``loo-exact``;
+long context through ``exact-per-output``, or ``qttt-frozen-kv`` for q and LoRA on q with qttt.
+
 Memory: per-layer factors are kept, never all per-head n × n kernels (`PromptKernel.head_kernel`
 materialises one on demand).
 """
@@ -48,16 +54,15 @@ from ttt_core.kernel_routes import (
 )
 from ttt_core.models import LoadedModel
 from ttt_core.prompts import Prompt
+from ttt_core.target_kernels import (  # noqa: F401  (re-exported for the pages)
+    SUBSPACES,
+    Target,
+    available_subspaces,
+    is_per_layer,
+    resolve_target,
+    subspace_label,
+)
 from ttt_core.types import Block, Progress
-
-SUBSPACES: dict[str, str] = {
-    "q": "W_Q per head (qTTT)",
-    "k": "W_K per kv head",
-    "v": "W_V per kv head (paper)",
-    "o": "W_O per head",
-    "mlp_up": "MLP up, one block per layer",
-    "mlp_down": "MLP down, one block per layer",
-}
 
 
 class PromptKernelError(ValueError):
@@ -72,16 +77,23 @@ class KernelContextLengthError(PromptKernelError, memory_guard.ContextLengthErro
     """The prompt has more tokens than the model has positions; the message says how to truncate."""
 
 
-def _memory_plan(lm: LoadedModel, enc: Any, subspace: str, qttt: bool, row_chunk: int, chunk: int,
+def _frozen(target: Target, qttt: bool) -> bool:
+    """Long context: the qTTT frozen-KV route serves W_Q and LoRA on W_Q when `qttt`."""
+    return qttt and target.kind == "q" and target.form in ("linear", "lora")
+
+
+def _memory_plan(lm: LoadedModel, enc: Any, target: str | Target, qttt: bool, row_chunk: int, chunk: int,
                  max_positions: int) -> tuple[memory_guard.MemoryEstimate, Any]:
     """(estimate, advice) of this kernel job (`memory_guard` docstring has the formulas)."""
+    target = resolve_target(lm, target)
+    subspace = target.subspace
     if isinstance(enc, FewShotEncoding):
         lengths = [len(s) for s in enc.seqs]
         return (memory_guard.loo_exact_estimate(lm, lengths, subspace), memory_guard.fewshot_advice(enc.n))
     n = len(enc.positions)
     wanted = list(enc.positions) + ([enc.query_position] if enc.query_position is not None else [])
     T = len(enc.ids)
-    if subspace == "q" and qttt:
+    if _frozen(target, qttt):
         span = wanted[-1] + 1 - wanted[0]
         est = memory_guard.frozen_q_kernel_estimate(lm, T, n, span, row_chunk)
         adv = memory_guard.kernel_advice(lm, T, n, "qttt-frozen-kv", row_chunk=row_chunk, span_extra=span - n)
@@ -150,7 +162,7 @@ class PromptKernel:
 
     def block_label(self, block: Block) -> str:
         l, h = block
-        return f"L{l} {self.subspace}" if self.subspace.startswith("mlp") else f"L{l}.{self.subspace}H{h}"
+        return f"L{l} {self.subspace}" if is_per_layer(self.subspace) else f"L{l}.{self.subspace}H{h}"
 
     def head_kernel(self, layer: int, head: int) -> np.ndarray:
         """K^(b) of one block, materialised on demand: (n, n)."""
@@ -195,33 +207,42 @@ def compute_prompt_kernel(
     row_chunk: int = CHUNK_ROWS,
     feature_budget_bytes: int = 1 << 30,
     progress: Progress = None,
+    lora_seed: int = 0,
 ) -> PromptKernel:
     """Supervised outputs, residuals, factorised per-block kernels and query couplings.
 
     Args:
         lm: LoadedModel (never mutated; gradients come from adapter output probes).
         prompt: FewShotPrompt or LongContextPrompt.
-        subspace: "q" (default, qTTT), "k", "v", "o" (per head) or "mlp_up"/"mlp_down" (per layer).
+        subspace: "q" (default, qTTT), "k", "v", "o" (per head); per layer: "mlp_up", "mlp_gate"
+            (Llama family), "mlp_down", norm gains "norm_attn"/"norm_mlp", norm biases
+            "norm_attn_bias"/"norm_mlp_bias" (LayerNorm models), LoRA "lora:<kind>:<rank>"
+            (DESIGN §11; `target_kernels` has the kernels).
         max_positions: long context: keep the last this-many supervised positions.
-        qttt: long context + "q": use the frozen-KV qTTT kernel (default) instead of the exact
-            per-output route.
+        qttt: long context + "q" or a LoRA on q: use the frozen-KV qTTT kernel (default) instead
+            of the exact per-output route.
         chunk: outputs per batched backward in the exact long-context route.
         row_chunk: rows per forward in the frozen-KV route (default kernel_routes.CHUNK_ROWS = 128;
             rows spanning at most this many tokens run in one pass).
         feature_budget_bytes: memory for per-output features in the exact long-context route.
         progress: optional callback(fraction, text).
+        lora_seed: seed of the LoRA A matrices (`ttt_core.lora.lora_a`), LoRA subspaces only.
     Returns:
         PromptKernel with K = Σ_b K^(b) (n, n), per-block couplings k_x^(b) (L, H, n) or None.
     Raises:
-        PromptKernelError: unknown subspace, labels sharing a first token, no supervised positions;
+        PromptKernelError: unknown subspace or one the model lacks (mlp_gate on gpt2/neox, a norm
+            bias on an RMSNorm model: the message names the family), labels sharing a first
+            token, no supervised positions;
         KernelContextLengthError (also a memory_guard.ContextLengthError): more tokens than the
             model's maximum positions (8,192 for SmolLM2);
         KernelMemoryError (also a memory_guard.MemoryBudgetError): the estimated peak does not
             fit the memory available, or the job ran out of memory; the message names a setting
             that fits (fewer positions, a shorter context).
     """
-    if subspace not in SUBSPACES:
-        raise PromptKernelError(f"Unknown subspace {subspace!r}; choose one of {list(SUBSPACES)}.")
+    try:
+        target = resolve_target(lm, subspace, lora_seed=lora_seed)
+    except ValueError as exc:
+        raise PromptKernelError(str(exc)) from exc
     t0 = time.perf_counter()
     try:
         enc = encode(lm, prompt, max_positions)
@@ -229,20 +250,21 @@ def compute_prompt_kernel(
         raise PromptKernelError(str(exc)) from exc
     n_tokens = max(len(s) for s in enc.seqs) if isinstance(enc, FewShotEncoding) else len(enc.ids)
     memory_guard.check_context_length(lm, n_tokens, "The prompt", error=KernelContextLengthError)
-    est, advice = _memory_plan(lm, enc, subspace, qttt, row_chunk, chunk, max_positions)
+    est, advice = _memory_plan(lm, enc, target, qttt, row_chunk, chunk, max_positions)
     memory_guard.check(est, advice, error=KernelMemoryError)
     with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
-        return _assemble(lm, prompt, enc, subspace, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
+        return _assemble(lm, prompt, enc, target, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
                          feature_budget_bytes=feature_budget_bytes, max_positions=max_positions,
                          progress=progress, t0=t0)
 
 
-def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, subspace: str, *, qttt: bool, chunk: int, row_chunk: int,
+def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt: bool, chunk: int, row_chunk: int,
               feature_budget_bytes: int, max_positions: int, progress: Progress, t0: float) -> PromptKernel:
     """The route and the assembly of `compute_prompt_kernel` (inside its memory guard)."""
     tok = lm.tokenizer
+    subspace = target.subspace
     if isinstance(enc, FewShotEncoding):
-        rr = loo_exact_route(lm, enc, subspace, progress)
+        rr = loo_exact_route(lm, enc, target, progress)
         targets = enc.targets
         qt = enc.query_target
         has_query = enc.frame == "expected_value" or enc.query_target_id is not None
@@ -260,10 +282,10 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, subspace: str, *, qttt:
             label=label)
         output_labels = [f"{x} → {y}" for x, y in prompt.demos]
     else:
-        if subspace == "q" and qttt:
-            rr = frozen_q_route(lm, enc, row_chunk, progress)
+        if _frozen(target, qttt):
+            rr = frozen_q_route(lm, enc, row_chunk, progress, target=target)
         else:
-            rr = exact_per_output_route(lm, enc, subspace, chunk, feature_budget_bytes, progress)
+            rr = exact_per_output_route(lm, enc, target, chunk, feature_budget_bytes, progress)
         targets = np.ones(len(enc.positions))
         qv = rr.query_value
         query = None if qv is None else QueryOutcome(
@@ -292,12 +314,13 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, subspace: str, *, qttt:
     values = np.asarray(rr.values, dtype=float)
     ev = PromptKernel(
         prompt_kind=enc.kind, subspace=subspace, route=rr.route, route_note=rr.route_note,
-        model_name=lm.name, n_layers=lm.adapter.n_layers, n_blocks_per_layer=blocks_per_layer(lm, subspace),
+        model_name=lm.name, n_layers=lm.adapter.n_layers, n_blocks_per_layer=blocks_per_layer(lm, target),
         values=values, targets=np.asarray(targets, dtype=float), residuals=np.asarray(targets, dtype=float) - values,
         output_labels=output_labels, query=query, query_note=note, factors=factors, K=K,
         head_couplings=hc, k_x=None if hc is None else hc.sum(axis=(0, 1)), tokens=decoded_tokens(lm, ids), ids=ids,
         timings={"gradients_s": t1 - t0, "kernel_s": time.perf_counter() - t1},
-        settings={"max_positions": max_positions, "qttt": qttt},
+        settings={"max_positions": max_positions, "qttt": qttt,
+                  **({"lora_seed": target.lora.seed} if target.lora is not None else {})},
     )
     report(progress, 1.0, "Prompt kernel ready")
     return ev
