@@ -4,7 +4,9 @@ other pages' sessions competes with these runs."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,24 @@ def test_live_qttt_runs_paper_mode_then_qttt(app_url, page):
     wait_plots(page, 3)
     page.get_by_text("Kernel: PyTorch reference on CPU").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "e2e_live_qttt.png"), full_page=True)
+    # save this run: the downloaded JSON holds the shown run (its 3 steps after step 0, qTTT settings)
+    with page.expect_download(timeout=60_000) as dl:
+        page.get_by_role("button", name="Save this run (JSON)").click()
+    saved = Path(dl.value.path())
+    doc = json.loads(saved.read_text())
+    assert doc["kind"] == "qttt_run" and isinstance(doc["ttt_lens_export"], int)
+    recs = doc["data"]["records"]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3] and doc["settings"]["steps"] == 3
+    assert doc["data"]["backend_label"] and doc["model"]
+    # the paper run before it is kept for comparison: the overlay and the final-metrics table are drawn
+    page.get_by_text("Final metrics").first.wait_for(timeout=60_000)
+    # load the saved file back: it joins the comparison under its file name
+    named = ARTIFACTS / "e2e_saved_qttt_run.json"
+    named.write_text(saved.read_text())
+    page.locator("input[type=file]").first.set_input_files(str(named))
+    page.get_by_text("e2e_saved_qttt_run.json").first.wait_for(timeout=60_000)
+    wait_plots(page, 5)
+    page.get_by_text("Final metrics").first.scroll_into_view_if_needed()
+    # the script run that drew the comparison has finished (no faded, stale elements in the picture)
+    page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden", timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "e2e_live_overlay.png"), full_page=True)

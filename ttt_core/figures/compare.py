@@ -12,7 +12,7 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
-from ttt_core.figures.style import OKABE_ITO, base_layout
+from ttt_core.figures.style import OKABE_ITO, base_layout, legend_below
 from ttt_core.run_compare import series_difference
 
 Curve = tuple[str, Sequence[float], Sequence[float]]
@@ -24,7 +24,7 @@ def overlay_figure(curves: Sequence[Curve], metric: str, x_title: str = "step") 
     for i, (label, x, y) in enumerate(curves):
         fig.add_trace(go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=label,
                                  line=dict(color=OKABE_ITO[i % len(OKABE_ITO)], dash="solid" if i == 0 else "dash")))
-    return base_layout(fig, f"{metric}: {len(curves)} runs", x_title, metric)
+    return legend_below(base_layout(fig, f"{metric}: {len(curves)} runs", x_title, metric), len(curves))
 
 
 def difference_figure(reference: Curve, others: Sequence[Curve], metric: str, x_title: str = "step") -> go.Figure:
@@ -36,4 +36,4 @@ def difference_figure(reference: Curve, others: Sequence[Curve], metric: str, x_
         fig.add_trace(go.Scatter(x=dx, y=dy, mode="lines+markers", name=f"{ref_label} − {label}",
                                  line=dict(color=OKABE_ITO[i % len(OKABE_ITO)])))
     fig.add_hline(y=0.0, line=dict(color=OKABE_ITO[7], dash="dot", width=1))
-    return base_layout(fig, f"Difference of {metric}", x_title, f"Δ {metric}")
+    return legend_below(base_layout(fig, f"Difference of {metric}", x_title, f"Δ {metric}"), len(others))

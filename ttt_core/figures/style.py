@@ -35,3 +35,11 @@ def base_layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = ""
         yaxis_title=y_title,
     )
     return fig
+
+
+def legend_below(fig: go.Figure, rows: int = 1) -> go.Figure:
+    """Move the legend under the x axis (one entry per line): for half-width charts whose long
+    trace names would otherwise run over the title. `rows`: legend entries, to size the margin."""
+    fig.update_layout(legend=dict(orientation="v", yanchor="top", y=-0.22, xanchor="left", x=0.0),
+                      margin=dict(b=70 + 22 * max(1, rows)))
+    return fig
