@@ -8,16 +8,17 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from pages.common import posterior_flag, get_model, get_prompt, how_to_read, page_header
+from pages.common import get_model, get_prompt, how_to_read, page_header, posterior_flag
+from pages.downloads import diagnosis_section, figure_downloads
 from pages.links import url_choice
 from pages.state import cached_prompt_kernel, cached_result, kernel_key
-from pages.downloads import diagnosis_section, figure_downloads
-from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError, attention_pattern
 from ttt_core.figures import heads as figs
-from ttt_core.prompts import LongContextPrompt
-from ttt_core.scores import GREEDY_C, GREEDY_T, HeadScores, score_blocks
 from ttt_core.figures.score_check import score_check_figure
-from ttt_core.score_check import DEFAULT_C as CHECK_C, check_scores
+from ttt_core.prompt_kernel import PAGE_SUBSPACES, PromptKernelError, attention_pattern, is_per_layer, subspace_label
+from ttt_core.prompts import LongContextPrompt
+from ttt_core.score_check import DEFAULT_C as CHECK_C
+from ttt_core.score_check import check_scores
+from ttt_core.scores import GREEDY_C, GREEDY_T, HeadScores, score_blocks
 from ttt_core.spectrum import compute_spectrum
 
 page_header("Heads & blocks",
@@ -30,7 +31,7 @@ if lm is None or prompt is None:
 
 long = isinstance(prompt, LongContextPrompt)
 c1, c2, c3 = st.columns(3)
-subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="heads_subspace", bind="query-params")
+subspace = c1.selectbox("Update subspace", list(PAGE_SUBSPACES), format_func=lambda k: PAGE_SUBSPACES[k], key="heads_subspace", bind="query-params")
 max_pos = c2.number_input("Max positions", min_value=8, max_value=2048, value=256, step=8, key="heads_maxpos", bind="query-params",
                           disabled=not long)
 # The greedy rule's horizon T and step fraction c (ρ = c/λ_max of the candidate kernel): one pair of
@@ -41,12 +42,12 @@ budget = c3.number_input("Greedy Query-Aware budget", min_value=0, max_value=64,
                               f"step fraction c = {greedy_c:g} (ρ = c/λ_max of each candidate's kernel). 0 = off. "
                               f"Costs one λ_max and {greedy_T} kernel mat-vecs per candidate per pick.")
 if long and subspace != "q":
-    st.warning(f"{SUBSPACES[subspace]} on a long context uses the exact per-output route (one backward per 8 outputs); "
+    st.warning(f"{subspace_label(subspace)} on a long context uses the exact per-output route (one backward per 8 outputs); "
                "lower 'Max positions' if this is slow.")
 
 bar = st.progress(0.0, text="Computing prompt evidence…")
 try:
-    with st.spinner(f"Per-head kernels of {SUBSPACES[subspace]} on {lm.name}…"):
+    with st.spinner(f"Per-head kernels of {subspace_label(subspace)} on {lm.name}…"):
         ev = cached_prompt_kernel(st.session_state, lm, prompt, subspace, max_positions=int(max_pos),
                                   progress=lambda f, t: bar.progress(f, text=t))
     bar.progress(1.0, text="Scoring every block…")
@@ -59,7 +60,7 @@ except PromptKernelError as exc:
     st.stop()
 bar.empty()
 
-word = "block" if subspace.startswith("mlp") else ("kv head" if subspace in ("k", "v") else "head")
+word = "block" if is_per_layer(subspace) else ("kv head" if subspace in ("k", "v") else "head")
 st.caption(f"{ev.n_layers} layers × {ev.n_blocks_per_layer} {word}(s) = {len(ev.blocks())} blocks; n = {ev.n} supervised "
            f"outputs; ridge λ⋆ = {scores.ridge:.3g} ({scores.ridge_source}). Route: {ev.route}."
            + (f" {ev.query_note}" if ev.query_note else "") + (f" {scores.greedy_note}" if scores.greedy_note else ""))
@@ -162,7 +163,7 @@ figure_downloads(fig, "heads_share", lm, prompt)
 how_to_read(r"\mathrm{tr}(K^{(b)})/\mathrm{tr}(K)", "This layer's blocks' shares of the full kernel's trace; the "
             "selected block in vermillion.", None, None, "§2, §6")
 
-if subspace.startswith("mlp"):
+if is_per_layer(subspace):
     st.info("MLP blocks have no attention pattern.")
 else:
     qhead = head * (lm.adapter.n_heads // lm.adapter.n_kv_heads) if subspace in ("k", "v") else head

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
-
-from pathlib import Path
 
 from pages.common import get_model, get_prompt, page_header, render_tour, token_view_html
 from pages.downloads import diagnosis_section, table_download
 from ttt_core.encoding import EncodingError
-from ttt_core.token_view import greedy_answer, tokenise
 from ttt_core.prompts import FewShotPrompt
+from ttt_core.token_view import greedy_answer, tokenise
 
 page_header("TTT Lens", "Does test-time training help on this prompt — when to adapt, how far, and in which directions?")
 

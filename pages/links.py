@@ -27,9 +27,20 @@ import streamlit as st
 
 from pages.common import DEFAULT_TOKEN_LIMIT, PRESETS, default_model_name
 from ttt_core.examples import DEFAULT_EXAMPLE, EXAMPLES, load_example
-from ttt_core.prompt_kernel import SUBSPACES
-from ttt_core.share import (BLOCK_LABEL, BOOL, Field, PromptTooLong, View, choice_field, float_field, int_field,
-                            make_link, read_view, view_params)
+from ttt_core.prompt_kernel import PAGE_SUBSPACES
+from ttt_core.share import (
+    BLOCK_LABEL,
+    BOOL,
+    Field,
+    PromptTooLong,
+    View,
+    choice_field,
+    float_field,
+    int_field,
+    make_link,
+    read_view,
+    view_params,
+)
 
 APPLIED = "_link_applied"
 PROBLEMS = "_link_problems"
@@ -42,7 +53,7 @@ STEPS_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 LIVE_MODES = ["qTTT", "Paper mode (LOO gradient descent)"]
 HEADS_SCORES = ["Query-Aware", "Trace", "Kernel share", "Greedy rank"]
 
-SUBSPACE = choice_field(SUBSPACES)
+SUBSPACE = choice_field(PAGE_SUBSPACES)
 FIELDS: dict[str, dict[str, Field]] = {   # page url_path → widget key → field
     "spectrum": {
         "spec_subspace": SUBSPACE, "spec_T": int_field(1, 200), "spec_c": float_field(0.05, 0.95),

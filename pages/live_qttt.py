@@ -9,10 +9,16 @@ import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header
 from pages.downloads import figure_downloads, qttt_runs_section, slot_chart
-from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
-                                  quality_figure, step_time_figure)
-from ttt_core.prompts import FewShotPrompt
+from ttt_core.figures.qttt import (
+    delta_heatmap,
+    label_distribution_figure,
+    loss_figure,
+    needle_figure,
+    quality_figure,
+    step_time_figure,
+)
 from ttt_core.paper_gd import PaperConfig
+from ttt_core.prompts import FewShotPrompt
 from ttt_core.qttt import DEFAULT_LR, PAPER_LR_RANGE, QTTTConfig, kernel_backend
 from ttt_core.runs import make_run
 from ttt_core.scores import HeadScores

@@ -10,13 +10,19 @@ import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header
 from pages.downloads import figure_downloads
-from ttt_core.figures.steps import reproduction_figure
 from ttt_core.experiments.paper_tasks import PAPER_EXP1, ReproSettings
 from ttt_core.experiments.reproduce import run_reproduction
-from ttt_core.experiments.reproduce_report import (EXP2_METHODS, EXP2_SOURCES, LINEARISED_LABEL, findings,
-                                                   latest_results, write_results)
+from ttt_core.experiments.reproduce_report import (
+    EXP2_METHODS,
+    EXP2_SOURCES,
+    LINEARISED_LABEL,
+    findings,
+    latest_results,
+    write_results,
+)
 from ttt_core.experiments.stats import VERDICT_RULE
 from ttt_core.experiments.store import reproduction_dir
+from ttt_core.figures.steps import reproduction_figure
 
 page_header("Paper reproduction",
             "Do the decision-theoretic paper's experiments (evidence-selected horizon, alignment-aware heads) "

@@ -13,8 +13,15 @@ import streamlit as st
 from pages.common import get_model, how_to_read, page_header
 from pages.downloads import figure_downloads
 from ttt_core.experiments.controller import Controller, ControllerConfig, load_controller, train_controller
-from ttt_core.experiments.schedules import (DEFAULT_LAMBDA, all_schedules, choice_counts, compare_controller,
-                                            family_trajectories, pareto_front, results_table)
+from ttt_core.experiments.schedules import (
+    DEFAULT_LAMBDA,
+    all_schedules,
+    choice_counts,
+    compare_controller,
+    family_trajectories,
+    pareto_front,
+    results_table,
+)
 from ttt_core.experiments.stats import VERDICT_RULE
 from ttt_core.experiments.store import controller_dir
 from ttt_core.experiments.suite import build_suite, load_cached_suite, suite_dir

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import interval_text, posterior_flag, verdict_box, get_model, get_prompt, how_to_read, page_header
-from pages.state import cached_prompt_kernel, cached_result
+from pages.common import get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box
 from pages.downloads import figure_downloads
-from ttt_core.prompt_kernel import SUBSPACES, PromptKernelError
+from pages.state import cached_prompt_kernel, cached_result
 from ttt_core.figures import spectrum as figs
+from ttt_core.prompt_kernel import PAGE_SUBSPACES, PromptKernelError, subspace_label
 from ttt_core.prompts import LongContextPrompt
 from ttt_core.spectrum import DEFAULT_C, kernel_spectrum
 
@@ -25,7 +25,7 @@ if lm is None or prompt is None:
 
 long = isinstance(prompt, LongContextPrompt)
 c1, c2, c3, c4 = st.columns(4)
-subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="spec_subspace", bind="query-params",
+subspace = c1.selectbox("Update subspace", list(PAGE_SUBSPACES), format_func=lambda k: PAGE_SUBSPACES[k], key="spec_subspace", bind="query-params",
                         help="W_Q per head is what qTTT updates; W_V per head is what the paper's experiments update.")
 T = c2.number_input("Steps T", min_value=1, max_value=200, value=8, step=1, key="spec_T", bind="query-params")
 c = c3.slider("Step fraction c (ρ = c/λ_max)", min_value=0.05, max_value=0.95, value=DEFAULT_C, step=0.05, key="spec_c", bind="query-params")
@@ -36,7 +36,7 @@ if long:
     st.caption("Long context: each supervised output is the probability of the observed next token (target 1, "
                "residual 1 − p), which puts free text in the paper's squared-loss frame (DESIGN §7.2).")
     if subspace != "q":
-        st.warning(f"{SUBSPACES[subspace]} on a long context uses the exact per-output route: one backward pass per "
+        st.warning(f"{subspace_label(subspace)} on a long context uses the exact per-output route: one backward pass per "
                    "group of at most 8 outputs (fewer for long contexts: ≤ 2048 tokens per batch), e.g. "
                    f"{int(max_pos)} outputs ≈ {int(np.ceil(max_pos / 8))}+ passes. Lower 'Max positions' if this is slow.")
 
@@ -48,7 +48,7 @@ def _progress(frac: float, text: str) -> None:
 
 
 try:
-    with st.spinner(f"Kernel of {SUBSPACES[subspace]} on {lm.name}…"):
+    with st.spinner(f"Kernel of {subspace_label(subspace)} on {lm.name}…"):
         ev = cached_prompt_kernel(st.session_state, lm, prompt, subspace, max_positions=int(max_pos), progress=_progress)
 except PromptKernelError as exc:
     bar.empty()

@@ -8,11 +8,11 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from pages.common import interval_text, posterior_flag, verdict_box, get_model, get_prompt, how_to_read, page_header
-from pages.state import cached_prompt_kernel, cached_result
+from pages.common import get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box
 from pages.downloads import diagnosis_section, figure_downloads, steps_runs_section
-from ttt_core.prompt_kernel import SUBSPACES
+from pages.state import cached_prompt_kernel, cached_result
 from ttt_core.figures import steps as figs
+from ttt_core.prompt_kernel import PAGE_SUBSPACES
 from ttt_core.prompts import LongContextPrompt
 from ttt_core.steps import DEFAULT_C, PLUG_IN_LABEL, StepsSettings, compute_steps
 
@@ -29,7 +29,7 @@ if lm is None or prompt is None:
 
 long = isinstance(prompt, LongContextPrompt)
 c1, c2, c3, c4 = st.columns(4)
-subspace = c1.selectbox("Update subspace", list(SUBSPACES), format_func=lambda k: SUBSPACES[k], key="steps_subspace", bind="query-params",
+subspace = c1.selectbox("Update subspace", list(PAGE_SUBSPACES), format_func=lambda k: PAGE_SUBSPACES[k], key="steps_subspace", bind="query-params",
                         help="The measured run updates W_V or W_Q heads (few-shot, paper-mode GD) or W_Q heads "
                              "(long context, qTTT); other subspaces show the kernel's curves only.")
 c = c2.slider("Step fraction c (ρ = c/λ_max)", min_value=0.02, max_value=0.9, value=DEFAULT_C, step=0.01, key="steps_c", bind="query-params",

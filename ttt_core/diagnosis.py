@@ -15,7 +15,7 @@ import ttt_core
 from ttt_core.figure_data import json_clean
 from ttt_core.models import LoadedModel
 from ttt_core.posterior_verdict import posterior_dict
-from ttt_core.prompt_kernel import SUBSPACES, compute_prompt_kernel
+from ttt_core.prompt_kernel import compute_prompt_kernel, subspace_label
 from ttt_core.prompts import Prompt
 from ttt_core.score_check import check_scores
 from ttt_core.scores import score_blocks
@@ -81,7 +81,7 @@ def diagnose_report(lm: LoadedModel, prompt: Prompt, *, subspace: str = "q", c: 
         "prompt_kind": ev.prompt_kind,
         "n_positions": ev.n,
         "subspace": subspace,
-        "subspace_label": SUBSPACES[subspace],
+        "subspace_label": subspace_label(subspace),
         "blocks": rep.blocks_label,
         "route": ev.route,
         "query": None if q is None else {"label": q.label, "value": q.value, "target": q.target, "error": q.error,

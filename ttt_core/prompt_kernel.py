@@ -55,6 +55,7 @@ from ttt_core.kernel_routes import (
 from ttt_core.models import LoadedModel
 from ttt_core.prompts import Prompt
 from ttt_core.target_kernels import (  # noqa: F401  (re-exported for the pages)
+    PAGE_SUBSPACES,
     SUBSPACES,
     Target,
     available_subspaces,

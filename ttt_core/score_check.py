@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 
 from ttt_core.models import LoadedModel
 from ttt_core.paper_gd import PAPER_KINDS, gd_trajectory
-from ttt_core.prompt_kernel import SUBSPACES, PromptKernel
+from ttt_core.prompt_kernel import PromptKernel, subspace_label
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, Prompt
 from ttt_core.qttt import DEFAULT_LR, QTTTConfig, QTTTRun
 from ttt_core.scores import BlockScores
@@ -151,7 +151,7 @@ def _why_not(prompt: Prompt, ev: PromptKernel) -> str | None:
     sub = ev.subspace
     if isinstance(prompt, FewShotPrompt):
         if sub not in PAPER_KINDS:
-            return (f"Paper GD updates W_V or W_Q heads only; the {SUBSPACES.get(sub, sub)} scores cannot be "
+            return (f"Paper GD updates W_V or W_Q heads only; the {subspace_label(sub)} scores cannot be "
                     "checked against real TTT (choose subspace 'v' or 'q').")
         if ev.query is None or ev.head_couplings is None:
             return ev.query_note or "This prompt has no query output, so there is no query error to change."
@@ -164,7 +164,7 @@ def _why_not(prompt: Prompt, ev: PromptKernel) -> str | None:
             return ("No 'Question:' with an 'Answer:' line: qTTT has no answer NLL to change (free text has no "
                     "query), so the scores cannot be checked.")
         if sub != "q":
-            return (f"qTTT updates W_Q only; the {SUBSPACES.get(sub, sub)} scores of a long context cannot be "
+            return (f"qTTT updates W_Q only; the {subspace_label(sub)} scores of a long context cannot be "
                     "checked against real TTT (choose subspace 'q').")
         if ev.query is None or ev.head_couplings is None:
             return ev.query_note or "This prompt has no query output."

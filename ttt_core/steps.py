@@ -48,7 +48,7 @@ from ttt_core.measured import Measured, measure_fewshot, measure_long
 from ttt_core.models import LoadedModel
 from ttt_core.noise_posterior import ADAPT, DONT_ADAPT, UNDETERMINED, NoisePosterior, noise_posterior
 from ttt_core.posterior_verdict import posterior_dict, slack_interval, verdict_probability
-from ttt_core.prompt_kernel import SUBSPACES, PromptKernel, compute_prompt_kernel
+from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel, subspace_label
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt
 from ttt_core.types import Block, Progress, block_label
 
@@ -105,7 +105,7 @@ def blocks_label(ev: PromptKernel, blocks: Sequence[Block]) -> str:
     span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
     if len(layers) > 1 and layers != list(range(layers[0], layers[-1] + 1)):
         span = "layers " + ", ".join(map(str, layers))
-    return f"{SUBSPACES.get(ev.subspace, ev.subspace)}, {span} ({len(blocks)} blocks)"
+    return f"{subspace_label(ev.subspace)}, {span} ({len(blocks)} blocks)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def _lora_label(spec: LoraSpec) -> str:
 
 SUBSPACES.update({name: _lora_label(parse_lora_subspace(name)) for name in LORA_SUBSPACES})
 
+#: The subspaces the Spectrum, Heads and Steps pages (and their links) offer: the attention
+#: projections and the two MLP projections every family has. The other targets are compared on
+#: the Targets page (and accepted by `compute_prompt_kernel` and the CLI everywhere).
+PAGE_SUBSPACES: dict[str, str] = {k: SUBSPACES[k] for k in ("q", "k", "v", "o", "mlp_up", "mlp_down")}
+
 
 def subspace_label(name: str) -> str:
     """A sentence naming subspace `name` for the pages (any valid LoRA name too; else the name)."""

@@ -23,19 +23,22 @@ Progress = Callable[[float, str], None] | None
 CountProgress = Callable[[int, int, str], None] | None
 StopLike = threading.Event | Callable[[], bool] | None
 
-_LABEL = re.compile(r"^L(?P<layer>\d+)\.(?:(?P<kind>[a-z]+)H(?P<head>\d+)|H(?P<bare>\d+)|(?P<mlp>mlp_[a-z]+))$")
+_LABEL = re.compile(r"^L(?P<layer>\d+)\.(?:(?P<kind>[a-z]+)H(?P<head>\d+)|H(?P<bare>\d+)|"
+                    r"(?P<mlp>mlp_[a-z]+|norm_[a-z]+(?:_bias)?|lora:[a-z_]+:\d+))$")
+HEAD_SUBSPACES = ("q", "k", "v", "o")   # one block per head; every other subspace has one block per layer
 
 
 def block_label(layer: int, head: int, subspace: str) -> str:
     """Canonical label of block (layer, head) of `subspace`: ``L{layer}.{subspace}H{head}`` for a
-    head, ``L{layer}.{subspace}`` for a per-layer MLP block."""
-    if subspace.startswith("mlp"):
+    head (q/k/v/o), ``L{layer}.{subspace}`` for a per-layer block (MLP, norm, LoRA: ``L3.lora:q:8``)."""
+    if subspace not in HEAD_SUBSPACES:
         return f"L{int(layer)}.{subspace}"
     return f"L{int(layer)}.{subspace}H{int(head)}"
 
 
 def parse_block_label(label: str) -> tuple[int, int, str | None]:
-    """``L3.qH2`` → (3, 2, "q"); ``L3.mlp_up`` → (3, 0, "mlp_up"); the bare ``L3.H2`` → (3, 2, None).
+    """``L3.qH2`` → (3, 2, "q"); ``L3.mlp_up`` / ``L3.norm_attn`` / ``L3.lora:q:8`` → (3, 0, that
+    subspace); the bare ``L3.H2`` → (3, 2, None).
     Raises ValueError on anything else."""
     m = _LABEL.match(label.strip())
     if m is None:

@@ -87,3 +87,12 @@ def test_unseen_answer_is_scored(lm64):
     # without an answer there is no categorical query output, and the note says exactly why
     ev2 = compute_prompt_kernel(lm64, parse_prompt(ANIMALS.rsplit("\n", 1)[0]), "q")
     assert ev2.query is None and ev2.k_x is None and "probability of the true answer" in ev2.query_note
+
+
+@pytest.mark.parametrize("sub", ["mlp_gate", "norm_attn", "norm_mlp_bias", "lora:q:8", "lora:mlp_up:16"])
+def test_per_layer_targets_have_per_layer_labels_that_parse_back(sub):
+    from ttt_core.types import block_label, parse_block_label
+
+    label = block_label(3, 0, sub)
+    assert label == f"L3.{sub}" and "H" not in label.split(".", 1)[1]
+    assert parse_block_label(label) == (3, 0, sub)

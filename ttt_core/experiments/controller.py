@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttt_core.experiments.schedules import (action_costs, all_schedules, choice_counts, compare_controller,
-                                            results_table)
+from ttt_core.experiments.schedules import action_costs, all_schedules, choice_counts, compare_controller, results_table
 from ttt_core.experiments.store import controller_dir, write_json
 from ttt_core.experiments.suite import Suite, build_suite
 from ttt_core.experiments.suite_tasks import SPLITS, SuiteSettings

@@ -21,8 +21,17 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ttt_core.experiments.stats import (BETTER, NOT_DISTINGUISHABLE_TEXT, TOO_FEW, TOO_FEW_TEXT, WORSE, ci_text,
-                                      paired_stats, sem, suite_verdict)
+from ttt_core.experiments.stats import (
+    BETTER,
+    NOT_DISTINGUISHABLE_TEXT,
+    TOO_FEW,
+    TOO_FEW_TEXT,
+    WORSE,
+    ci_text,
+    paired_stats,
+    sem,
+    suite_verdict,
+)
 from ttt_core.experiments.suite import Suite
 
 #: Default latency trade-off: cost = error + λ·steps. 1e-3 per step makes 8 steps worth an

@@ -36,7 +36,7 @@ from ttt_core.encoding import encode_few_shot
 from ttt_core.experiments.stats import boot_ci, spearman
 from ttt_core.generators import digit_shift_task
 from ttt_core.models import LoadedModel
-from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel
+from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel, is_per_layer
 from ttt_core.prompts import FewShotPrompt
 from ttt_core.readout import FewShotReadout
 from ttt_core.scores import score_blocks
@@ -93,7 +93,7 @@ def block_deltas(ev: PromptKernel, lm: LoadedModel, c: float = 0.5,
     for i in chosen:
         l, h = all_blocks[i]
         G = ev.factors[l].weighted_gradient(r, h) * rhos[i]
-        full = G if ev.subspace.startswith("mlp") else a.head_delta(l, ev.subspace, h, G)
+        full = G if is_per_layer(ev.subspace) else a.head_delta(l, ev.subspace, h, G)
         deltas[i] = full.to(device=lm.device, dtype=lm.dtype)
     return deltas, rhos
 

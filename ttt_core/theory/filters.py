@@ -13,7 +13,6 @@ from numpy.typing import ArrayLike
 
 from ttt_core.theory._common import EIG_TOL_REL, FloatArray, _grid, _log_contraction
 
-
 # --------------------------------------------------------------------------------------------
 # validation (§2, §3)
 # --------------------------------------------------------------------------------------------
