@@ -17,7 +17,6 @@ from pages.common import render_sidebar
 from pages.links import apply_link, link_control, show_link_problems, sync_url
 
 
-
 def _leave_legacy_pages_mode() -> None:
     """Streamlit treats an app with a folder named `pages/` beside it as a legacy (v1) multipage
     app until st.navigation has run once in the process: the very first run of the first
@@ -45,9 +44,11 @@ PAGES: list[tuple[str, str, str, str]] = [
     ("pages/heads.py", "Heads & blocks", ":material/grid_on:", "Which"),
     ("pages/live_qttt.py", "Live qTTT", ":material/play_circle:", "Adapt"),
     ("pages/schedules.py", "Schedules", ":material/schedule:", "Adapt"),
+    ("pages/targets.py", "Targets", ":material/tune:", "Adapt"),
     ("pages/long_context.py", "Long context", ":material/manage_search:", "Theory"),
     ("pages/gp_lab.py", "GP lab", ":material/science:", "Theory"),
     ("pages/reproduction.py", "Paper reproduction", ":material/fact_check:", "Theory"),
+    ("pages/reliability.py", "Reliability", ":material/verified:", "Theory"),
 ]
 
 

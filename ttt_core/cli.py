@@ -4,6 +4,9 @@
     python -m ttt_core info [--model M]   print the model card as JSON
     python -m ttt_core diagnose FILE|-    one JSON (or --format md) report: when / how far / which
     python -m ttt_core reproduce [...]    the paper's experiments (ttt_core.reproduce), JSON + Markdown
+    python -m ttt_core compare-targets FILE|-  every adaptation target × signal on one prompt (--json)
+    python -m ttt_core calibrate [--prompts N] [--head-prompts N] [--quick] [--resume]
+                                          calibration suite vs real TTT (ttt_core.calibration_*)
     python -m ttt_core train-controller [--tasks N] [--lambda L] [--out DIR]
                                           schedule suite + learned step controller (ttt_core.controller)
 
@@ -15,12 +18,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import math
 import os
 import stat
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from ttt_core.diagnosis import diagnose_markdown, diagnose_report
 from ttt_core.models import EMBEDDED_MODEL, ModelLoadError, convert_embedded, load_model
@@ -170,10 +172,10 @@ def _train_controller(args: argparse.Namespace) -> int:
     schedule on the test split; JSON summary on stdout, progress on stderr."""
     import torch
 
-    from ttt_core.figure_data import json_clean
     from ttt_core.experiments.controller import ControllerConfig, train_and_evaluate
     from ttt_core.experiments.schedules import DEFAULT_LAMBDA
     from ttt_core.experiments.suite_tasks import SuiteSettings
+    from ttt_core.figure_data import json_clean
 
     if args.tasks < 3:
         raise ValueError("--tasks must be at least 3 (one task per split)")
@@ -198,6 +200,129 @@ def _train_controller(args: argparse.Namespace) -> int:
                                  suite_root=args.suite_dir, progress=bar.fraction)
     print(json.dumps(json_clean(res), indent=1, ensure_ascii=False))
     print(res["comparison"]["sentence"], file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# compare-targets
+# --------------------------------------------------------------------------------------------
+
+
+def _compare_targets(args: argparse.Namespace) -> int:
+    """Every adaptation target × signal on one prompt (ttt_core.targets): JSON (--json) or a
+    Markdown table on stdout, the winner sentence and progress on stderr."""
+    from ttt_core.figure_data import json_clean
+    from ttt_core.targets import compare_targets
+    from ttt_core.targets.report import comparison_markdown
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.suite:
+        return _targets_suite(args, targets, signals, seeds)
+    if not args.prompt_file:
+        print("error: give a prompt file ('-' reads stdin) or --suite N", file=sys.stderr)
+        return 2
+    label = "standard input" if args.prompt_file == "-" else args.prompt_file
+    try:
+        text = read_prompt_file(args.prompt_file)
+    except PromptFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        prompt = parse_prompt(text)
+    except PromptParseError as exc:
+        print(f"error: cannot parse the prompt in {label}: {exc}", file=sys.stderr)
+        return 2
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    prompt, note = fit_to_token_limit(prompt, lm.tokenizer, args.max_tokens)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    with ProgressBar("compare-targets", quiet=args.quiet) as bar:
+        cmp = compare_targets(lm, prompt, targets, signals, steps=args.steps, seeds=seeds, lr=args.lr, span=args.span,
+                              last_layers=args.last_layers, c=args.c, max_positions=args.max_positions,
+                              kernels=not args.no_kernels, progress=bar.fraction)
+    if args.json:
+        print(json.dumps(json_clean(cmp.to_dict()), indent=1, ensure_ascii=False))
+    else:
+        sys.stdout.write(comparison_markdown(cmp.to_dict()))
+    print(cmp.sentence, file=sys.stderr)
+    return 0
+
+
+def _targets_suite(args: argparse.Namespace, targets: list[str], signals: list[str], seeds: list[int]) -> int:
+    """compare-targets --suite N: N seeded prompts per family (digit shift, needle), cached per prompt."""
+    from ttt_core.experiments.targets_suite import TargetsSuiteSettings, build_suite
+    from ttt_core.figure_data import json_clean
+
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    settings = TargetsSuiteSettings(model=lm.name, targets=tuple(targets), signals=tuple(signals), steps=args.steps,
+                                    seeds=tuple(seeds), lr=args.lr, span=args.span, last_layers=args.last_layers,
+                                    kernels=args.suite_kernels, max_positions=args.max_positions)
+    with ProgressBar("compare-targets --suite", quiet=args.quiet) as bar:
+        summary = build_suite(lm, settings, args.suite, root=args.suite_dir, progress=bar.count,
+                              command="ttt-lens " + " ".join(sys.argv[1:]))
+    print(json.dumps(json_clean(summary), indent=1, ensure_ascii=False))
+    print(f"suite: {summary['folder']}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """The calibration suite (DESIGN §10): records + a summary JSON with provenance in --out; the
+    headline sentences on stderr, the summary path on stdout."""
+    import torch
+
+    from ttt_core.experiments.calibration_suite import run_calibration
+    from ttt_core.experiments.calibration_tasks import CalibrationSettings, quick_settings
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    n_prompts = args.prompts if args.prompts is not None else (36 if args.quick else 300)
+    n_head = args.head_prompts if args.head_prompts is not None else (12 if args.quick else 100)
+    if n_prompts < 3:
+        raise ValueError("--prompts must be at least 3 (one prompt per split)")
+    if not 0 <= n_head <= n_prompts:
+        raise ValueError("--head-prompts must lie between 0 and --prompts")
+    workers = max(1, int(args.workers))
+    backend = "ray" if args.ray else "process"
+    lm = None
+    model_name = args.model
+    if workers <= 1:
+        lm = load_model(args.model)
+        model_name = lm.name
+    extra = {}
+    if args.grid:
+        extra["grid"] = tuple(int(g) for g in args.grid.split(",") if g.strip())
+    settings = quick_settings(model_name, **extra) if args.quick else CalibrationSettings(model=model_name, **extra)
+    settings.validate()
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def log(done: int, total: int, text: str) -> None:  # plain lines when no bar is drawn
+        now = time.perf_counter()
+        if not args.quiet and (done == total or now - last[0] >= 10.0):
+            last[0] = now
+            print(f"calibrate: {text}", file=sys.stderr, flush=True)
+
+    with ProgressBar("calibrate", quiet=args.quiet) as bar:
+        summary = run_calibration(lm, settings, n_prompts, n_head, out=args.out, resume=args.resume, workers=workers,
+                                  backend=backend, command="ttt-lens " + " ".join(sys.argv[1:]),
+                                  progress=bar.count or log, n_boot=args.n_boot)
+    rep = summary["report"]
+    ctrl = rep.get("controller")
+    if ctrl:
+        print(ctrl["comparison"]["sentence"], file=sys.stderr)
+    pooled = (rep.get("recommended") or {}).get("all prompts")
+    if pooled:
+        print(pooled["sentence"], file=sys.stderr)
+    print(f"calibrate: {summary['n_prompts']} prompts in {time.perf_counter() - t0:.0f} s; records in "
+          f"{summary['records_folder']}", file=sys.stderr)
+    print(summary["path"])
     return 0
 
 
@@ -280,6 +405,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny prompts (for tests with tiny-random models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_train_controller)
+    p = sub.add_parser("calibrate", help="is the diagnosis right? the calibration suite against real TTT (DESIGN §10)")
+    p.add_argument("--prompts", type=int, default=None, help="suite size (default 300; 36 with --quick)")
+    p.add_argument("--head-prompts", type=int, default=None,
+                   help="prompts that also get the head-choice runs (default 100; 12 with --quick)")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, tiny-random-<family> or the embedded default")
+    p.add_argument("--grid", default=None, help="fixed-T rules, comma-separated (default 1,2,4,8,16; the oracle runs "
+                   "to the largest)")
+    p.add_argument("--workers", type=int, default=1, help="single-threaded worker processes (or Ray CPUs)")
+    p.add_argument("--ray", action="store_true", help="run the prompts as Ray tasks ($RAY_ADDRESS for a cluster)")
+    p.add_argument("--out", default=None, help="folder of the records and the summary (default artifacts/calibration)")
+    p.add_argument("--quick", action="store_true", help="small prompts and a short grid (tests, a first look)")
+    p.add_argument("--resume", action="store_true", help="reuse the records already in --out (after an interruption)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap / permutation resamples of the report")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process (0 = torch default)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_calibrate)
+    p = sub.add_parser("compare-targets", help="which parameters and which signal: every adaptation target × signal "
+                       "on one prompt (kernel columns, measured error change, seconds, FLOPs, memory)")
+    p.add_argument("prompt_file", nargs="?", default=None, help="prompt file ('-' reads stdin); not with --suite")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="hub id, local folder, tiny-random-<family> or the embedded default")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--suite", type=int, default=0,
+                   help="instead of one prompt: N seeded prompts per family (digit shift, needle), cached and resumable")
+    p.add_argument("--suite-dir", default=None, help="--suite: folder (default artifacts/targets/<model>-<hash>)")
+    p.add_argument("--suite-kernels", action="store_true", help="--suite: also the kernel columns (slower)")
+    p.add_argument("--targets", default="q,k,v,o,mlp_up,mlp_gate,mlp_down,lora:q:8,lora:v:8,norm_attn,norm_mlp",
+                   help="comma-separated targets: q,k,v,o,mlp_up,mlp_gate,mlp_down,norm_attn,norm_mlp,"
+                        "norm_attn_bias,norm_mlp_bias or lora:<kind>:<rank>")
+    p.add_argument("--signals", default="nll", help="comma-separated signals: nll, entropy (Tent), syttta")
+    p.add_argument("--steps", type=int, default=8, help="TTT steps per run (the same for every target)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (span starts, LoRA init); ≥ 3 for a CI")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate shared by every target")
+    p.add_argument("--span", type=int, default=128, help="span length k of the NLL signal")
+    p.add_argument("--last-layers", type=int, default=None, help="kernel and training on the last N layers only")
+    p.add_argument("--c", type=float, default=0.1, help="kernel verdict: ρ = c/λ_max")
+    p.add_argument("--max-positions", type=int, default=256, help="long context: supervised positions of the kernel")
+    p.add_argument("--max-tokens", type=int, default=2048, help="token limit of the prompt")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel columns (measured runs only)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: a Markdown table)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.set_defaults(func=_compare_targets)
     return parser
 
 
@@ -322,5 +488,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-COMMANDS.update({"prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce,
-                 "train-controller": _train_controller})
+COMMANDS.update({"compare-targets": _compare_targets, "prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce,
+                 "train-controller": _train_controller, "calibrate": _calibrate})

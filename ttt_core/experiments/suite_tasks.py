@@ -289,14 +289,22 @@ def prompt_statistics(lm: LoadedModel, stats_prompt: Prompt, subspace: str, sett
     verdict of the prompt kernel (DESIGN §2–§5), plus the seconds they took."""
     t0 = time.perf_counter()
     ev = compute_prompt_kernel(lm, stats_prompt, subspace, max_positions=settings.max_positions)
-    K = ev.K
-    grid = np.arange(settings.t_max + 1, dtype=float)
-    rep = compute_spectrum(K, ev.residuals, ev.k_x, T=0.0, c=settings.c, T_grid=grid)
+    stats, _ = kernel_statistics(ev.K, ev.residuals, ev.k_x, int(ev.n), settings.c, settings.t_max)
+    return {"stats": stats, "seconds": time.perf_counter() - t0}
+
+
+def kernel_statistics(K: np.ndarray, residuals: np.ndarray, k_x: np.ndarray | None, n_positions: int, c: float,
+                      t_max: int) -> tuple[dict[str, Any], Any]:
+    """The statistics of `prompt_statistics` from a kernel K (n, n), its residuals and query
+    coupling (None without a query), on the step grid 0…t_max; also returns the spectrum report
+    at T = 0 (`spectrum.compute_spectrum`: posterior, prob_grid = P(TTT beats ICL) on that grid)."""
+    grid = np.arange(int(t_max) + 1, dtype=float)
+    rep = compute_spectrum(K, residuals, k_x, T=0.0, c=c, T_grid=grid)
     lam, rt = rep.lam, rep.r_tilde
     rho = rep.rho
     t_fixed = float(theory.select_steps(lam, rt, rho, grid, "fixed"))
     t_mle = float(theory.select_steps(lam, rt, rho, grid, "mle"))
-    ver = compute_spectrum(K, ev.residuals, ev.k_x, T=t_mle, c=settings.c, T_grid=grid, posterior=rep.posterior)
+    ver = compute_spectrum(K, residuals, k_x, T=t_mle, c=c, T_grid=grid, posterior=rep.posterior)
     beats = bool(ver.beats) and t_mle > 0
     ratio = ver.gap_ttt / ver.gap_icl if ver.gap_icl > 0 else 1.0
     tot = float(lam.sum())
@@ -306,7 +314,7 @@ def prompt_statistics(lm: LoadedModel, stats_prompt: Prompt, subspace: str, sett
         kt2 = rep.k_tilde ** 2
         align = float(kt2[:3].sum() / kt2.sum()) if kt2.sum() > 0 else 0.0
     stats = {
-        "n_positions": int(ev.n),
+        "n_positions": int(n_positions),
         "lambda_max": lmax,
         "lambda_2_ratio": float(lam[1] / lmax) if lam.size > 1 and lmax > 0 else 0.0,
         "lambda_3_ratio": float(lam[2] / lmax) if lam.size > 2 and lmax > 0 else 0.0,
@@ -319,7 +327,7 @@ def prompt_statistics(lm: LoadedModel, stats_prompt: Prompt, subspace: str, sett
         "lambda_star": float(rep.lam_star) if math.isfinite(rep.lam_star) else None,
         "alignment_top3": align,
         "has_query": rep.k_tilde is not None,
-        "residual_ms": float(np.mean(ev.residuals ** 2)),
+        "residual_ms": float(np.mean(np.asarray(residuals) ** 2)),
         "rho": float(rho),
         "t_map_fixed": t_fixed,
         "t_map_profiled": t_mle,
@@ -327,7 +335,7 @@ def prompt_statistics(lm: LoadedModel, stats_prompt: Prompt, subspace: str, sett
         "verdict_beats": beats,
         "verdict_criterion": ver.criterion,
     }
-    return {"stats": stats, "seconds": time.perf_counter() - t0}
+    return stats, rep
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""Benchmark of the adaptation targets (issue 12) on SmolLM2-135M with a 256-position prompt.
+
+For every target (`ttt_core.targets`): the kernel build seconds (`compute_prompt_kernel(lm,
+prompt, target, max_positions=256)`, median of `--repeats`) and the seconds of one TTT step
+(`targets.TargetRun`, NLL signal, span 128, the median step of a `--steps`-step run, repeated),
+with the counted FLOPs of one step and the route. The prompt is a needle haystack whose context
+gives ≥ 256 supervised positions (the kernel keeps the last 256). The 1-minute load average is
+printed beside each case (the machine is shared: seconds are only comparable at similar load).
+
+The last line printed is one JSON object: per target {"kernel_s", "step_s", "flops_per_step",
+"route", "params", "n"} (or {"error"}), plus "load_avg_1min", "torch_threads", "kernel_s_max",
+"all_kernels_within_10s".
+Usage: python bench/targets.py [--quick] [--repeats R] [--steps S] [--targets q,v,...]
+  --quick: targets q, mlp_gate, lora:q:8 and norm_attn, 1 repeat, 3 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ttt_core.generators import needle_haystack  # noqa: E402
+from ttt_core.models import load_model  # noqa: E402
+from ttt_core.prompt_kernel import compute_prompt_kernel  # noqa: E402
+from ttt_core.targets import DEFAULT_TARGETS, TargetConfig, TargetRun  # noqa: E402
+from ttt_core.targets.measure import count_step_flops  # noqa: E402
+
+QUICK_TARGETS = ("q", "mlp_gate", "lora:q:8", "norm_attn")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_target(lm, prompt, target: str, repeats: int, steps: int) -> dict:
+    out: dict = {"target": target}
+    ks = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ev = compute_prompt_kernel(lm, prompt, target, max_positions=256)
+            ks.append(time.perf_counter() - t0)
+        out.update(kernel_s=round(float(np.median(ks)), 3), n=ev.n, kernel_route=ev.route)
+    except Exception as exc:  # noqa: BLE001 — a missing kernel is a result, not a crash
+        out["kernel_error"] = f"{type(exc).__name__}: {exc}"
+    st = []
+    try:
+        for _ in range(repeats):
+            run = TargetRun(lm, prompt, TargetConfig(target=target, steps=steps, span=128))
+            recs = run.run_to_end()
+            st.append(float(np.median([r.step_s for r in recs if r.status == "ok"])))
+        out.update(step_s=round(float(np.median(st)), 4), route=run.route, params=run.params.n_params,
+                   flops_per_step=count_step_flops(run))
+    except Exception as exc:  # noqa: BLE001
+        out["step_error"] = f"{type(exc).__name__}: {exc}"
+    out["load_avg_1min"] = load()
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--targets", default=None)
+    args = ap.parse_args()
+    targets = list(QUICK_TARGETS) if args.quick else list(DEFAULT_TARGETS) + ["lora:q:4", "lora:q:16"]
+    if args.targets:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    repeats, steps = (1, 3) if args.quick else (args.repeats, args.steps)
+    lm = load_model()
+    prompt = needle_haystack(0, n_words=260)
+    res = {t: bench_target(lm, prompt, t, repeats, steps) for t in targets}
+    ks = [r["kernel_s"] for r in res.values() if "kernel_s" in r]
+    final = {"bench": "targets", "model": lm.name, "quick": bool(args.quick), "repeats": repeats, "steps": steps,
+             "targets": {t: {k: v for k, v in r.items() if k != "target"} for t, r in res.items()},
+             "kernel_s_max": max(ks) if ks else None,
+             "all_kernels_within_10s": bool(ks) and len(ks) == len(res) and max(ks) <= 10.0,
+             "load_avg_1min": load(), "torch_threads": torch.get_num_threads()}
+    print(json.dumps(final), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Targets page: which parameters and which signal should TTT touch on this prompt, and at what
+cost (DESIGN §11; issue 12). One row per target × signal, the measured query error against steps
+and against FLOPs, the winner and how sure, and the suite beside it. UI only: the computation is
+`ttt_core.targets.compare_targets`, the figures `ttt_core.figures.targets`."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.downloads import figure_downloads, table_download
+from ttt_core.experiments.targets_suite import FAMILY_LABELS, latest_summary
+from ttt_core.figures import targets as figs
+from ttt_core.qttt import DEFAULT_LR
+from ttt_core.targets import DEFAULT_TARGETS, SIGNALS, compare_targets, describe
+from ttt_core.targets.report import comparison_markdown
+
+RESULT_KEY = "_tgt_results"
+
+page_header("Targets", "Which parameters should test-time training touch on this prompt — W_Q, W_K, W_V, W_O, "
+                       "the MLP, LoRA or norm gains — with which signal, and at what cost?")
+
+lm = get_model()
+prompt = get_prompt(lm) if lm is not None else None
+if lm is None or prompt is None:
+    st.stop()
+
+avail = {r["target"]: r for r in describe(lm, list(DEFAULT_TARGETS) + ["norm_attn_bias", "norm_mlp_bias", "lora:q:4",
+                                                                      "lora:q:16", "lora:o:8", "lora:mlp_down:8"])}
+options = [t for t, r in avail.items() if r["available"]]
+c1, c2 = st.columns([3, 2])
+targets = c1.multiselect("Targets", options, default=[t for t in DEFAULT_TARGETS if t in options], key="tgt_targets",
+                         format_func=lambda t: f"{t} — {avail[t]['label']}")
+signals = c2.multiselect("Signals", list(SIGNALS), default=["nll"], key="tgt_signals",
+                         format_func=lambda s: f"{s} — {SIGNALS[s]}")
+missing = [f"{t} ({r['why']})" for t, r in avail.items() if not r["available"]]
+if missing:
+    st.caption("Not on this model: " + "; ".join(missing) + ".")
+c1, c2, c3, c4, c5 = st.columns(5)
+steps = int(c1.number_input("Steps (same for all)", 1, 64, 8, key="tgt_steps"))
+lr = float(c2.number_input("AdamW lr (same for all)", 1e-7, 1.0, DEFAULT_LR, format="%.1e", key="tgt_lr"))
+span = int(c3.number_input("Span k (NLL)", 2, 2048, 128, key="tgt_span"))
+seeds_text = c4.text_input("Seeds", "0, 1, 2", key="tgt_seeds",
+                           help="Span starts and LoRA init. With ≥ 3 seeds the winner gets a paired CI.")
+last = int(c5.number_input("Last layers (0 = all)", 0, 256, 0, key="tgt_last"))
+kernels = st.checkbox("Kernel columns (effective rank, λ⋆, verdict, top blocks)", value=True, key="tgt_kernels")
+try:
+    seeds = [int(s) for s in seeds_text.replace(" ", "").split(",") if s]
+except ValueError:
+    st.error("Seeds must be whole numbers separated by commas.")
+    st.stop()
+
+settings = (lm.name, prompt.to_text(), tuple(targets), tuple(signals), steps, lr, span, tuple(seeds), last, kernels)
+store = st.session_state.setdefault(RESULT_KEY, {})
+if st.button("Compare targets", key="tgt_run", icon=":material/compare_arrows:", type="primary",
+             disabled=not targets or not signals):
+    bar = st.progress(0.0, text="Starting…")
+    try:
+        cmp = compare_targets(lm, prompt, targets, signals, steps=steps, seeds=seeds or [0], lr=lr, span=span,
+                              last_layers=last or None, kernels=kernels,
+                              progress=lambda f, t: bar.progress(f, text=t))
+    except Exception as exc:  # noqa: BLE001 — the page stays up
+        bar.empty()
+        st.error(f"The comparison failed: {type(exc).__name__}: {exc}")
+        st.stop()
+    bar.empty()
+    store.clear()
+    store[settings] = cmp.to_dict()
+res = store.get(settings)
+
+if res is None:
+    st.info("Choose targets and signals, then press **Compare targets** (each target's kernel, then real TTT runs "
+            "with the same optimiser and step budget for every target).")
+else:
+    st.success(res["sentence"])
+    df = pd.DataFrame(res["table"])
+    st.dataframe(df, hide_index=True, key="tgt_table")
+    table_download(df, "tgt_table", lm, prompt)
+    st.caption(f"Measured: {res['error_label']} after each step, mean over seeds. FLOPs: {res['flops_method']}. "
+               f"Memory: {res['memory_method']}. Optimiser: {res['settings']['optimiser']}, lr {res['settings']['lr']:g}. "
+               "Kernel columns are the squared-loss frame of the prompt kernel (DESIGN §7); for entropy signals they "
+               "describe one step only (DESIGN §11).")
+    fig = figs.error_vs_steps_figure(res)
+    st.plotly_chart(fig, key="tgt_fig_steps")
+    figure_downloads(fig, "tgt_fig_steps", lm, prompt)
+    fig2 = figs.error_vs_flops_figure(res)
+    st.plotly_chart(fig2, key="tgt_fig_flops")
+    figure_downloads(fig2, "tgt_fig_flops", lm, prompt)
+    how_to_read(None, "Each line is one target (colour) and signal (solid NLL, dashed entropy, dotted SyTTA): the "
+                "measured query error after each real TTT step. The second chart puts the same points at the FLOPs "
+                "the training steps cost, so a cheap target that reaches the same error sits to the left.",
+                good="a line that drops below its start early and stays there", bad="lines that rise: adapting hurts",
+                section="§11")
+    st.download_button("Download the comparison (Markdown)", comparison_markdown(res), file_name="ttt_lens_targets.md",
+                       mime="text/markdown", key="dl_tgt_md", on_click="ignore", icon=":material/download:")
+    st.code("ttt-lens compare-targets prompt.txt --model " + lm.name + " --targets " + ",".join(targets)
+            + " --signals " + ",".join(signals) + f" --steps {steps} --lr {lr:g} --span {span} --seeds "
+            + ",".join(str(s) for s in seeds) + (f" --last-layers {last}" if last else "") + " --json",
+            language="bash")
+
+st.subheader("Over many prompts: the suite")
+found = latest_summary()
+if found is None:
+    st.info("No targets suite found. Build one with `ttt-lens compare-targets --suite 50` (digit shift and needle "
+            "prompts, cached per prompt and resumable).")
+else:
+    path, summary = found
+    n = summary.get("n_prompts", {})
+    st.caption(f"{path} — " + ", ".join(f"{FAMILY_LABELS.get(f, f)}: {k} prompts" for f, k in n.items())
+               + f"; command: `{summary.get('provenance', {}).get('command', '?')}`, commit "
+               f"{summary.get('provenance', {}).get('commit', '?')}.")
+    fig3 = figs.suite_figure(summary)
+    st.plotly_chart(fig3, key="tgt_fig_suite")
+    figure_downloads(fig3, "tgt_fig_suite", None, None, model=summary.get("settings", {}).get("model"))
+    rows = [{"family": f, **{k: v for k, v in r.items() if k != "vs_reference"},
+             "vs qTTT": None if r["vs_reference"] is None else r["vs_reference"]["verdict"]}
+            for f, rs in summary.get("families", {}).items() for r in rs]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="tgt_suite_table")

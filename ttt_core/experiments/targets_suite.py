@@ -1,0 +1,215 @@
+"""The targets suite (issue 12 item 4): `targets.compare_targets` over seeded prompts of two
+families — digit shift (the paper's task, `paper_tasks.paper_task`) and needle in a haystack
+(`generators.needle_haystack`) — with one cached record per prompt.
+
+Records live in ``<artifacts root>/targets/<model slug>-<settings hash>/prompts/<family>-<i>.json``
+and are written as soon as a prompt is done, so an interrupted build resumes where it stopped and
+a larger suite reuses a smaller one (prompt i of a family does not depend on the suite size).
+Every record carries its provenance (`store.provenance`: command, commit, machine, versions);
+`summary.json` is rewritten after each build.
+
+`summarise` gives, per family and target × signal, the mean measured error change with a 95 %
+bootstrap CI, how often the row won its prompt, and each row against the reference (qTTT: target
+"q" with "nll") paired over prompts, worded by the one suite rule (`stats.suite_verdict`, DESIGN §10:
+≥ 20 prompts, a CI excluding 0 and p < 0.05, else "too few prompts" / "not distinguishable").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ttt_core.experiments.paper_tasks import paper_task, task_rng
+from ttt_core.experiments.stats import boot_ci, paired_stats, suite_verdict
+from ttt_core.experiments.store import artifacts_root, provenance, write_json
+from ttt_core.generators import needle_haystack
+from ttt_core.models import EMBEDDED_MODEL, LoadedModel
+from ttt_core.prompts import Prompt, parse_prompt
+from ttt_core.targets.comparison import compare_targets
+from ttt_core.types import CountProgress
+
+FAMILIES = ("digit_shift", "needle")
+FAMILY_LABELS = {"digit_shift": "digit shift (paper task, 10 demos)", "needle": "needle in a haystack"}
+REFERENCE = ("q", "nll")
+
+
+@dataclass
+class TargetsSuiteSettings:
+    """Everything a suite record depends on (hashed into its folder name)."""
+
+    model: str = EMBEDDED_MODEL
+    targets: tuple[str, ...] = ("q", "v", "o", "mlp_up", "mlp_gate", "mlp_down", "lora:q:8", "norm_attn", "norm_mlp")
+    signals: tuple[str, ...] = ("nll", "entropy")
+    steps: int = 8
+    seeds: tuple[int, ...] = (0,)
+    lr: float = 1e-4
+    span: int = 128
+    last_layers: int | None = None
+    kernels: bool = False
+    max_positions: int = 64
+    seed: int = 1212
+    n_demos: int = 10
+    needle_words: int = 150
+    families: tuple[str, ...] = FAMILIES
+
+    def __post_init__(self) -> None:
+        self.targets, self.signals = tuple(self.targets), tuple(self.signals)
+        self.seeds, self.families = tuple(int(s) for s in self.seeds), tuple(self.families)
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad:
+            raise ValueError(f"unknown families {bad}; choose from {list(FAMILIES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def suite_folder(settings: TargetsSuiteSettings, root: str | Path | None = None) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", settings.model).strip("-").lower()[:40]
+    return Path(root) if root is not None else artifacts_root() / "targets" / f"{slug}-{settings.key()}"
+
+
+def make_prompt(settings: TargetsSuiteSettings, family: str, index: int) -> Prompt:
+    """Prompt `index` of `family` (seeded by settings.seed; independent of the suite size)."""
+    if family == "digit_shift":
+        return paper_task(settings.seed, index, n=settings.n_demos).prompt
+    if family == "needle":
+        rng = task_rng(settings.seed, index, stream=7)
+        return needle_haystack(rng, n_words=settings.needle_words, position=float(rng.uniform(0.1, 0.9)))
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _record_path(folder: Path, family: str, index: int) -> Path:
+    return folder / "prompts" / f"{family}-{index:04d}.json"
+
+
+def run_prompt(lm: LoadedModel, settings: TargetsSuiteSettings, family: str, index: int,
+               command: str | None = None) -> dict[str, Any]:
+    """The record of one prompt: the comparison (`TargetComparison.to_dict()`) and provenance."""
+    p = make_prompt(settings, family, index)
+    cmp = compare_targets(lm, p, settings.targets, settings.signals, steps=settings.steps, seeds=settings.seeds,
+                          lr=settings.lr, span=settings.span, last_layers=settings.last_layers,
+                          max_positions=settings.max_positions, kernels=settings.kernels)
+    return {"kind": "ttt_lens_targets_prompt", "family": family, "index": int(index), "prompt_text": p.to_text(),
+            "settings": settings.to_dict(), "comparison": cmp.to_dict(), "provenance": provenance(command)}
+
+
+def build_suite(lm: LoadedModel, settings: TargetsSuiteSettings, n_prompts: int, *, root: str | Path | None = None,
+                command: str | None = None, progress: CountProgress = None) -> dict[str, Any]:
+    """`n_prompts` prompts per family: cached records are reused, missing ones computed and written
+    one by one (resumable). Returns `summarise` of all records, also written to summary.json."""
+    if lm.name != settings.model:
+        raise ValueError(f"the settings are for {settings.model!r} but the model is {lm.name!r}")
+    folder = suite_folder(settings, root)
+    (folder / "prompts").mkdir(parents=True, exist_ok=True)
+    jobs = [(f, i) for f in settings.families for i in range(int(n_prompts))]
+    records = []
+    for k, (fam, i) in enumerate(jobs):
+        path = _record_path(folder, fam, i)
+        rec = _read(path)
+        if rec is None:
+            rec = run_prompt(lm, settings, fam, i, command)
+            write_json(path, rec)
+        records.append(rec)
+        if progress is not None:
+            progress(k + 1, len(jobs), f"{fam} prompt {i}")
+    summary = summarise(records)
+    summary.update({"kind": "ttt_lens_targets_suite", "settings": settings.to_dict(), "folder": str(folder),
+                    "provenance": provenance(command)})
+    write_json(folder / "summary.json", summary, indent=1)
+    return summary
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("kind") == "ttt_lens_targets_prompt" else None
+
+
+def load_records(settings: TargetsSuiteSettings, root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every cached prompt record of these settings (any number per family)."""
+    folder = suite_folder(settings, root) / "prompts"
+    recs = [_read(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [r for r in recs if r is not None]
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per family: rows (target, signal, n, mean_delta, ci_low, ci_high, wins, vs_reference) —
+    module docstring."""
+    fams: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        fams.setdefault(r["family"], []).append(r)
+    out: dict[str, Any] = {"families": {}, "n_prompts": {f: len(v) for f, v in fams.items()},
+                           "reference": f"{REFERENCE[0]} / {REFERENCE[1]} (qTTT)"}
+    for fam, recs in fams.items():
+        deltas: dict[tuple[str, str], list[float]] = {}
+        wins: dict[tuple[str, str], int] = {}
+        for r in recs:
+            c = r["comparison"]
+            for row in c["rows"]:
+                deltas.setdefault((row["target"], row["signal"]), []).append(_num(row["delta_mean"]))
+            if c.get("winner"):
+                t, s = (x.strip() for x in c["winner"].split("/"))
+                wins[(t, s)] = wins.get((t, s), 0) + 1
+        ref = np.array(deltas.get(REFERENCE, []), dtype=float)
+        rows = []
+        for (t, s), d in deltas.items():
+            a = np.array(d, dtype=float)
+            ok = np.isfinite(a)
+            lo, hi = boot_ci(a)
+            row = {"target": t, "signal": s, "n": int(ok.sum()),
+                   "mean_delta": float(a[ok].mean()) if ok.any() else None,
+                   "ci_low": None if not np.isfinite(lo) else lo, "ci_high": None if not np.isfinite(hi) else hi,
+                   "wins": wins.get((t, s), 0), "vs_reference": None}
+            if (t, s) != REFERENCE and ref.size == a.size:
+                both = ok & np.isfinite(ref)
+                if both.sum() >= 2:
+                    st = paired_stats(ref[both], a[both], n_boot=2000)   # d = ref − row: positive = row better
+                    v = suite_verdict(st, int(both.sum()), f"{t} / {s} beats qTTT", f"{t} / {s} is worse than qTTT",
+                                      "qTTT")
+                    row["vs_reference"] = {**st, "verdict": v.text}
+            rows.append(row)
+        rows.sort(key=lambda r: (r["mean_delta"] is None, r["mean_delta"] if r["mean_delta"] is not None else 0.0))
+        out["families"][fam] = rows
+    return out
+
+
+@dataclass
+class SuiteView:
+    """A summary with its records, for the Targets page."""
+
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest summary.json under <artifacts root>/targets (or `root`), None when there is none."""
+    base = Path(root) if root is not None else artifacts_root() / "targets"
+    best = None
+    for p in base.glob("*/summary.json") if base.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        key = (d.get("provenance", {}).get("created", ""), p.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, p, d)
+    return None if best is None else (best[1], best[2])
+
+
+def prompt_of(record: dict[str, Any]) -> Prompt:
+    return parse_prompt(record["prompt_text"])

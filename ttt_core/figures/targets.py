@@ -1,0 +1,66 @@
+"""Figures of the Targets page (issue 12): the measured query error of every target × signal on one
+axis, against steps and against counted training FLOPs; and the suite's mean error change per
+target. Pure plotly builders over `targets.comparison.TargetComparison` (or its `to_dict()`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+
+from ttt_core.figures.style import OKABE_ITO, base_layout
+
+_DASH = {"nll": "solid", "entropy": "dash", "syttta": "dot"}
+
+
+def _rows(cmp: Any) -> list[dict[str, Any]]:
+    d = cmp if isinstance(cmp, dict) else cmp.to_dict()
+    return d["rows"], d
+
+
+def error_vs_steps_figure(cmp: Any) -> go.Figure:
+    """Measured query error (mean over seeds) at steps 0…N, one trace per target × signal (colour
+    per target, dash per signal)."""
+    rows, d = _rows(cmp)
+    fig = go.Figure()
+    colours = {t: OKABE_ITO[i % len(OKABE_ITO)] for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}
+    for r in rows:
+        if not r["errors"] or all(e is None for e in r["errors"]):
+            continue
+        fig.add_trace(go.Scatter(x=list(range(len(r["errors"]))), y=r["errors"], mode="lines+markers",
+                                 name=f"{r['target']} · {r['signal']}",
+                                 line=dict(color=colours[r["target"]], dash=_DASH.get(r["signal"], "solid"))))
+    return base_layout(fig, f"Measured {d['error_label']} against steps", "TTT step", d["error_label"])
+
+
+def error_vs_flops_figure(cmp: Any) -> go.Figure:
+    """The same curves against cumulative training FLOPs (step × counted FLOPs of one step), log x."""
+    rows, d = _rows(cmp)
+    fig = go.Figure()
+    colours = {t: OKABE_ITO[i % len(OKABE_ITO)] for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}
+    for r in rows:
+        f = r.get("flops_per_step")
+        if not f or not r["errors"] or all(e is None for e in r["errors"]):
+            continue
+        x = [t * f for t in range(1, len(r["errors"]))]
+        fig.add_trace(go.Scatter(x=x, y=r["errors"][1:], mode="lines+markers", name=f"{r['target']} · {r['signal']}",
+                                 line=dict(color=colours[r["target"]], dash=_DASH.get(r["signal"], "solid"))))
+    fig.update_xaxes(type="log")
+    return base_layout(fig, f"Measured {d['error_label']} against training FLOPs", "training FLOPs (counted)",
+                       d["error_label"])
+
+
+def suite_figure(summary: dict[str, Any]) -> go.Figure:
+    """Mean error change per target × signal over a suite's prompts with its 95 % CI, per family
+    (`experiments.targets_suite.summarise`)."""
+    fig = go.Figure()
+    for i, (fam, rows) in enumerate(summary.get("families", {}).items()):
+        names = [f"{r['target']} · {r['signal']}" for r in rows]
+        mean = [r["mean_delta"] for r in rows]
+        lo = [None if r["ci_low"] is None or m is None else m - r["ci_low"] for r, m in zip(rows, mean)]
+        hi = [None if r["ci_high"] is None or m is None else r["ci_high"] - m for r, m in zip(rows, mean)]
+        fig.add_trace(go.Bar(x=names, y=mean, name=fam, marker_color=OKABE_ITO[i % len(OKABE_ITO)],
+                             error_y=dict(type="data", array=hi, arrayminus=lo, visible=True)))
+    fig.add_hline(y=0.0, line=dict(color=OKABE_ITO[7], dash="dot", width=1))
+    return base_layout(fig, "Suite: mean measured error change per target (95 % CI)", "target · signal",
+                       "mean Δ error after N steps")
