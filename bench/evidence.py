@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -62,11 +62,11 @@ import torch  # noqa: E402
 
 from ttt_core.attention import forward_with_frozen_kv, prefill  # noqa: E402
 from ttt_core.encoding import encode_long_context  # noqa: E402
-from ttt_core.readout import token_prob  # noqa: E402
-from ttt_core.prompt_kernel import compute_prompt_kernel  # noqa: E402
 from ttt_core.generators import FILLER, needle_haystack  # noqa: E402
 from ttt_core.models import load_model  # noqa: E402
+from ttt_core.prompt_kernel import compute_prompt_kernel  # noqa: E402
 from ttt_core.prompts import LongContextPrompt  # noqa: E402
+from ttt_core.readout import token_prob  # noqa: E402
 from ttt_core.scores import score_blocks  # noqa: E402
 from ttt_core.spectrum import kernel_spectrum  # noqa: E402
 
@@ -313,8 +313,8 @@ def baseline_kernel(lm, prompt, max_positions: int, row_chunk: int = 384):
     K/V detached (SDPA); longer spans: prefill of the whole text, then the rows in chunks of
     row_chunk against its frozen cache (`forward_with_frozen_kv`); Grams in float64.
     Returns (K (n, n) float64 numpy, k_x or None, n)."""
-    from ttt_core.attention import detached_kv
     from ttt_core import kernel_routes as kr
+    from ttt_core.attention import detached_kv
 
     li = encode_long_context(lm, prompt, max_positions)
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])

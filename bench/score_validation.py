@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ttt_core.models import EMBEDDED_MODEL, load_model  # noqa: E402
 from ttt_core.experiments.score_validation import run_task, summarize  # noqa: E402
+from ttt_core.models import EMBEDDED_MODEL, load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core import gp_lab, theory
 from tests.app.plotly_json import charts, decode
+from ttt_core import gp_lab, theory
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "pages" / "gp_lab.py"  # AppTest resolves relative paths against this test file

@@ -10,8 +10,8 @@ from streamlit.testing.v1 import AppTest
 
 from tests.app.plotly_json import chart, decode
 from tests.app.test_spectrum_page import FEWSHOT
-from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.models import load_model
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import parse_prompt
 from ttt_core.scores import score_blocks
 from ttt_core.spectrum import compute_spectrum

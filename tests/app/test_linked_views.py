@@ -23,7 +23,8 @@ from ttt_core.models import load_model
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import parse_prompt
 from ttt_core.spectrum import DEFAULT_C, kernel_spectrum
-from ttt_core.steps import DEFAULT_C as STEPS_C, StepsSettings, compute_steps
+from ttt_core.steps import DEFAULT_C as STEPS_C
+from ttt_core.steps import StepsSettings, compute_steps
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 MODEL = "tiny-random-llama"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+
 from tests.app.plotly_json import decode
 from ttt_core.scores import HeadScores
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app.plotly_json import charts, decode
 from ttt_core import dilution as D
 from ttt_core import flops as Fl
 from ttt_core.models import build_tiny_model
 from ttt_core.qttt import DEFAULT_LR
-from tests.app.plotly_json import charts, decode
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 

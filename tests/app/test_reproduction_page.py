@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app.plotly_json import decode
 from ttt_core.experiments.paper_tasks import PAPER_EXP1
 from ttt_core.experiments.reproduce_report import latest_results
-from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 MODEL = "tiny-random-llama"

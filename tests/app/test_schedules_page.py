@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app.plotly_json import charts, decode
 from ttt_core.experiments import schedules as S
 from ttt_core.experiments.suite import load_cached_suite
 from ttt_core.experiments.suite_tasks import FAMILY_LABELS, SuiteSettings
-from tests.app.plotly_json import charts, decode
 
 N_TASKS = 5
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ttt_core.prompt_kernel import compute_prompt_kernel
+from tests.app.plotly_json import chart, decode
 from ttt_core.models import load_model
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import parse_prompt
 from ttt_core.spectrum import DEFAULT_C, kernel_spectrum
-from tests.app.plotly_json import chart, decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 FEWSHOT = "6->5\n6->5\n8->7\n5->4\n7->6\n2->1\n0->9\n3->2\n2->\n# answer: 1"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.app.plotly_json import decode
 from ttt_core.examples import load_example
 from ttt_core.models import build_tiny_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.steps import PLUG_IN_LABEL, StepsSettings, compute_steps
-from tests.app.plotly_json import decode
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 MODEL = "tiny-random-llama"

@@ -24,7 +24,6 @@ alone and while two runs go. Screenshot of the four concurrent sessions: artifac
 from __future__ import annotations
 
 import os
-
 import re
 import time
 

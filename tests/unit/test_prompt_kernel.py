@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from ttt_core.attention import forward_with_frozen_kv, prefill
-from ttt_core.encoding import EncodingError, encode_few_shot, encode_long_context
-from ttt_core.readout import FewShotReadout, token_prob
-from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel
+from ttt_core.encoding import encode_few_shot, encode_long_context
 from ttt_core.generators import digit_shift_task
 from ttt_core.models import build_tiny_model, load_model
+from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, parse_prompt
+from ttt_core.readout import FewShotReadout, token_prob
 
 FAMILIES = ["llama", "gpt2", "neox"]
 KINDS = ["q", "k", "v", "o", "mlp_up", "mlp_down"]

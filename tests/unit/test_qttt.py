@@ -12,16 +12,22 @@ import torch.nn.functional as F
 
 import ttt_core.qttt as qttt
 from ttt_core.attention import forward_rows_with_frozen_kv, forward_with_frozen_kv, prefill, record_attention
-from ttt_core.figures.qttt import (delta_heatmap, label_distribution_figure, loss_figure, needle_figure,
-                                  quality_figure, step_time_figure)
+from ttt_core.engine import head_masks
+from ttt_core.figures.qttt import (
+    delta_heatmap,
+    label_distribution_figure,
+    loss_figure,
+    needle_figure,
+    quality_figure,
+    step_time_figure,
+)
 from ttt_core.generators import digit_shift_task, needle_haystack
-from ttt_core.token_view import greedy_answer
 from ttt_core.models import build_tiny_model
 from ttt_core.optim import AdamWConfig, DeltaAdamW, clip_grad_norm
-from ttt_core.prompts import LongContextPrompt
-from ttt_core.engine import head_masks
 from ttt_core.paper_gd import PaperConfig, PaperRun, selected_kernel
+from ttt_core.prompts import LongContextPrompt
 from ttt_core.qttt import QTTTConfig, QTTTRun, span_loss_and_grads
+from ttt_core.token_view import greedy_answer
 
 REPETITIVE = LongContextPrompt(context="abcdefgh " * 40)
 

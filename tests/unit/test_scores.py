@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from ttt_core import theory
-from ttt_core.noise_posterior import noise_posterior
-from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.figures import heads as hfig
 from ttt_core.figures import spectrum as sfig
 from ttt_core.generators import digit_shift_task, needle_haystack
 from ttt_core.models import build_tiny_model
+from ttt_core.noise_posterior import noise_posterior
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import parse_prompt
 from ttt_core.scores import greedy_query_aware, hutchinson_trace, resolvent, score_blocks
 from ttt_core.spectrum import compute_spectrum, effective_rank, kernel_spectrum

@@ -8,9 +8,27 @@ import zlib
 
 import pytest
 
-from ttt_core.share import (BLOCK_LABEL, BOOL, MAX_ENCODED_CHARS, MAX_PROMPT_CHARS, PROMPT_VERSION, Field,
-                            PromptTooLong, ShareError, View, check_model, choice_field, decode_prompt,
-                            encode_prompt, float_field, format_number, int_field, make_link, read_view, view_params)
+from ttt_core.share import (
+    BLOCK_LABEL,
+    BOOL,
+    MAX_ENCODED_CHARS,
+    MAX_PROMPT_CHARS,
+    PROMPT_VERSION,
+    Field,
+    PromptTooLong,
+    ShareError,
+    View,
+    check_model,
+    choice_field,
+    decode_prompt,
+    encode_prompt,
+    float_field,
+    format_number,
+    int_field,
+    make_link,
+    read_view,
+    view_params,
+)
 
 FEWSHOT = "6->5\n6->5\n8->7\n5->4\n7->6\n2->1\n0->9\n3->2\n2->\n# answer: 1"
 

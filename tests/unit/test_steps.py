@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 
 from ttt_core import theory
-from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.examples import load_example
 from ttt_core.figures.steps import all_figures
 from ttt_core.models import build_tiny_model
+from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, parse_prompt
-from ttt_core.steps import (PLUG_IN_LABEL, StepsSettings, block_kernel, bound_part, compute_steps, select_blocks,
-                            theory_curves)
+from ttt_core.steps import (
+    PLUG_IN_LABEL,
+    StepsSettings,
+    block_kernel,
+    bound_part,
+    compute_steps,
+    select_blocks,
+    theory_curves,
+)
 
 CLEAN = "Digit shift, clean labels"
 

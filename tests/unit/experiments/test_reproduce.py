@@ -13,14 +13,20 @@ from ttt_core import theory
 from ttt_core.experiments import stats as ST
 from ttt_core.experiments.paper_tasks import PaperDigitPrompt, ReproSettings, paper_task
 from ttt_core.experiments.reproduce import _exp2, _restrict, run_reproduction
-from ttt_core.experiments.reproduce_report import (LINEARISED_LABEL, findings, latest_results, summarize,
-                                                   to_markdown, write_results)
+from ttt_core.experiments.reproduce_report import (
+    LINEARISED_LABEL,
+    findings,
+    latest_results,
+    summarize,
+    to_markdown,
+    write_results,
+)
 from ttt_core.experiments.stats import paired_stats, suite_verdict
-from ttt_core.noise_posterior import noise_posterior
-from ttt_core.scores import resolvent
 from ttt_core.models import build_tiny_model
+from ttt_core.noise_posterior import noise_posterior
 from ttt_core.paper_gd import PaperConfig, PaperRun, gd_trajectory
 from ttt_core.prompt_kernel import compute_prompt_kernel
+from ttt_core.scores import resolvent
 from ttt_core.steps import block_kernel, select_blocks
 
 TINY = ReproSettings(model="tiny-random-llama", tasks=2, grid_max=4, fixed_T=2, exp2="both", exp2_layers=2,
