@@ -86,6 +86,7 @@ def diagnosis_section(lm: Any, prompt: Any, page: str, **settings: Any) -> None:
     """The whole `ttt-lens diagnose` report for the sidebar's model and prompt, computed only when
     asked (it takes seconds) and kept in this session per (model, prompt, settings)."""
     from ttt_core.diagnosis import diagnose_markdown, diagnose_report
+    from ttt_core.experiments.calibration_advice import attach_calibration
 
     s = {**DIAGNOSE_DEFAULTS, **settings}
     cmd_settings = {**s, "max_tokens": int(SS.get("max_tokens", 2048)),
@@ -101,6 +102,7 @@ def diagnosis_section(lm: Any, prompt: Any, page: str, **settings: Any) -> None:
         bar = st.progress(0.0, text="Starting the diagnosis…")
         try:
             report = diagnose_report(lm, prompt, **s, progress=lambda f, t: bar.progress(f, text=t))
+            report = attach_calibration(report, lm, prompt)
         except Exception as exc:  # noqa: BLE001 — the page stays up
             bar.empty()
             st.error(f"The diagnosis failed: {type(exc).__name__}: {exc}")

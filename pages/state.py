@@ -60,3 +60,21 @@ def cached_result(store: MutableMapping[str, Any], lm: LoadedModel, prompt: Prom
     """A result derived from one prompt kernel (spectrum, scores, steps …), keyed by the kernel's key,
     `what` and the page's settings tuple."""
     return cached(store, kernel_key(lm, prompt, subspace, max_positions) + (what,) + tuple(settings), compute)
+
+
+def cached_calibration_advice(store: MutableMapping[str, Any], lm: LoadedModel, prompt: Prompt,
+                              fallback: dict[str, Any]) -> dict[str, Any]:
+    """`calibration_advice.advice_for_prompt` for the latest saved calibration result, keyed by the
+    model, the prompt, that result (file and creation time) and the fallback verdict; its kernels
+    come from `cached_prompt_kernel`."""
+    from ttt_core.experiments.calibration_advice import advice_for_prompt
+    from ttt_core.experiments.calibration_suite import latest_calibration
+
+    hit = latest_calibration()
+    key = ("calibration_advice", lm.name, prompt.to_text(), None if hit is None else str(hit[0]),
+           None if hit is None else hit[1].get("created"), fallback.get("T_star"), fallback.get("text"))
+
+    def kernel(p: Prompt, subspace: str, max_positions: int) -> PromptKernel:
+        return cached_prompt_kernel(store, lm, p, subspace, max_positions=max_positions)
+
+    return cached(store, key, lambda: advice_for_prompt(lm, prompt, fallback, saved=hit, kernel=kernel))

@@ -10,7 +10,8 @@ import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box
 from pages.downloads import diagnosis_section, figure_downloads, steps_runs_section
-from pages.state import cached_prompt_kernel, cached_result
+from pages.state import cached_calibration_advice, cached_prompt_kernel, cached_result
+from ttt_core.experiments.calibration_advice import CALIBRATED
 from ttt_core.figures import steps as figs
 from ttt_core.prompt_kernel import PAGE_SUBSPACES
 from ttt_core.prompts import LongContextPrompt
@@ -93,6 +94,33 @@ if rep.unavailable:
     st.info("**Not drawn:** " + " ".join(f"*{k}* — {why}" for k, why in rep.unavailable.items()))
 if m is not None and m.status == "diverged":
     st.warning(f"The run diverged: {m.reason}")
+
+# ------------------------------------------------------------------------------------------
+# The step count to use: the rule with the lowest held-out regret on prompts like this (issue 16)
+# ------------------------------------------------------------------------------------------
+st.subheader("How many steps: the calibrated recommendation")
+try:
+    adv = cached_calibration_advice(st.session_state, lm, prompt, v)
+except Exception as exc:  # noqa: BLE001 — the page stays up
+    adv = {"status": "error", "sentence": f"The calibrated recommendation failed: {type(exc).__name__}: {exc}. "
+                                          f"Today's recommendation: T = {v['T_star']}."}
+if adv["status"] == CALIBRATED:
+    ac = st.columns(3)
+    ac[0].metric("Recommended T (calibrated)", adv["recommended_T"],
+                 help=f"{adv['rule']} on this prompt: {adv['steps_how']}.")
+    ac[1].metric("Its held-out regret", f"{adv['regret']:.4f}",
+                 help=f"{adv['rule']} on {adv['n']} held-out prompts like this ({adv['level_label']}); 95 % paired "
+                      f"bootstrap CI [{adv['ci_low']:.4f}, {adv['ci_high']:.4f}].")
+    ref_regret = adv.get("reference_regret")
+    ref_rule = adv["reference_rule"]
+    ac[2].metric(f"{ref_rule[:1].upper()}{ref_rule[1:]}'s regret", "—" if ref_regret is None else f"{ref_regret:.4f}")
+    st.markdown(adv["sentence"])
+else:
+    st.info("**Not calibrated.** " + adv["sentence"])
+if adv.get("file"):
+    st.caption(f"From the {adv.get('source')} calibration result `{adv['file']}` ({adv.get('created')}, "
+               f"{adv.get('calibration_model')}, {adv.get('n_prompts_suite')} prompts); regret = measured error of the "
+               "rule's T − the oracle's on one real TTT trajectory per prompt. The Reliability page has every rule.")
 
 st.plotly_chart(fig := figs.error_figure(rep), key="steps_fig_error")
 figure_downloads(fig, "steps_fig_error", lm, prompt, settings=settings_dict)

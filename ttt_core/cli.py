@@ -124,6 +124,9 @@ def _diagnose(args: argparse.Namespace) -> int:
                                  top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions,
                                  check=args.check, check_k=args.check_k, check_steps=args.check_steps,
                                  check_random=args.check_random, check_seed=args.check_seed, progress=bar.fraction)
+    from ttt_core.experiments.calibration_advice import attach_calibration
+
+    report = attach_calibration(report, lm, prompt)   # the optional "calibration" field (a saved result only)
     if args.format == "md":
         sys.stdout.write(diagnose_markdown(report))
     else:

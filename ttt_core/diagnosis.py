@@ -171,6 +171,11 @@ def diagnose_markdown(r: dict[str, Any]) -> str:
     ]
     if wh.get("greedy_query_aware"):
         lines.append(f"Greedy Query-Aware order: {', '.join(wh['greedy_query_aware'])}.")
+    if r.get("calibration"):
+        cal = r["calibration"]
+        head = "" if cal.get("recommended_T") is None else \
+            f"Recommended T = {cal['recommended_T']} ({cal.get('recommended_by')}). "
+        lines += ["", "## Calibrated step count", head + str(cal.get("sentence", ""))]
     if r.get("check"):
         ck = r["check"]
         lines += ["", "## Check against real TTT", ck["summary"]]

@@ -118,3 +118,62 @@ def test_bad_prompt_shows_error_and_app_stays_up():
     at = app("1 -> 2\n3 -> 4\nnot a demo line\n5 -> 6\n7 ->")
     assert not at.exception
     assert at.error and not at.get("plotly_chart")
+
+
+# ------------------------------------------------------------------------------------------
+# the calibrated step count (issue 16 item 3): a saved result in a temporary artifacts root
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cal_root(tmp_path, monkeypatch):
+    from ttt_core.experiments import calibration_suite as CS
+
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path / "art"))
+    monkeypatch.setattr(CS, "published_calibration_dir", lambda: tmp_path / "published")
+    return CS
+
+
+def _page_verdict(lm) -> dict:
+    return compute_steps(lm, parse_prompt(CLEAN), StepsSettings(subspace="q", c=0.1, grid_max=30, last_layers=3,
+                                                                measure=False)).verdict
+
+
+def test_calibrated_step_count_is_shown_with_a_saved_result(lm, cal_root):
+    from dataclasses import asdict
+
+    from tests.unit.experiments.test_calibration_advice import SETTINGS, hand_summary
+    from ttt_core.experiments import calibration_advice as A
+    from ttt_core.experiments.store import write_json
+
+    summary = {**hand_summary(), "model": MODEL, "settings": {**asdict(SETTINGS), "model": MODEL}}
+    cal_root.calibration_dir().mkdir(parents=True)
+    write_json(cal_root.calibration_dir() / "calibration-2026.json", summary, indent=1)
+    prompt = parse_prompt(CLEAN)
+    want = A.advice_for_prompt(lm, prompt, _page_verdict(lm))
+    assert want["status"] == A.CALIBRATED and want["rule"] == "T_MAP (fixed σ̂²)"
+    st = A.prompt_statistics(lm, prompt, cal_root.settings_from_dict(summary["settings"]))
+    assert want["recommended_T"] == int(st["t_map_fixed"])      # this prompt's T_MAP (W_V, last 4 layers)
+    at = app()
+    assert not at.exception, at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert want["sentence"] in text
+    assert "T_MAP (fixed σ̂²)'s regret was 0.0112 (95 % CI [0.0060, 0.0170]) over 24 held-out prompts, fixed T = 8's " \
+           "0.0310" in text
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Recommended T (calibrated)"] == str(want["recommended_T"])
+    assert metrics["Its held-out regret"] == "0.0112" and metrics["Fixed T = 8's regret"] == "0.0310"
+    assert any("calibration-2026.json" in c.value for c in at.caption)
+    assert not any("Not calibrated" in i.value for i in at.info)
+
+
+def test_without_a_calibration_result_the_fallback_is_labelled(lm, cal_root):
+    from ttt_core.experiments.calibration_advice import FALLBACK_RULE
+
+    at = app()
+    assert not at.exception, at.exception
+    notes = " ".join(i.value for i in at.info)
+    T = _page_verdict(lm)["T_star"]
+    assert "Not calibrated." in notes and "No calibration result yet" in notes
+    assert f"falls back to T = {T} ({FALLBACK_RULE})" in notes
+    assert "Recommended T (calibrated)" not in {m.label for m in at.metric}
