@@ -107,17 +107,19 @@ class LooBatch:
         (padded batch from the first updated layer) or "full" (the whole model)."""
         return "packed" if self.packed is not None else "partial" if self.partial is not None else "full"
 
-    def logits(self, eff: dict[Key, torch.Tensor]) -> torch.Tensor:
+    def logits(self, eff: dict[Key, torch.Tensor], cols: torch.Tensor | None = None) -> torch.Tensor:
+        """(n+1, V) last-position logits at W0 + eff; with `cols`, only those vocabulary columns
+        ((n+1, len(cols)); the packed path then forms only those rows of the LM head)."""
         with self.lm.adapter.apply(deltas=eff):
             if self.packed is not None:
-                logits = self.packed.logits()
+                return self.packed.logits(cols)
             elif self.partial is not None:
                 logits = self.partial.logits_from(self.first_layer, self.h0, self.rows, self.last)
             else:
                 out = self.lm.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False,
                                     logits_to_keep=self.last[:, None])
                 logits = out.logits[:, 0]
-        return logits
+        return logits if cols is None else logits.index_select(-1, cols)
 
 
 def selected_kernel(lm: LoadedModel, prompt: FewShotPrompt, kind: str = "v", heads: HeadSel = None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +162,11 @@ class PaperRun(EngineRun):
         p: FewShotPrompt = self.prompt
         self.enc = encode_few_shot(lm, p)
         self.readout = FewShotReadout(self.enc, lm.device)
+        # expected-value frame: the prediction reads only the label tokens' logits, so the forward
+        # forms only those columns (`cols`) and a reader of such logits (`_reader`) takes them
+        restrict = self.readout.frame == "expected_value"
+        self.cols = self.readout.label_ids if restrict else None
+        self._reader = self.readout.restricted() if restrict else self.readout
         self.masks = head_masks(lm, cfg.kind, cfg.heads)
         first = min(layer for layer, _ in self.masks)
         # refuse a LOO batch that cannot fit before any of it is built (MemoryBudgetError names
@@ -174,7 +181,7 @@ class PaperRun(EngineRun):
                                       device=lm.device) for k in self.masks}
         self.query_ids = torch.tensor([self.enc.ids], device=lm.device)
         with torch.no_grad():
-            s0 = self.readout.scalars(self.batch.logits({}))
+            s0 = self._reader.scalars(self.batch.logits({}, self.cols))
         r0 = self.y - s0[: self.enc.n]
         self.n = int(r0.shape[0])
         self.sigma2 = max(float((r0 ** 2).sum()) / self.n, 1e-12)  # σ̂² = ‖r0‖²/n (plug-in)
@@ -203,8 +210,8 @@ class PaperRun(EngineRun):
         `grad` the graph is kept (leaves = the deltas)."""
         leaves = {k: d.detach().requires_grad_(grad) for k, d in deltas.items()}
         with memory_guard.oom_guard(*self._mem), torch.enable_grad() if grad else torch.no_grad():
-            logits = self.batch.logits(effective_deltas(leaves, self.masks))
-            s = self.readout.scalars(logits)
+            logits = self.batch.logits(effective_deltas(leaves, self.masks), self.cols)
+            s = self._reader.scalars(logits)
             half_sq = 0.5 * ((self.y - s[: self.n]) ** 2).sum()  # ½‖r‖²; L = ½‖r‖²/σ̂²
         return {"deltas": deltas, "leaves": leaves, "logits": logits, "s": s, "half_sq": half_sq}
 
@@ -231,7 +238,7 @@ class PaperRun(EngineRun):
         fw = self._forward(deltas, grad=lookahead)
         if lookahead:
             self._pending = fw
-        res = self.readout.query_metrics(fw["logits"][self.n].detach())
+        res = self._reader.query_metrics(fw["logits"][self.n].detach())
         res["prompt_predictions"] = fw["s"][: self.n].detach().cpu().tolist()
         return res
 
@@ -239,7 +246,7 @@ class PaperRun(EngineRun):
         """s (n+1,) fp32 at W0 + eff (eff already masked; differentiable in eff): the n LOO
         predictions, then the query's."""
         self.prepare()
-        return self.readout.scalars(self.batch.logits(eff))
+        return self._reader.scalars(self.batch.logits(eff, self.cols))
 
     def loo_predictions(self, deltas: dict[Key, torch.Tensor] | None = None) -> torch.Tensor:
         """s (n,) at W0 + Δ (default: the run's last good deltas)."""

@@ -156,11 +156,18 @@ class PackedLoo:
         h = h[:, idx] + out
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def logits(self) -> torch.Tensor:
+    def logits(self, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """(n+1, V) logits, or (n+1, len(cols)) of the vocabulary entries `cols` only (the LM head's
+        rows `cols`: the same dot products, a fraction of the head's cost)."""
         base = self.pf.base
         h = self.h0
         L = len(base.layers)
         for l in range(self.first_layer, L - 1):
             h = base.layers[l](h, attention_mask=self.mask4, position_embeddings=self.pe, position_ids=self.pos)
         h = self._last_layer(base.layers[L - 1], h)
-        return self.pf.head(base.norm(h[0]))
+        h = base.norm(h[0])
+        head = self.pf.head
+        if cols is None:
+            return head(h)
+        bias = None if getattr(head, "bias", None) is None else head.bias[cols]
+        return torch.nn.functional.linear(h, head.weight[cols], bias)

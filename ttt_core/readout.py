@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -51,6 +52,16 @@ class FewShotReadout:
         self.row_targets = torch.tensor(list(enc.target_ids) + [qt], device=device)
         self.targets = torch.tensor(enc.targets, dtype=torch.float32, device=device)
         self.query_target = enc.query_target
+
+    def restricted(self) -> "FewShotReadout":
+        """The same reader for logits that hold only the label tokens' columns, in `label_ids`
+        order ((…, k) instead of (…, V)): exact in the expected-value frame, whose softmax is
+        restricted to the labels anyway (so the LM head need only form k of its V rows)."""
+        if self.frame != "expected_value":
+            raise ValueError("only the expected-value frame reads nothing but the label tokens' logits")
+        view = copy.copy(self)
+        view.label_ids = torch.arange(len(self.labels), device=self.label_ids.device)
+        return view
 
     def scalars(self, logits: torch.Tensor) -> torch.Tensor:
         return self.scalars_of(logits, self.row_targets[: logits.shape[0]])
