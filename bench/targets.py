@@ -10,6 +10,7 @@ printed beside each case (the machine is shared: seconds are only comparable at 
 The last line printed is one JSON object: per target {"kernel_s", "step_s", "flops_per_step",
 "route", "params", "n"} (or {"error"}), plus "load_avg_1min", "torch_threads", "kernel_s_max",
 "all_kernels_within_10s".
+Each target runs in its own process (a target the OS kills for memory is reported as such).
 Usage: python bench/targets.py [--quick] [--repeats R] [--steps S] [--targets q,v,...]
   --quick: targets q, mlp_gate, lora:q:8 and norm_attn, 1 repeat, 3 steps.
 """
@@ -69,26 +70,48 @@ def bench_target(lm, prompt, target: str, repeats: int, steps: int) -> dict:
     return out
 
 
+def _child(target: str, repeats: int, steps: int) -> dict:
+    """One target in a fresh process: a target that the OS kills for memory (no Python exception,
+    no message) is then a result of this bench, not the end of it."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", target, "--repeats", str(repeats), "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        out = json.loads(lines[-1])
+    else:
+        why = (f"killed by signal {-proc.returncode} (the OS ends a process that runs out of memory this way)"
+               if proc.returncode < 0 else f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        out = {"target": target, "error": why, "load_avg_1min": load()}
+        print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--targets", default=None)
+    ap.add_argument("--one", default=None, help="(internal) run one target in this process")
     args = ap.parse_args()
+    if args.one:
+        lm = load_model()
+        bench_target(lm, needle_haystack(0, n_words=260), args.one, args.repeats, args.steps)
+        return
     targets = list(QUICK_TARGETS) if args.quick else list(DEFAULT_TARGETS) + ["lora:q:4", "lora:q:16"]
     if args.targets:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     repeats, steps = (1, 3) if args.quick else (args.repeats, args.steps)
-    lm = load_model()
-    prompt = needle_haystack(0, n_words=260)
-    res = {t: bench_target(lm, prompt, t, repeats, steps) for t in targets}
+    load_start = load()
+    res = {t: _child(t, repeats, steps) for t in targets}
     ks = [r["kernel_s"] for r in res.values() if "kernel_s" in r]
-    final = {"bench": "targets", "model": lm.name, "quick": bool(args.quick), "repeats": repeats, "steps": steps,
-             "targets": {t: {k: v for k, v in r.items() if k != "target"} for t, r in res.items()},
+    final = {"bench": "targets", "model": load_model().name, "quick": bool(args.quick), "repeats": repeats,
+             "steps": steps, "targets": {t: {k: v for k, v in r.items() if k != "target"} for t, r in res.items()},
              "kernel_s_max": max(ks) if ks else None,
              "all_kernels_within_10s": bool(ks) and len(ks) == len(res) and max(ks) <= 10.0,
-             "load_avg_1min": load(), "torch_threads": torch.get_num_threads()}
+             "load_avg_1min_at_start": load_start, "load_avg_1min": load(), "torch_threads": torch.get_num_threads()}
     print(json.dumps(final), flush=True)
 
 
