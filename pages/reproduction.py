@@ -82,6 +82,14 @@ else:
     m[4].metric("Wall time", f"{res['wall_seconds'] / 60:.1f} min")
     st.caption(f"File `{path.name}` · model {s['model']} · seed {s['seed']} · created {res['created']} · "
                f"failed tasks: {len(summ.get('tasks_failed', []))}")
+    prov = res.get("provenance") or {}
+    if prov.get("command"):
+        commit = (prov.get("commit") or "unknown")[:12] + (" + uncommitted changes" if prov.get("uncommitted_changes") else "")
+        mach = prov.get("machine") or {}
+        st.caption(f"Made with `{prov['command']}` at commit `{commit}` on {mach.get('cpu_count', '?')} CPUs "
+                   f"({mach.get('processor', '?')}, {mach.get('torch_threads_per_worker', '?')} torch thread(s) per "
+                   "worker); each task record in the file can be recomputed from these settings "
+                   "(tests/unit/experiments/test_published.py does so for 3 random records).")
     sentences = findings(summ)
     if sentences:
         st.markdown("**What did and did not reproduce** (computed from these numbers):\n\n"

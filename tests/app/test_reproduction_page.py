@@ -28,8 +28,27 @@ def app() -> AppTest:
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TTT_LENS_REPRO_DIR", str(tmp_path))
-    return tmp_path
+    """An empty results folder and no committed results (artifacts/published/ hidden)."""
+    import ttt_core.experiments.store as store
+
+    monkeypatch.setenv("TTT_LENS_REPRO_DIR", str(tmp_path / "runs"))
+    monkeypatch.setattr(store, "PUBLISHED_DIR", tmp_path / "published")
+    return tmp_path / "runs"
+
+
+def test_the_committed_result_is_shown_by_default_with_how_it_was_made(tmp_path, monkeypatch):
+    from ttt_core.experiments.store import published_dir
+
+    committed = sorted(published_dir("reproduction").glob("*.json"))
+    assert committed, "artifacts/published/reproduction holds the committed result"
+    monkeypatch.setenv("TTT_LENS_REPRO_DIR", str(tmp_path))          # nothing newer
+    at = app()
+    assert not at.exception, at.exception
+    doc = json.loads(committed[-1].read_text())
+    assert {m.label: m.value for m in at.metric}["Tasks"] == str(doc["summary"]["tasks_ok"])
+    captions = " ".join(c.value for c in at.caption)
+    assert committed[-1].name in captions
+    assert f"`{doc['provenance']['command']}`" in captions and doc["provenance"]["commit"][:12] in captions
 
 
 def test_no_results_says_how_to_make_them(results_dir):
