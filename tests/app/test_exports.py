@@ -145,7 +145,12 @@ def test_home_token_table_and_diagnosis_downloads():
     md = payload(at, "dl_home_diag_md")
     assert md.filename == "ttt_lens_diagnosis.md" and md.content.decode() == diagnose_markdown(report)
     # what the CLI computes for the same prompt, model and (default) flags — timings aside
-    direct = diagnose_report(load_model(MODEL), parse_prompt(FEWSHOT))
+    # (the CLI, like the page, adds the optional "calibration" field when a saved calibration exists)
+    from ttt_core.experiments.calibration_advice import attach_calibration
+
+    lm, pr = load_model(MODEL), parse_prompt(FEWSHOT)
+    direct = attach_calibration(diagnose_report(lm, pr), lm, pr)
+    assert ("calibration" in direct) == ("calibration" in report)
     strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
     assert json.loads(json.dumps(strip(direct))) == json.loads(json.dumps(strip(report)))
     at.run()   # kept in the session: the buttons stay without recomputing

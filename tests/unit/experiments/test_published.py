@@ -1,0 +1,133 @@
+"""A saved result must be checkable (issue 16.5): every committed result under artifacts/published/
+carries its command, commit, seeds, model and machine, and three of its records, chosen at random
+on each run, are recomputed here with today's code and must equal the saved ones (to ≤ 1e-6).
+
+What this catches: a saved number that was edited, cached from other code or produced with
+settings that are not the ones recorded; code changes that silently change committed results
+(then the results must be re-made and re-committed, with the new commit in their provenance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ttt_core.experiments.calibration_suite import published_calibration_dir, settings_from_dict
+from ttt_core.experiments.calibration_tasks import run_calibration_task, strip_timings
+from ttt_core.experiments.paper_tasks import ReproSettings
+from ttt_core.experiments.reproduce import run_task
+from ttt_core.experiments.reproduce_report import RESULT_KIND
+from ttt_core.experiments.store import published_dir
+from ttt_core.experiments.suite_tasks import TaskSpec
+
+REPRO = sorted(published_dir("reproduction").glob("*.json"))
+CALIB = sorted(published_calibration_dir().glob("calibration-*.json"))
+
+
+def _model(name):
+    from ttt_core.models import load_model
+
+    return load_model(name)
+
+
+def _picks(n: int, k: int = 3) -> list[int]:
+    """k distinct record indices, drawn afresh on every run (printed, so a failure can be rerun)."""
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    picks = sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+    print(f"recomputing records {picks} (seed {seed})")
+    return picks
+
+
+def _assert_tree_close(new, old, path="record", atol=1e-6):
+    """Same structure; numbers equal to `atol`; everything else equal."""
+    if isinstance(old, dict):
+        assert isinstance(new, dict) and set(new) == set(old), f"{path}: keys {sorted(set(new) ^ set(old))}"
+        for k in old:
+            _assert_tree_close(new[k], old[k], f"{path}.{k}", atol)
+    elif isinstance(old, list):
+        assert isinstance(new, list) and len(new) == len(old), f"{path}: length {len(new)} vs {len(old)}"
+        for i, (a, b) in enumerate(zip(new, old)):
+            _assert_tree_close(a, b, f"{path}[{i}]", atol)
+    elif isinstance(old, float) or (isinstance(old, int) and not isinstance(old, bool) and isinstance(new, float)):
+        if math.isnan(old):
+            assert math.isnan(new), f"{path}: {new} vs NaN"
+        else:
+            assert abs(float(new) - float(old)) <= atol, f"{path}: {new!r} vs saved {old!r}"
+    else:
+        assert new == old, f"{path}: {new!r} vs saved {old!r}"
+
+
+def _threads_of(doc) -> int:
+    return int(doc["provenance"]["machine"]["torch_threads_per_worker"])
+
+
+def test_published_results_exist():
+    assert REPRO, "no committed reproduction result under artifacts/published/reproduction"
+    assert CALIB, "no committed calibration result under artifacts/published/calibration"
+
+
+@pytest.mark.parametrize("path", REPRO, ids=[p.name for p in REPRO])
+def test_published_reproduction_carries_its_provenance(path):
+    d = json.loads(path.read_text())
+    assert d.get("kind") == RESULT_KIND
+    prov = d["provenance"]
+    assert prov["command"].startswith("ttt-lens reproduce") and len(prov["commit"]) == 40
+    assert prov["uncommitted_changes"] is False
+    assert prov["machine"]["cpu_count"] >= 1 and d["settings"]["seed"] is not None and d["settings"]["model"]
+    assert d["summary"]["tasks_ok"] == len(d["tasks"]) == d["settings"]["tasks"] and d["wall_seconds"] > 0
+    assert sorted(t["index"] for t in d["tasks"]) == list(range(d["settings"]["tasks"]))
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("path", REPRO, ids=[p.name for p in REPRO])
+def test_three_random_reproduction_records_recompute(path):
+    d = json.loads(path.read_text())
+    s = ReproSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["settings"].items()})
+    lm = _model(s.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads_of(d))
+    try:
+        for i in _picks(len(d["tasks"])):
+            saved = d["tasks"][i]
+            fresh = json.loads(json.dumps(run_task(lm, saved["index"], s, saved["c"]), default=float))
+            assert fresh["prompt"] == saved["prompt"], f"task {saved['index']}: a different prompt"
+            fresh.pop("seconds"), saved.pop("seconds")
+            _assert_tree_close(fresh, saved, f"task {saved['index']}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("path", CALIB, ids=[p.name for p in CALIB])
+def test_published_calibration_carries_its_provenance(path):
+    d = json.loads(path.read_text())
+    prov = d["provenance"]
+    assert prov["command"].startswith("ttt-lens calibrate") and len(prov["commit"]) == 40
+    assert prov["uncommitted_changes"] is False and d["model"] and d["wall_seconds"] > 0
+    tasks = sorted((path.parent / d["records_folder_name"] / "tasks").glob("*.json"))
+    assert len(tasks) == d["n_prompts"]
+    assert sum(len(v) for v in d["seeds"].values()) == d["n_prompts"]
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("path", CALIB, ids=[p.name for p in CALIB])
+def test_three_random_calibration_records_recompute(path):
+    d = json.loads(path.read_text())
+    settings = settings_from_dict(d["settings"])
+    files = sorted((path.parent / d["records_folder_name"] / "tasks").glob("*.json"))
+    lm = _model(settings.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads_of(d))
+    try:
+        for i in _picks(len(files)):
+            saved = json.loads(files[i].read_text())
+            spec = TaskSpec(saved["split"], int(saved["index"]), int(saved["seed"]), saved["family"])
+            fresh = run_calibration_task(lm, spec, settings, heads="heads" in saved)
+            fresh = json.loads(json.dumps(fresh, default=float))
+            _assert_tree_close(strip_timings(fresh), strip_timings(saved), saved["task_id"])
+    finally:
+        torch.set_num_threads(threads)
