@@ -67,7 +67,8 @@ def test_live_qttt_runs_paper_mode_then_qttt(app_url, page):
     named = ARTIFACTS / "e2e_saved_qttt_run.json"
     named.write_text(saved.read_text())
     page.locator("input[type=file]").first.set_input_files(str(named))
-    page.get_by_text("e2e_saved_qttt_run.json").first.wait_for(timeout=60_000)
+    # its name is in the overlay's legend and the runs table (canvas cells and SVG text: attached, not "visible")
+    page.get_by_text("e2e_saved_qttt_run.json").first.wait_for(state="attached", timeout=60_000)
     wait_plots(page, 5)
     page.get_by_text("Final metrics").first.scroll_into_view_if_needed()
     # the script run that drew the comparison has finished (no faded, stale elements in the picture)

@@ -77,7 +77,7 @@ def test_reproduce_and_train_controller_pass_the_bar(monkeypatch, tmp_path):
     import ttt_core.experiments.controller as controller
     import ttt_core.experiments.reproduce as reproduce
 
-    def fake_reproduction(s, backend, workers, progress, command=None):
+    def fake_reproduction(s, backend, workers, progress, command=None, cache_dir=None):
         for d in range(1, 4):
             progress(d, 3, f"{d}/3 tasks")
         return {"summary": {"tasks_ok": 0, "tasks_failed": []}}
