@@ -22,7 +22,7 @@ import os
 import stat
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ttt_core.diagnosis import diagnose_markdown, diagnose_report
 from ttt_core.models import EMBEDDED_MODEL, ModelLoadError, convert_embedded, load_model
@@ -102,23 +102,32 @@ def read_prompt_file(name: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     return text
 
 
-def _diagnose(args: argparse.Namespace) -> int:
-    # Every check on the input (size, encoding, parse) runs before the model is loaded.
+def _model_and_prompt(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """(model, prompt fitted to --max-tokens) of `args.prompt_file`, or None after printing one
+    'error:' line. Every check on the input (size, encoding, parse) runs before the model loads."""
     label = "standard input" if args.prompt_file == "-" else args.prompt_file
     try:
         text = read_prompt_file(args.prompt_file)
     except PromptFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None
     try:
         prompt = parse_prompt(text)
     except PromptParseError as exc:
         print(f"error: cannot parse the prompt in {label}: {exc}", file=sys.stderr)
-        return 2
+        return None
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     prompt, note = fit_to_token_limit(prompt, lm.tokenizer, args.max_tokens)
     if note:
         print(f"warning: {note}", file=sys.stderr)
+    return lm, prompt
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    got = _model_and_prompt(args)
+    if got is None:
+        return 2
+    lm, prompt = got
     with ProgressBar("diagnose", quiet=args.quiet) as bar:
         report = diagnose_report(lm, prompt, subspace=args.subspace, c=args.c, grid=args.grid, delta=args.delta,
                                  top_k=args.top_k, last_layers=args.last_layers, max_positions=args.max_positions,
@@ -226,21 +235,10 @@ def _compare_targets(args: argparse.Namespace) -> int:
     if not args.prompt_file:
         print("error: give a prompt file ('-' reads stdin) or --suite N", file=sys.stderr)
         return 2
-    label = "standard input" if args.prompt_file == "-" else args.prompt_file
-    try:
-        text = read_prompt_file(args.prompt_file)
-    except PromptFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    got = _model_and_prompt(args)
+    if got is None:
         return 2
-    try:
-        prompt = parse_prompt(text)
-    except PromptParseError as exc:
-        print(f"error: cannot parse the prompt in {label}: {exc}", file=sys.stderr)
-        return 2
-    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    prompt, note = fit_to_token_limit(prompt, lm.tokenizer, args.max_tokens)
-    if note:
-        print(f"warning: {note}", file=sys.stderr)
+    lm, prompt = got
     with ProgressBar("compare-targets", quiet=args.quiet) as bar:
         cmp = compare_targets(lm, prompt, targets, signals, steps=args.steps, seeds=seeds, lr=args.lr, span=args.span,
                               last_layers=args.last_layers, c=args.c, max_positions=args.max_positions,
