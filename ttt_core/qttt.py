@@ -179,22 +179,29 @@ class QTTTRun(EngineRun):
         self.opt = DeltaAdamW(base, AdamWConfig(lr=self.config.lr, betas=tuple(self.config.betas),
                                                 eps=self.config.eps, weight_decay=self.config.weight_decay), self.masks)
         self._gen = torch.Generator().manual_seed(int(self.config.seed))
-        ids = self.enc.ids
-        with torch.no_grad():
-            out = lm.model.get_decoder()(input_ids=ids, use_cache=True)
-            pkv = out.past_key_values
-            self.cache = FrozenKV(keys=[layer.keys for layer in pkv.layers], values=[layer.values for layer in pkv.layers])
-            head = lm.model.get_output_embeddings()
-            hidden = out.last_hidden_state[0, : self.enc.n_ctx - 1]
-            targets = ids[0, 1:self.enc.n_ctx]
-            nll = [F.cross_entropy(head(hidden[i:i + 512]).float(), targets[i:i + 512], reduction="none")
-                   for i in range(0, hidden.shape[0], 512)]
-            self.base_token_nll = torch.cat(nll).cpu()  # (n_ctx − 1,) per-token NLL of the unadapted model
-            template = copy.deepcopy(pkv)
-            template.crop(-(ids.shape[1] - (self.enc.n_prompt - 1)))
-            self._decode_template = template
+        self._prefill_frozen_cache()
         if isinstance(self.prompt, FewShotPrompt):
             self.readout = FewShotReadout(encode_few_shot(lm, self.prompt), lm.device)
+
+    @torch.no_grad()
+    def _prefill_frozen_cache(self) -> torch.Tensor:
+        """One no-grad forward of the whole text: the frozen K/V cache, the unadapted per-token NLL
+        of the context (`base_token_nll`, (n_ctx − 1,), in 512-row blocks of the LM head) and the
+        decoding template (the cache cropped to the prompt). Returns the last hidden states (T, d)."""
+        lm, ids = self.lm, self.enc.ids
+        out = lm.model.get_decoder()(input_ids=ids, use_cache=True)
+        pkv = out.past_key_values
+        self.cache = FrozenKV(keys=[layer.keys for layer in pkv.layers], values=[layer.values for layer in pkv.layers])
+        head = lm.model.get_output_embeddings()
+        hidden = out.last_hidden_state[0, : self.enc.n_ctx - 1]
+        targets = ids[0, 1:self.enc.n_ctx]
+        nll = [F.cross_entropy(head(hidden[i:i + 512]).float(), targets[i:i + 512], reduction="none")
+               for i in range(0, hidden.shape[0], 512)]
+        self.base_token_nll = torch.cat(nll).cpu()
+        template = copy.deepcopy(pkv)
+        template.crop(-(ids.shape[1] - (self.enc.n_prompt - 1)))
+        self._decode_template = template
+        return out.last_hidden_state[0]
 
     def _baseline_loss(self) -> float:
         return float(self.base_token_nll.mean()) * self.span

@@ -23,15 +23,13 @@ span sampling and query metrics (`ttt_core.qttt.QTTTRun`).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ttt_core.attention import FrozenKV, forward_rows_with_frozen_kv, forward_with_frozen_kv, record_attention
+from ttt_core.attention import forward_rows_with_frozen_kv, forward_with_frozen_kv, record_attention
 from ttt_core.encoding import encode_few_shot
 from ttt_core.engine import greedy_decode
 from ttt_core.models import LoadedModel
@@ -98,27 +96,15 @@ class TargetRun(QTTTRun):
         self.opt = DeltaAdamW(self.params.base, AdamWConfig(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                                             weight_decay=cfg.weight_decay))
         self._gen = torch.Generator().manual_seed(int(cfg.seed))
-        ids = self.enc.ids
         self.label_ids = None
         if isinstance(self.prompt, FewShotPrompt):
             self.readout = FewShotReadout(encode_few_shot(lm, self.prompt), lm.device)
             if self.readout.frame == "expected_value":
                 self.label_ids = self.readout.label_ids
+        last_hidden = self._prefill_frozen_cache()
         with torch.no_grad():
-            out = lm.model.get_decoder()(input_ids=ids, use_cache=True)
-            pkv = out.past_key_values
-            self.cache = FrozenKV(keys=[layer.keys for layer in pkv.layers], values=[layer.values for layer in pkv.layers])
-            head = lm.model.get_output_embeddings()
-            hidden = out.last_hidden_state[0, : self.enc.n_ctx - 1]
-            targets = ids[0, 1:self.enc.n_ctx]
-            nll = [F.cross_entropy(head(hidden[i:i + 512]).float(), targets[i:i + 512], reduction="none")
-                   for i in range(0, hidden.shape[0], 512)]
-            self.base_token_nll = torch.cat(nll).cpu()
-            q_logits = head(out.last_hidden_state[0, self.enc.n_prompt - 1])
+            q_logits = lm.model.get_output_embeddings()(last_hidden[self.enc.n_prompt - 1])
             self.base_entropy = float(entropy(q_logits, self.label_ids))
-            template = copy.deepcopy(pkv)
-            template.crop(-(ids.shape[1] - (self.enc.n_prompt - 1)))
-            self._decode_template = template
 
     def adapter_deltas(self, params: dict | None = None) -> dict:
         """The adapter deltas {(layer, kind): tensor} of `params` (default: the run's last good ones)."""
