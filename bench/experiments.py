@@ -3,7 +3,9 @@
 Two tasks on the embedded SmolLM2-135M:
 * few-shot: one paper digit-shift task (`experiments.paper_tasks.paper_task`), LOO paper GD on the
   W_V heads of the last 4 layers for T = 0…30 (one trajectory), ρ = c/λ_max (c = 0.1) of those
-  heads' kernel: kernel + one trajectory is the unit of Exp1 and of the calibration suite;
+  heads' kernel: kernel + one trajectory is the unit of Exp1 and of the calibration suite (today's
+  path, as `experiments.reproduce.run_task`: the kernel of layers ≥ L−4 only, whose hidden states
+  entering layer L−4 the trajectory then reuses);
 * needle: a ≈1k-token needle-in-a-haystack prompt, 16 qTTT steps (span 128, lr 1e-4) with the
   answer NLL recorded at every step.
 The previous path is the code of commit PREVIOUS (before the redesign: `evidence.compute_evidence`
@@ -48,6 +50,8 @@ if which == "previous":
     from ttt_core.evidence import compute_evidence as kernel_of
     from ttt_core.reproduce import LooGD, paper_task
     from ttt_core.qttt import QTTTConfig, QTTTRun
+    def kernel(p):
+        return kernel_of(lm, p, "v")
     def trajectory(p, kind, blocks, rho, steps):
         return LooGD(lm, p, kind, blocks).run(rho, steps)
 else:
@@ -55,13 +59,16 @@ else:
     from ttt_core.experiments.paper_tasks import paper_task
     from ttt_core.paper_gd import gd_trajectory
     from ttt_core.qttt import QTTTConfig, QTTTRun
+    store = {}   # as experiments.reproduce.run_task: the kernel's layers ≥ L−4 only, hidden states shared
+    def kernel(p):
+        return kernel_of(lm, p, "v", first_layer=lm.adapter.n_layers - 4, shared=store)
     def trajectory(p, kind, blocks, rho, steps):
-        return gd_trajectory(lm, p, kind, blocks, rho, steps)
+        return gd_trajectory(lm, p, kind, blocks, rho, steps, store)
 from ttt_core.steps import block_kernel, select_blocks, theory_curves
 task = paper_task(2606, int(sys.argv[3]))
 p = task.prompt
 t0 = time.perf_counter()
-ev = kernel_of(lm, p, "v")
+ev = kernel(p)
 blocks = select_blocks(ev, 4)
 K, kx = block_kernel(ev, blocks)
 tc = theory_curves(K, ev.residuals, kx, ev.query.value, ev.query.target, 0.1, np.arange(31.0))

@@ -103,31 +103,55 @@ def _probes(lm: LoadedModel, keys: list, batch: int, length: int) -> dict:
                            dtype=lm.dtype, requires_grad=True) for k in keys}
 
 
-def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str | Target, progress: Progress = None) -> RouteResult:
+def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str | Target, progress: Progress = None,
+                    first_layer: int = 0, shared: dict | None = None) -> RouteResult:
     """The ``loo-exact`` route (module docstring): one batched forward/backward over the n LOO
-    prompts and the query prompt."""
+    prompts and the query prompt.
+
+    With ``first_layer`` = l > 0 only the blocks of layers l … L−1 get factors (the others are
+    None): the backward stops at layer l, and on the Llama family the hidden states entering
+    layer l come from a `PartialForward` of the padded batch (no grad), shared through ``shared``
+    under the same key as `paper_gd.LooBatch`, so a paper-GD run on the same prompt reuses them.
+    The factors of layers ≥ l are the same numbers as with l = 0 (the outputs and their gradients
+    above layer l do not depend on probes below it)."""
     target = resolve_target(lm, kind)
     n = fs.n
+    L = lm.adapter.n_layers
+    first = int(first_layer)
+    if not 0 <= first < L:
+        raise ValueError(f"first_layer must be in 0 … {L - 1}, got {first_layer}")
     lengths = [len(s) for s in fs.seqs]
     ids, mask, last = padded_batch(lm, fs.seqs)
-    keys = _keys(lm, target.kind)
+    keys = _keys(lm, target.kind, range(first, L))
     probes = _probes(lm, keys, n + 1, ids.shape[1])
-    report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt")
+    pf = None
+    if first > 0:
+        key = ("partial_forward", tuple(tuple(s) for s in fs.seqs))
+        pf = shared.get(key) if shared is not None else None
+        if pf is None:
+            pf = lm.adapter.partial_forward(ids, mask)
+            if shared is not None and pf is not None:
+                shared[key] = pf
+    layers_note = "" if first == 0 else f" (layers {first}–{L - 1} only)"
+    report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt{layers_note}")
     with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-        out = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None])
-        s = FewShotReadout(fs, lm.device).scalars(out.logits[:, 0])
+        if pf is not None:
+            logits = pf.logits_from(first, pf.hidden_entering(first), torch.arange(n + 1, device=lm.device), last)
+        else:
+            logits = lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None]).logits[:, 0]
+        s = FewShotReadout(fs, lm.device).scalars(logits)
         grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
     s = s.detach().double().cpu().numpy()
     seg = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in range(n)]).to(lm.device)
-    factors: list[LayerFactors] = []
+    factors: list[LayerFactors | None] = [None] * first
     for k, g in zip(keys, grads):
         a = st.capture_in[k].detach()
         A = torch.cat([a[i, :lengths[i]] for i in range(n)])
         B = torch.cat([g[i, :lengths[i]] for i in range(n)])
         Ax, Bx = a[n, :lengths[n]], g[n, :lengths[n]]
         factors.append(row_target_factors(lm, target, k[0], A, B, n, seg, Ax, Bx, store=_store))
-    return RouteResult("loo-exact", "Exact autograd through each leave-one-out prompt (one batched backward).",
-                       s[:n], factors, float(s[n]))
+    return RouteResult("loo-exact", "Exact autograd through each leave-one-out prompt (one batched backward)"
+                       + layers_note + ".", s[:n], factors, float(s[n]))
 
 
 @torch.no_grad()

@@ -129,7 +129,12 @@ class PromptKernel:
     head_couplings: (L, H, n) k_x^(b) per block or None; k_x: (n,) = Σ_b k_x^(b) or None;
     factors[l]: per-layer factor store (`kernel_factors`); H blocks per layer (heads of the
     subspace, 1 for MLP); output_labels: text per supervised output; tokens: decoded tokens of the
-    full prompt (query prompt for few-shot), ids: their ids."""
+    full prompt (query prompt for few-shot), ids: their ids.
+
+    first_layer = l > 0 (experiments only, `compute_prompt_kernel(first_layer=l)`): only layers
+    l … L−1 were computed; factors[:l] are None, K and k_x sum layers ≥ l only and
+    head_couplings[:l] are NaN. Per-block views (`steps.block_kernel` of blocks in layers ≥ l,
+    `experiments.reproduce._restrict`) are exact; the all-layer methods below refuse."""
 
     prompt_kind: str
     subspace: str
@@ -144,7 +149,7 @@ class PromptKernel:
     output_labels: list[str]
     query: QueryOutcome | None
     query_note: str | None
-    factors: list[LayerFactors]
+    factors: list[LayerFactors | None]
     K: np.ndarray
     head_couplings: np.ndarray | None
     k_x: np.ndarray | None
@@ -152,6 +157,7 @@ class PromptKernel:
     ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    first_layer: int = 0
 
     @property
     def n(self) -> int:
@@ -173,19 +179,25 @@ class PromptKernel:
         """Σ over the layer's blocks: (n, n)."""
         return self.factors[layer].layer_kernel().cpu().numpy()
 
+    def _all_factors(self) -> list[LayerFactors]:
+        if self.first_layer:
+            raise ValueError(f"this kernel holds layers {self.first_layer}–{self.n_layers - 1} only "
+                             "(first_layer > 0); restrict it to those layers first")
+        return self.factors  # type: ignore[return-value]
+
     def head_traces(self) -> np.ndarray:
         """tr(K^(b)) for every block: (L, H)."""
-        return np.stack([f.head_traces().cpu().numpy() for f in self.factors])
+        return np.stack([f.head_traces().cpu().numpy() for f in self._all_factors()])
 
     def trace_scores(self, M: np.ndarray) -> np.ndarray:
         """tr(K^(b) M) for every block (M symmetric (n, n)): (L, H)."""
         Mt = torch.as_tensor(M, dtype=torch.float64)
-        return np.stack([f.trace_scores(Mt.to(_dev(f))).cpu().numpy() for f in self.factors])
+        return np.stack([f.trace_scores(Mt.to(_dev(f))).cpu().numpy() for f in self._all_factors()])
 
     def quad_forms(self, Z: np.ndarray, U: np.ndarray) -> np.ndarray:
         """z_rᵀ K^(b) u_r for every block and column r: (L, H, R)."""
         Zt, Ut = torch.as_tensor(Z, dtype=torch.float64), torch.as_tensor(U, dtype=torch.float64)
-        return np.stack([f.quad_forms(Zt.to(_dev(f)), Ut.to(_dev(f))).cpu().numpy() for f in self.factors])
+        return np.stack([f.quad_forms(Zt.to(_dev(f)), Ut.to(_dev(f))).cpu().numpy() for f in self._all_factors()])
 
 
 def _dev(f: LayerFactors) -> torch.device:
@@ -209,6 +221,8 @@ def compute_prompt_kernel(
     feature_budget_bytes: int = 1 << 30,
     progress: Progress = None,
     lora_seed: int = 0,
+    first_layer: int = 0,
+    shared: dict | None = None,
 ) -> PromptKernel:
     """Supervised outputs, residuals, factorised per-block kernels and query couplings.
 
@@ -228,6 +242,10 @@ def compute_prompt_kernel(
         feature_budget_bytes: memory for per-output features in the exact long-context route.
         progress: optional callback(fraction, text).
         lora_seed: seed of the LoRA A matrices (`ttt_core.lora.lora_a`), LoRA subspaces only.
+        first_layer: few-shot only, for experiments that use only the last layers' blocks: compute
+            layers first_layer … L−1 only (the backward stops there; see `PromptKernel`).
+        shared: few-shot with first_layer > 0: a dict shared with `paper_gd` runs on the same
+            prompt (the hidden states entering first_layer are computed once for both).
     Returns:
         PromptKernel with K = Σ_b K^(b) (n, n), per-block couplings k_x^(b) (L, H, n) or None.
     Raises:
@@ -249,6 +267,8 @@ def compute_prompt_kernel(
         enc = encode(lm, prompt, max_positions)
     except EncodingError as exc:
         raise PromptKernelError(str(exc)) from exc
+    if first_layer and not isinstance(enc, FewShotEncoding):
+        raise PromptKernelError("first_layer > 0 is offered for few-shot prompts only")
     n_tokens = max(len(s) for s in enc.seqs) if isinstance(enc, FewShotEncoding) else len(enc.ids)
     memory_guard.check_context_length(lm, n_tokens, "The prompt", error=KernelContextLengthError)
     est, advice = _memory_plan(lm, enc, target, qttt, row_chunk, chunk, max_positions)
@@ -256,16 +276,17 @@ def compute_prompt_kernel(
     with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
         return _assemble(lm, prompt, enc, target, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
                          feature_budget_bytes=feature_budget_bytes, max_positions=max_positions,
-                         progress=progress, t0=t0)
+                         progress=progress, t0=t0, first_layer=int(first_layer), shared=shared)
 
 
 def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt: bool, chunk: int, row_chunk: int,
-              feature_budget_bytes: int, max_positions: int, progress: Progress, t0: float) -> PromptKernel:
+              feature_budget_bytes: int, max_positions: int, progress: Progress, t0: float, first_layer: int = 0,
+              shared: dict | None = None) -> PromptKernel:
     """The route and the assembly of `compute_prompt_kernel` (inside its memory guard)."""
     tok = lm.tokenizer
     subspace = target.subspace
     if isinstance(enc, FewShotEncoding):
-        rr = loo_exact_route(lm, enc, target, progress)
+        rr = loo_exact_route(lm, enc, target, progress, first_layer=first_layer, shared=shared)
         targets = enc.targets
         qt = enc.query_target
         has_query = enc.frame == "expected_value" or enc.query_target_id is not None
@@ -300,8 +321,9 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
     t1 = time.perf_counter()
     report(progress, 0.95, "Summing block kernels and query couplings")
     factors = rr.factors
-    Kt = torch.zeros(rr.values.shape[0], rr.values.shape[0], dtype=torch.float64, device=_dev(factors[0]))
-    for f in factors:                                   # summed in place: one n × n float64 buffer
+    computed = [f for f in factors if f is not None]
+    Kt = torch.zeros(rr.values.shape[0], rr.values.shape[0], dtype=torch.float64, device=_dev(computed[0]))
+    for f in computed:                                  # summed in place: one n × n float64 buffer
         if isinstance(f, RowFactors):
             f.add_layer_kernel_to(Kt)
         else:
@@ -311,17 +333,19 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
     K = 0.5 * (K + K.T)
     hc = None
     if has_query:
-        hc = np.stack([f.query_couplings().cpu().numpy() for f in factors])
+        done = [f.query_couplings().cpu().numpy() for f in computed]
+        hc = np.stack([np.full_like(done[0], np.nan)] * first_layer + done)
     values = np.asarray(rr.values, dtype=float)
     ev = PromptKernel(
         prompt_kind=enc.kind, subspace=subspace, route=rr.route, route_note=rr.route_note,
         model_name=lm.name, n_layers=lm.adapter.n_layers, n_blocks_per_layer=blocks_per_layer(lm, target),
         values=values, targets=np.asarray(targets, dtype=float), residuals=np.asarray(targets, dtype=float) - values,
         output_labels=output_labels, query=query, query_note=note, factors=factors, K=K,
-        head_couplings=hc, k_x=None if hc is None else hc.sum(axis=(0, 1)), tokens=decoded_tokens(lm, ids), ids=ids,
+        head_couplings=hc, k_x=None if hc is None else hc[first_layer:].sum(axis=(0, 1)), tokens=decoded_tokens(lm, ids), ids=ids,
         timings={"gradients_s": t1 - t0, "kernel_s": time.perf_counter() - t1},
         settings={"max_positions": max_positions, "qttt": qttt,
                   **({"lora_seed": target.lora.seed} if target.lora is not None else {})},
+        first_layer=first_layer,
     )
     report(progress, 1.0, "Prompt kernel ready")
     return ev

@@ -271,3 +271,42 @@ def test_fewshot_full_kernel_smollm2_fp32():
     assert rel(ev.k_x, sum(kx for _, kx in ref.values())) <= TOL
     for l in range(ev.n_layers):
         assert rel(ev.layer_kernel(l), sum(ref[(l, h)][0] for h in range(ev.n_blocks_per_layer))) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["q", "v", "mlp_down"])
+def test_first_layer_kernel_equals_the_full_kernel_above_it(tiny, kind):
+    """compute_prompt_kernel(first_layer=l): the blocks of layers ≥ l are the all-layer kernel's
+    numbers (the Llama family through the shared PartialForward, the others through the full
+    model with probes above l only); layers below l are absent and all-layer views refuse."""
+    from ttt_core.paper_gd import gd_trajectory
+    from ttt_core.steps import block_kernel, select_blocks
+
+    prompt = digit_shift_task(4, n=6).prompt
+    full = compute_prompt_kernel(tiny, prompt, kind)
+    L = tiny.adapter.n_layers
+    first = L - 1
+    shared: dict = {}
+    part = compute_prompt_kernel(tiny, prompt, kind, first_layer=first, shared=shared)
+    assert part.first_layer == first and part.factors[:first] == [None] * first
+    assert ("layers" in part.route_note) and (bool(shared) == (tiny.adapter.family == "llama"))
+    np.testing.assert_allclose(part.values, full.values, rtol=1e-6, atol=1e-7)
+    for l in range(first, L):
+        assert rel(part.layer_kernel(l), full.layer_kernel(l)) <= 1e-5
+        assert rel(part.head_couplings[l], full.head_couplings[l]) <= 1e-5
+    assert np.isnan(part.head_couplings[:first]).all()
+    blocks = select_blocks(full, 1)
+    (Kf, kf), (Kp, kp) = block_kernel(full, blocks), block_kernel(part, blocks)
+    assert rel(Kp, Kf) <= 1e-5 and rel(kp, kf) <= 1e-5
+    assert rel(part.K, Kf) <= 1e-5 and rel(part.k_x, kf) <= 1e-5
+    with pytest.raises(ValueError, match="layers"):
+        part.head_traces()
+    # a paper-GD trajectory reusing the kernel's shared hidden states gives the same numbers
+    if kind != "mlp_down":
+        a = gd_trajectory(tiny, prompt, kind, blocks, 0.05, 3, shared)
+        b = gd_trajectory(tiny, prompt, kind, blocks, 0.05, 3)
+        np.testing.assert_allclose(a["prediction"], b["prediction"], rtol=1e-6, atol=1e-7)
+
+
+def test_first_layer_is_few_shot_only(tiny):
+    with pytest.raises(PromptKernelError, match="few-shot"):
+        compute_prompt_kernel(tiny, parse_prompt(LONG_TEXT), "q", max_positions=8, first_layer=1)

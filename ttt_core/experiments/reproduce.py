@@ -124,13 +124,23 @@ Job = tuple  # (mode, index, settings dict, c[, cache file])
 # ============================================================================================
 
 
+def _first_layer(n_layers: int, *last_counts: int | None) -> int:
+    """The lowest layer any of the "last k layers" block sets needs (None: all layers): the
+    kernel is computed from there on only (`compute_prompt_kernel(first_layer=…)`)."""
+    if any(k is None for k in last_counts):
+        return 0
+    return max(0, n_layers - max([int(k) for k in last_counts] + [1]))
+
+
 def _restrict(ev: PromptKernel, layers: Sequence[int]) -> PromptKernel:
     """A view of a PromptKernel holding only `layers` (block indices become relative)."""
     layers = list(layers)
     hc = None if ev.head_couplings is None else ev.head_couplings[layers]
     K = sum(ev.layer_kernel(l) for l in layers)
+    if any(ev.factors[l] is None for l in layers):
+        raise ValueError(f"layers {layers} include some the kernel did not compute (first_layer {ev.first_layer})")
     return dataclasses.replace(ev, factors=[ev.factors[l] for l in layers], n_layers=len(layers), head_couplings=hc,
-                               k_x=None if hc is None else hc.sum(axis=(0, 1)), K=0.5 * (K + K.T))
+                               k_x=None if hc is None else hc.sum(axis=(0, 1)), K=0.5 * (K + K.T), first_layer=0)
 
 
 def _linear_at(ev: PromptKernel, blocks: Sequence[Block], c: float, T: int) -> dict[str, float]:
@@ -214,11 +224,14 @@ def run_task(lm: LoadedModel, index: int, s: ReproSettings, c: float | None = No
                            "query_y": task.clean_query_y, "prompt": p.to_text(), "c": c, "exp1": {}, "exp2": None}
     evs: dict[str, PromptKernel] = {}
     store: dict = {}  # hidden states below the first updated layer: shared by every run on this prompt
+    L = lm.adapter.n_layers
+    exp2_layers = s.exp2_layers if s.exp2 != "off" else 0
     for kind in s.exp1_kinds:
-        evs[kind] = compute_prompt_kernel(lm, p, kind)
+        first = _first_layer(L, s.last_layers, exp2_layers if kind == "v" else 0)
+        evs[kind] = compute_prompt_kernel(lm, p, kind, first_layer=first, shared=store)
         res["exp1"][kind] = _exp1(lm, p, evs[kind], s, c, store)
     if s.exp2 != "off":
-        ev = evs.get("v") or compute_prompt_kernel(lm, p, "v")
+        ev = evs.get("v") or compute_prompt_kernel(lm, p, "v", first_layer=_first_layer(L, exp2_layers), shared=store)
         res["exp2"] = _exp2(lm, p, ev, s, c, index, store)
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -228,11 +241,12 @@ def run_pilot_task(lm: LoadedModel, index: int, s: ReproSettings) -> dict[str, A
     """Pilot task `index` (disjoint seed stream): query error at T = fixed_T for every pilot c
     (W_V heads of the last layers, the paper's subspace)."""
     task = paper_task(s.seed, PILOT_OFFSET + index, s.n_demos)
-    ev = compute_prompt_kernel(lm, task.prompt, "v")
+    store: dict = {}
+    ev = compute_prompt_kernel(lm, task.prompt, "v", first_layer=_first_layer(lm.adapter.n_layers, s.last_layers),
+                               shared=store)
     blocks = select_blocks(ev, s.last_layers)
     K, _ = block_kernel(ev, blocks)
     lam_max = float(theory.eigh_psd(K)[0][0])
-    store: dict = {}
     errs = {}
     for c in s.pilot_cs:
         rho = theory.rho_from_c(np.array([lam_max]), c)
