@@ -12,6 +12,8 @@ import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header
 from pages.downloads import figure_downloads
+from ttt_core.experiments.calibration_suite import latest_calibration, load_calibration, settings_from_dict
+from ttt_core.experiments.calibration_tasks import CAL_FAMILY_LABELS
 from ttt_core.experiments.controller import Controller, ControllerConfig, load_controller, train_controller
 from ttt_core.experiments.schedules import (
     DEFAULT_LAMBDA,
@@ -42,52 +44,88 @@ lm = get_model()
 if lm is None:
     st.stop()
 
+# ------------------------------------------------------------------------------ which suite
+saved_hit = latest_calibration()
+SOURCES = {"saved": "the saved calibration suite (computed, with its provenance)",
+           "build": "a schedules suite for the settings below (build or load from the cache)"}
+source_kind = st.radio("Suite", list(SOURCES) if saved_hit is not None else ["build"], key="sch_source",
+                       horizontal=True, format_func=SOURCES.get,
+                       help="The saved suite is the calibration suite of `python -m ttt_core calibrate` (the newest "
+                            "under artifacts/calibration, else the committed one): the controller below is trained "
+                            "on its train split and judged on its test split.")
+
 # ------------------------------------------------------------------------------ controls
 c1, c2, c3, c4 = st.columns(4)
 with c1:
     lam = st.select_slider("Latency trade-off λ (cost = error + λ·steps)", LAMBDAS, value=DEFAULT_LAMBDA,
                            key="sch_lambda", format_func=lambda v: f"{v:g}")
     split = st.selectbox("Split shown in the table and figures", ["test", "val", "train"], key="sch_split")
-with c2:
-    n_tasks = int(st.number_input("Suite size (tasks, ≈ 50/20/30 % train/val/test)", min_value=5, max_value=600,
-                                  value=40, step=5, key="sch_tasks"))
-    grid_label = st.selectbox("Step grid (actions: skip and these)", list(GRIDS), key="sch_grid")
-with c3:
-    lr = st.select_slider("qTTT learning rate (AdamW)", LRS, value=1e-3, key="sch_lr", format_func=lambda v: f"{v:g}")
-    engine = st.radio("Few-shot engine", ["qttt", "paper"], key="sch_engine", horizontal=True,
-                      format_func={"qttt": "qTTT (W_Q, fast)", "paper": "paper LOO GD (W_V, ~10× slower)"}.get)
-with c4:
-    c_val = st.select_slider("Theory step c (ρ = c/λ_max)", [0.1, 0.25, 0.5, 0.75], value=0.5, key="sch_c")
 
-tiny = lm.name.startswith(TINY_PREFIX)
-base = SuiteSettings(model=lm.name, grid=GRIDS[grid_label], fewshot_engine=engine, lr_fewshot=float(lr),
-                     lr_long=float(lr), c=float(c_val))
-settings = SuiteSettings(**{**base.__dict__, "fewshot_n": (4, 6), "needle_words": (20, 30), "max_positions": 16,
-                            "span_long": 16}) if tiny else base
-if tiny:
-    st.caption("Tiny random model: tiny prompts (4–6 demonstrations, 20–30-word haystacks) keep the suite fast; "
-               "its numbers mean nothing about real models.")
-sizes = split_sizes(n_tasks)
-st.caption(f"Families: {', '.join(FAMILY_LABELS[f] for f in settings.families)}. Splits by seed: train "
-           f"{sizes['train']}, validation {sizes['val']}, test {sizes['test']} tasks (disjoint seed ranges). "
-           f"Suite cache: `{suite_dir(settings)}`.")
+labels = FAMILY_LABELS
+if source_kind == "saved":
+    path, res, where = saved_hit
+    settings = settings_from_dict(res["settings"])
+    labels = {**FAMILY_LABELS, **CAL_FAMILY_LABELS}
+    n_tasks = int(res.get("n_prompts", 0))
+    suite = load_calibration(settings, n_tasks, out=path.parent)
+    prov = res.get("provenance", {})
+    machine = prov.get("machine", {})
+    st.caption(f"**Saved suite** ({where}): {n_tasks} prompts of {len(settings.families)} families "
+               f"({', '.join(labels[f] for f in settings.families)}), each with its measured error after T = 0…"
+               f"{settings.t_max} steps (paper LOO GD on W_V for few-shot, qTTT for long contexts). Made with "
+               f"`{prov.get('command', '?')}` at commit `{(prov.get('commit') or 'unknown')[:12]}` on "
+               f"{machine.get('cpu_count', '?')} CPUs, {res.get('created', '?')}, model {res.get('model')}; "
+               f"splits {res.get('report', {}).get('splits')}. File `{path.name}`. "
+               + ("" if res.get("model") == lm.name else f"It was made with {res.get('model')}, not the model "
+                  f"loaded now ({lm.name}): its numbers are about that model."))
+    if suite is None:
+        st.error(f"The saved summary `{path.name}` names records that are missing under `{path.parent}`; "
+                 "rebuild them with `python -m ttt_core calibrate --resume` or choose the other suite.")
+        st.stop()
+else:
+    with c2:
+        n_tasks = int(st.number_input("Suite size (tasks, ≈ 50/20/30 % train/val/test)", min_value=5, max_value=600,
+                                      value=40, step=5, key="sch_tasks"))
+        grid_label = st.selectbox("Step grid (actions: skip and these)", list(GRIDS), key="sch_grid")
+    with c3:
+        lr = st.select_slider("qTTT learning rate (AdamW)", LRS, value=1e-3, key="sch_lr",
+                              format_func=lambda v: f"{v:g}")
+        engine = st.radio("Few-shot engine", ["qttt", "paper"], key="sch_engine", horizontal=True,
+                          format_func={"qttt": "qTTT (W_Q, fast)", "paper": "paper LOO GD (W_V, ~10× slower)"}.get)
+    with c4:
+        c_val = st.select_slider("Theory step c (ρ = c/λ_max)", [0.1, 0.25, 0.5, 0.75], value=0.5, key="sch_c")
 
-suite = load_cached_suite(settings, n_tasks)
-if st.button("Build the suite and train the controller" if suite is None else "Rebuild missing tasks and retrain",
-             key="sch_build", type="primary" if suite is None else "secondary"):
-    bar = st.progress(0.0, text="Starting…")
-    try:
-        suite = build_suite(lm, settings, n_tasks, progress=lambda f, t: bar.progress(min(max(f, 0.0), 1.0), text=t))
-    except Exception as exc:  # the page stays up; the message says what failed
-        st.error(f"Building the suite failed: {type(exc).__name__}: {exc}")
-        suite = None
-    SS.pop("sch_controller", None)
+    tiny = lm.name.startswith(TINY_PREFIX)
+    base = SuiteSettings(model=lm.name, grid=GRIDS[grid_label], fewshot_engine=engine, lr_fewshot=float(lr),
+                         lr_long=float(lr), c=float(c_val))
+    settings = SuiteSettings(**{**base.__dict__, "fewshot_n": (4, 6), "needle_words": (20, 30), "max_positions": 16,
+                                "span_long": 16}) if tiny else base
+    if tiny:
+        st.caption("Tiny random model: tiny prompts (4–6 demonstrations, 20–30-word haystacks) keep the suite fast; "
+                   "its numbers mean nothing about real models.")
+    sizes = split_sizes(n_tasks)
+    st.caption(f"Families: {', '.join(FAMILY_LABELS[f] for f in settings.families)}. Splits by seed: train "
+               f"{sizes['train']}, validation {sizes['val']}, test {sizes['test']} tasks (disjoint seed ranges). "
+               f"Suite cache: `{suite_dir(settings)}`.")
 
-if suite is None:
-    st.info(f"No cached suite for these settings and size. Building it runs the engine once per task "
-            f"({n_tasks} tasks × {settings.t_max} steps; on a shared 2-core CPU about 20–40 s per task with the "
-            f"embedded SmolLM2), or run `python -m ttt_core train-controller --tasks {n_tasks}` once.")
-    st.stop()
+    suite = load_cached_suite(settings, n_tasks)
+    if st.button("Build the suite and train the controller" if suite is None else "Rebuild missing tasks and retrain",
+                 key="sch_build", type="primary" if suite is None else "secondary"):
+        bar = st.progress(0.0, text="Starting…")
+        try:
+            suite = build_suite(lm, settings, n_tasks,
+                                progress=lambda f, t: bar.progress(min(max(f, 0.0), 1.0), text=t))
+        except Exception as exc:  # the page stays up; the message says what failed
+            st.error(f"Building the suite failed: {type(exc).__name__}: {exc}")
+            suite = None
+        SS.pop("sch_controller", None)
+
+    if suite is None:
+        st.info(f"No cached suite for these settings and size. Building it runs the engine once per task "
+                f"({n_tasks} tasks × {settings.t_max} steps; on a shared 2-core CPU about 20–40 s per task with the "
+                f"embedded SmolLM2), or run `python -m ttt_core train-controller --tasks {n_tasks}` once"
+                + (" — or choose the saved suite above." if saved_hit is not None else "."))
+        st.stop()
 
 
 # ------------------------------------------------------------------------------ controller
@@ -106,7 +144,7 @@ def _saved_controller(folder: Path) -> Controller | None:
     return None
 
 
-ckey = (settings.key(), n_tasks, float(lam))
+ckey = (source_kind, settings.key(), n_tasks, float(lam))
 held = SS.get("sch_controller")
 if held is None or held[0] != ckey:
     ctrl = _saved_controller(controller_dir())
@@ -193,7 +231,7 @@ with left:
 with right:
     names = ["learned controller", "evidence T_MAP (σ profiled)", "evidence T_MAP (fixed σ̂²)",
              "skip rule (TTT-vs-ICL verdict)"]
-    st.plotly_chart(fig := figs.choices_figure(choice_counts(results, part, names), FAMILY_LABELS), key="sch_fig_choices")
+    st.plotly_chart(fig := figs.choices_figure(choice_counts(results, part, names), labels), key="sch_fig_choices")
     figure_downloads(fig, "sch_fig_choices", lm)
     how_to_read(None, "How many steps each adaptive schedule chose, per task family (T = 0 means skip: answer "
                 "in context). Evidence T_MAP may choose any T up to the grid maximum; the controller chooses "
@@ -203,7 +241,7 @@ with right:
 
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(fig := figs.trajectory_figure(family_trajectories(part), FAMILY_LABELS), key="sch_fig_traj")
+    st.plotly_chart(fig := figs.trajectory_figure(family_trajectories(part), labels), key="sch_fig_traj")
     figure_downloads(fig, "sch_fig_traj", lm)
     how_to_read(None, "Measured mean error after T engine steps per family (T = 0 is ICL). Every fixed-T number "
                 "in the table is a point of these curves.",
@@ -222,7 +260,7 @@ with st.expander("Per-task decisions"):
     by = {r.name: r for r in results}
     table = []
     for i, t in enumerate(part.tasks):
-        row = {"task": t["task_id"], "family": FAMILY_LABELS[t["family"]],
+        row = {"task": t["task_id"], "family": labels.get(t["family"], t["family"]),
                "details": ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["meta"].items()),
                "ICL error": t["errors"][0]}
         for name in ["learned controller", "evidence T_MAP (σ profiled)", "skip rule (TTT-vs-ICL verdict)",

@@ -34,9 +34,12 @@ targets = c1.multiselect("Targets", options, default=[t for t in DEFAULT_TARGETS
                          format_func=lambda t: f"{t} — {avail[t]['label']}")
 signals = c2.multiselect("Signals", list(SIGNALS), default=["nll"], key="tgt_signals",
                          format_func=lambda s: f"{s} — {SIGNALS[s]}")
-missing = [f"{t} ({r['why']})" for t, r in avail.items() if not r["available"]]
-if missing:
-    st.caption("Not on this model: " + "; ".join(missing) + ".")
+missing: dict[str, list[str]] = {}
+for t, r in avail.items():
+    if not r["available"]:
+        missing.setdefault(str(r["why"]).rstrip("."), []).append(t)
+if missing:   # one clause per reason: "norm_attn_bias, norm_mlp_bias — <why>"
+    st.caption("Not on this model: " + "; ".join(f"{', '.join(ts)} — {why}" for why, ts in missing.items()) + ".")
 c1, c2, c3, c4, c5 = st.columns(5)
 steps = int(c1.number_input("Steps (same for all)", 1, 64, 8, key="tgt_steps"))
 lr = float(c2.number_input("AdamW lr (same for all)", 1e-7, 1.0, DEFAULT_LR, format="%.1e", key="tgt_lr"))

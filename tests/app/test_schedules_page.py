@@ -29,6 +29,7 @@ def app(tmp_path, monkeypatch):
     at.session_state["model_preset"] = "tiny-random-llama"
     at.session_state["sch_tasks"] = N_TASKS
     at.session_state["sch_grid"] = "1, 2"
+    at.session_state["sch_source"] = "build"
     at.switch_page("pages/schedules.py").run()
     return at
 
@@ -90,3 +91,31 @@ def test_split_and_lambda_change(app: AppTest) -> None:
     assert not app.exception, app.exception
     text = " ".join(m.value for m in app.markdown)
     assert "λ = 0.01" in text
+
+
+def test_saved_calibration_suite_is_shown_by_default(tmp_path, monkeypatch) -> None:
+    """A newcomer finds the committed calibration suite: the controller is trained on its train
+    split, and the plotted fixed-T errors are the committed records' test-split means."""
+    from ttt_core.experiments.calibration_suite import latest_calibration, load_calibration, settings_from_dict
+
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path))   # nothing saved locally: the committed result
+    hit = latest_calibration()
+    assert hit is not None and hit[2] == "published"
+    path, res, _ = hit
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.session_state["model_name"] = "tiny-random-llama"
+    at.session_state["model_preset"] = "tiny-random-llama"
+    at.switch_page("pages/schedules.py").run()
+    assert not at.exception, at.exception
+    assert at.radio(key="sch_source").value == "saved"
+    caps = " ".join(c.value for c in at.caption)
+    assert "Saved suite" in caps and res["provenance"]["commit"][:12] in caps and path.name in caps
+    assert "not the model loaded now" in caps                       # made with SmolLM2, tiny model loaded
+    suite = load_calibration(settings_from_dict(res["settings"]), res["n_prompts"], out=path.parent)
+    test = suite.split("test")
+    by_name = {tr["name"]: tr for tr in charts(at)["sch_fig_latency_steps"]["data"]}
+    for T in (0, 1, 8):
+        name = "ICL (T = 0)" if T == 0 else f"fixed T = {T}"
+        np.testing.assert_allclose(decode(by_name[name]["y"]), [test.errors[:, T].mean()], rtol=1e-9)
+    sentence = next(m.value for m in at.markdown if "On the test split" in m.value)
+    assert f"{len(test)}" in sentence
