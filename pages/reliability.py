@@ -16,6 +16,7 @@ from ttt_core.experiments.calibration_report import POOLED, level_label, recomme
 from ttt_core.experiments.calibration_suite import (
     calibration_dir,
     published_calibration_dir,
+    record_seconds,
     run_calibration,
     saved_calibrations,
 )
@@ -61,7 +62,11 @@ else:
     m[1].metric("Head-choice prompts", res.get("n_head_prompts", 0))
     m[2].metric("Step grid", f"0…{max(s.get('grid', [0]))}")
     m[3].metric("Backend", f"{res.get('backend', '?')} × {res.get('workers', 1)}")
-    m[4].metric("Wall time", f"{res.get('wall_seconds', 0.0) / 60:.1f} min")
+    compute_s = record_seconds(path, res)
+    m[4].metric("Wall time (last invocation)", f"{res.get('wall_seconds', 0.0) / 60:.1f} min",
+                help="A run that resumes from cached records times only the prompts it computed. "
+                     + ("" if compute_s is None else f"Σ of every record's compute seconds (all runs, per worker): "
+                        f"{compute_s / 60:.1f} min."))
     machine = prov.get("machine", {})
     dirty = " (with uncommitted changes)" if prov.get("uncommitted_changes") else ""
     st.caption(f"How it was made: `{prov.get('command', '?')}` · commit `{(prov.get('commit') or 'unknown')[:12]}`{dirty} "

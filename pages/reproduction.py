@@ -79,7 +79,10 @@ else:
     m[1].metric("Grid", f"0…{s['grid_max']}")
     m[2].metric("c (ρ = c/λ_max)", f"{s['c']:g}", help=f"source: {res.get('c_source', 'given')}")
     m[3].metric("Backend", f"{res['backend']} × {res['workers']}")
-    m[4].metric("Wall time", f"{res['wall_seconds'] / 60:.1f} min")
+    task_s = sum(float(t.get("seconds", 0.0)) for t in res.get("tasks", []) if isinstance(t, dict))
+    m[4].metric("Wall time (last invocation)", f"{res['wall_seconds'] / 60:.1f} min",
+                help="A run that resumes from a task cache (--cache) times only the tasks it computed. Σ of every "
+                     f"task record's compute seconds (all runs, per worker): {task_s / 60:.1f} min.")
     st.caption(f"File `{path.name}` · model {s['model']} · seed {s['seed']} · created {res['created']} · "
                f"failed tasks: {len(summ.get('tasks_failed', []))}")
     prov = res.get("provenance") or {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +130,24 @@ def test_three_random_calibration_records_recompute(path):
             _assert_tree_close(strip_timings(fresh), strip_timings(saved), saved["task_id"])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("path", CALIB, ids=lambda p: p.name)
+def test_record_seconds_cover_every_record(path):
+    """The pages show Σ per-record compute seconds beside the last invocation's wall time: it is the
+    sum over the committed record files, so a resumed run's short wall time cannot pass for the cost."""
+    from ttt_core.experiments.calibration_suite import record_seconds
+
+    res = json.loads(path.read_text())
+    folder = path.parent / res["records_folder_name"] / "tasks"
+    files = sorted(folder.glob("*.json"))
+    assert len(files) >= res["n_prompts"]
+    total = record_seconds(path, res)
+    ids = {json.loads(f.read_text())["task_id"]: json.loads(f.read_text()) for f in files}
+    from ttt_core.experiments.calibration_tasks import calibration_specs
+
+    expect = sum(ids[s.task_id]["task_seconds"] for s in calibration_specs(res["n_prompts"],
+                                                                           tuple(res["settings"]["families"])))
+    assert total == pytest.approx(expect, rel=1e-12) and total > 0
+    broken = {**res, "n_prompts": res["n_prompts"] + 10_000}            # names records that do not exist
+    assert record_seconds(path, broken) is None
