@@ -56,12 +56,14 @@ def published_dir(kind: str) -> Path:
 
 def provenance(command: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """What a saved result needs to be checked: the command, the git commit (and whether the tree
-    had uncommitted changes), the machine and the library versions."""
+    had uncommitted changes outside artifacts/: a run resuming into a committed results folder
+    rewrites files there, which says nothing about the code that computed them), the machine and
+    the library versions."""
     commit, dirty = None, None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)artifacts"], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=10).stdout
         dirty = bool(status.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):

@@ -181,3 +181,27 @@ def test_process_pool_and_ray_give_identical_records(tmp_path) -> None:
     assert len(pool) == len(ray_) == n and sum("heads" in t for t in ray_.tasks) == n_head
     assert {t["family"] for t in pool.tasks} == set(small.families)
     assert [CT.strip_timings(t) for t in pool.tasks] == [CT.strip_timings(t) for t in ray_.tasks]
+
+
+def test_provenance_flags_code_changes_not_results(tmp_path, monkeypatch):
+    """uncommitted_changes is about the code: results a run writes under artifacts/ (a resumed run
+    rewriting a committed records folder) do not count; a changed source file does."""
+    import subprocess
+
+    from ttt_core.experiments import store
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "r.json").write_text("{}")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)
+    assert store.provenance("cmd")["uncommitted_changes"] is False
+    (tmp_path / "artifacts" / "r.json").write_text('{"rewritten": true}')
+    assert store.provenance("cmd")["uncommitted_changes"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert store.provenance("cmd")["uncommitted_changes"] is True
