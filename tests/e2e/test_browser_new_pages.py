@@ -5,7 +5,8 @@ embedded SmolLM2 and the committed results (artifacts/published/). Its own serve
   seeds 0–2): the table, the error-vs-steps and error-vs-FLOPs charts and the winner sentence.
 * Reliability: the committed calibration result is shown by default (its regret table and the
   reliability diagram), with how it was made.
-* Paper reproduction: the committed 120-task result is shown by default, beside the paper's."""
+* Paper reproduction: the committed result (the newest file under artifacts/published/reproduction)
+  is shown by default, beside the paper's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.e2e.conftest import ARTIFACTS
 from tests.e2e.test_browser_pages import open_page, set_number, wait_plots
+from ttt_core.experiments.store import published_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.smollm2]
 
@@ -46,7 +48,8 @@ def test_reliability_page_shows_the_committed_calibration(app_url, page):
 def test_reproduction_page_shows_the_committed_result(app_url, page):
     open_page(page, app_url, "Paper reproduction")
     page.get_by_text("Latest results").first.wait_for(timeout=180_000)
-    page.get_by_text("120tasks.json").first.wait_for(timeout=60_000)
+    committed = sorted(published_dir("reproduction").glob("reproduction-*.json"))[-1].name
+    page.get_by_text(committed).first.wait_for(timeout=60_000)
     page.get_by_text("Made with").first.wait_for(timeout=60_000)
     wait_plots(page, 1)
     _idle(page)
