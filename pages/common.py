@@ -11,8 +11,27 @@ import numpy as np
 import streamlit as st
 
 
+def require_app_navigation() -> None:
+    """Rerun through app.py when Streamlit ran this page on its own.
+
+    Until app.py's `st.navigation` has run once in the server process, Streamlit treats the
+    `pages/` folder (DESIGN §1 fixes that name) as a legacy multipage folder: on a freshly started
+    server, the first request for a deep link (a shared `/spectrum?…` link) runs the page script
+    without app.py — no shared sidebar, every helper module listed as a page. Switching the legacy
+    flag off and rerunning makes app.py run and route the request (the flag is the one
+    `st.navigation` itself clears)."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page_header(title: str, question: str) -> None:
-    """Page title plus the one sentence saying which question the page answers (teaching layer)."""
+    """Page title plus the one sentence saying which question the page answers (teaching layer).
+    Every page calls it first, so it also makes sure the page runs inside app.py
+    (`require_app_navigation`)."""
+    require_app_navigation()
     st.title(title)
     st.markdown(f"*{question}*")
 
