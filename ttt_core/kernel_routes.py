@@ -57,6 +57,7 @@ from ttt_core.attention import FrozenKV, frozen_kv
 from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
 from ttt_core.kernel_factors import DiagFactors, FeatureFactors, LayerFactors
 from ttt_core.models import LoadedModel
+from ttt_core.partial_forward import shared_partial_forward
 from ttt_core.readout import FewShotReadout, token_prob
 from ttt_core.target_kernels import Target, diag_rows, lora_inputs, resolve_target, row_target_factors
 from ttt_core.types import Progress
@@ -124,14 +125,7 @@ def loo_exact_route(lm: LoadedModel, fs: FewShotEncoding, kind: str | Target, pr
     ids, mask, last = padded_batch(lm, fs.seqs)
     keys = _keys(lm, target.kind, range(first, L))
     probes = _probes(lm, keys, n + 1, ids.shape[1])
-    pf = None
-    if first > 0:
-        key = ("partial_forward", tuple(tuple(s) for s in fs.seqs))
-        pf = shared.get(key) if shared is not None else None
-        if pf is None:
-            pf = lm.adapter.partial_forward(ids, mask)
-            if shared is not None and pf is not None:
-                shared[key] = pf
+    pf = shared_partial_forward(lm.adapter, fs.seqs, ids, mask, shared) if first > 0 else None
     layers_note = "" if first == 0 else f" (layers {first}–{L - 1} only)"
     report(progress, 0.1, f"One batched forward/backward over {n} leave-one-out prompts + the query prompt{layers_note}")
     with lm.adapter.apply(probes=probes, capture=set(keys)) as st:

@@ -39,7 +39,7 @@ from ttt_core import memory_guard
 from ttt_core.encoding import FewShotEncoding, encode_few_shot, padded_batch
 from ttt_core.engine import EngineRun, effective_deltas, greedy_decode, head_masks
 from ttt_core.models import LoadedModel
-from ttt_core.partial_forward import PackedLoo, PartialForward
+from ttt_core.partial_forward import PackedLoo, PartialForward, shared_partial_forward
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, Prompt
 from ttt_core.readout import FewShotReadout
@@ -84,8 +84,7 @@ class LooBatch:
         use_packed = partial and packed and PackedLoo.supports(lm.model, int(self.ids.shape[1])) \
             if lm.adapter.family == "llama" else False
         if partial and (self.first_layer > 0 or use_packed):
-            self.partial = self._shared(shared, ("partial_forward", tuple(tuple(s) for s in seqs)),
-                                        lambda: lm.adapter.partial_forward(self.ids, self.mask))
+            self.partial = shared_partial_forward(lm.adapter, seqs, self.ids, self.mask, shared)
             if self.partial is not None and use_packed:
                 self.packed = self._shared(shared, ("packed_loo", self.first_layer, tuple(tuple(s) for s in seqs)),
                                            lambda: PackedLoo(self.partial, seqs, self.first_layer))

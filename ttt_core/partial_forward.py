@@ -56,6 +56,20 @@ class PartialForward:
         return self.head(self.base.norm(h[rows, cols]))
 
 
+def shared_partial_forward(adapter: Any, seqs: Sequence[Sequence[int]], ids: torch.Tensor, mask: torch.Tensor,
+                           shared: dict | None) -> PartialForward | None:
+    """`adapter.partial_forward(ids, mask)` of the padded batch of `seqs`, kept in `shared` (when
+    given) under one key per prompt set, so the kernel route and every paper-GD run on the same
+    prompt compute the hidden states below their first layer once. None where the family has none."""
+    key = ("partial_forward", tuple(tuple(s) for s in seqs))
+    if shared is not None and key in shared:
+        return shared[key]
+    pf = adapter.partial_forward(ids, mask)
+    if shared is not None and pf is not None:
+        shared[key] = pf
+    return pf
+
+
 def supports_partial_forward(model: Any, family: str) -> bool:
     """True for a Llama-family model exposing the parts `PartialForward` needs."""
     return (family == "llama" and hasattr(model, "model") and all(
