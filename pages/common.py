@@ -300,3 +300,62 @@ def interval_text(median: float, lo: float, hi: float) -> str:
     def f(x: float) -> str:
         return f"{x:.3g}" if np.isfinite(x) else "∞"
     return f"{f(median)} [{f(lo)}, {f(hi)}]"
+
+
+# ------------------------------------------------------------------------------------------
+# Saved results: one provenance sentence, cached record reads (Reliability, Reproduction,
+# Schedules, Targets)
+# ------------------------------------------------------------------------------------------
+
+
+def provenance_text(prov: dict | None, *, model: str | None = None, created: str | None = None,
+                    file: str | None = None) -> str:
+    """One sentence saying how a saved result was made, from its `store.provenance` record:
+    "Made with `<command>` at commit `<12 hex>` (+ uncommitted changes) on N CPUs (processor,
+    Python x.y, k torch thread(s) per worker) · model … · created … · file `…`". Missing fields
+    read "?" / "unknown" rather than failing: an old result still shows."""
+    prov = prov or {}
+    mach = prov.get("machine") or {}
+    commit = (prov.get("commit") or "unknown")[:12]
+    dirty = " + uncommitted changes" if prov.get("uncommitted_changes") else ""
+    threads = mach.get("torch_threads_per_worker")
+    where = ", ".join(x for x in (str(mach.get("processor") or "?"), f"Python {mach.get('python', '?')}",
+                                  None if threads is None else f"{threads} torch thread(s) per worker") if x)
+    parts = [f"Made with `{prov.get('command') or '?'}` at commit `{commit}`{dirty} on "
+             f"{mach.get('cpu_count', '?')} CPUs ({where})"]
+    parts += [f"model {model}"] if model else []
+    parts += [f"created {created}"] if created else []
+    parts += [f"file `{file}`"] if file else []
+    return " · ".join(parts)
+
+
+def _mtime_ns(path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _saved_calibration(path: str, mtime_ns: int) -> tuple[object, float | None]:
+    import json
+    from pathlib import Path
+
+    from ttt_core.experiments.calibration_suite import load_calibration, settings_from_dict, suite_seconds
+
+    try:
+        res = json.loads(Path(path).read_text())
+        suite = load_calibration(settings_from_dict(res["settings"]), int(res["n_prompts"]), out=Path(path).parent)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None, None
+    if suite is None:
+        return None, None
+    return suite, suite_seconds(suite)
+
+
+def saved_calibration(path) -> tuple[object, float | None]:
+    """(the calibration `Suite` behind the saved summary at `path`, Σ of its records' compute
+    seconds) — (None, None) when records are missing. Read once per file version (cached on the
+    path and its modification time, as a copy per session: `st.cache_data`), not on every rerun:
+    a 300-prompt suite is ~300 record files."""
+    return _saved_calibration(str(path), _mtime_ns(path))

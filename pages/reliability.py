@@ -10,13 +10,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header
+from pages.common import get_model, how_to_read, page_header, provenance_text, saved_calibration
 from pages.downloads import figure_downloads, table_download
 from ttt_core.experiments.calibration_report import POOLED, level_label, recommended_rule
 from ttt_core.experiments.calibration_suite import (
     calibration_dir,
     published_calibration_dir,
-    record_seconds,
     run_calibration,
     saved_calibrations,
 )
@@ -62,17 +61,13 @@ else:
     m[1].metric("Head-choice prompts", res.get("n_head_prompts", 0))
     m[2].metric("Step grid", f"0…{max(s.get('grid', [0]))}")
     m[3].metric("Backend", f"{res.get('backend', '?')} × {res.get('workers', 1)}")
-    compute_s = record_seconds(path, res)
+    _, compute_s = saved_calibration(path)
     m[4].metric("Wall time (last invocation)", f"{res.get('wall_seconds', 0.0) / 60:.1f} min",
                 help="A run that resumes from cached records times only the prompts it computed. "
                      + ("" if compute_s is None else f"Σ of every record's compute seconds (all runs, per worker): "
                         f"{compute_s / 60:.1f} min."))
-    machine = prov.get("machine", {})
-    dirty = " (with uncommitted changes)" if prov.get("uncommitted_changes") else ""
-    st.caption(f"How it was made: `{prov.get('command', '?')}` · commit `{(prov.get('commit') or 'unknown')[:12]}`{dirty} "
-               f"· model {res.get('model')} · created {res.get('created')} · machine {machine.get('processor', '?')}, "
-               f"{machine.get('cpu_count', '?')} CPUs, Python {machine.get('python', '?')} · file `{path.name}` · "
-               f"splits {rep.get('splits')} (disjoint seed ranges; seeds listed in the file).")
+    st.caption(provenance_text(prov, model=res.get("model"), created=res.get("created"), file=path.name)
+               + f" · splits {rep.get('splits')} (disjoint seed ranges; seeds listed in the file).")
 
     levels = list(dict.fromkeys(r["level"] for r in rep["regret"].get("all", [])))
     like = _sidebar_level(levels)

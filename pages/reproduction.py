@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header
+from pages.common import get_model, how_to_read, page_header, provenance_text
 from pages.downloads import figure_downloads
 from ttt_core.experiments.paper_tasks import PAPER_EXP1, ReproSettings
 from ttt_core.experiments.reproduce import run_reproduction
@@ -87,11 +87,7 @@ else:
                f"failed tasks: {len(summ.get('tasks_failed', []))}")
     prov = res.get("provenance") or {}
     if prov.get("command"):
-        commit = (prov.get("commit") or "unknown")[:12] + (" + uncommitted changes" if prov.get("uncommitted_changes") else "")
-        mach = prov.get("machine") or {}
-        st.caption(f"Made with `{prov['command']}` at commit `{commit}` on {mach.get('cpu_count', '?')} CPUs "
-                   f"({mach.get('processor', '?')}, {mach.get('torch_threads_per_worker', '?')} torch thread(s) per "
-                   "worker); each task record in the file can be recomputed from these settings "
+        st.caption(provenance_text(prov) + "; each task record in the file can be recomputed from these settings "
                    "(tests/unit/experiments/test_published.py does so for 3 random records).")
     sentences = findings(summ)
     if sentences:

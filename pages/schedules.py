@@ -10,9 +10,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header
+from pages.common import get_model, how_to_read, page_header, provenance_text, saved_calibration
 from pages.downloads import figure_downloads
-from ttt_core.experiments.calibration_suite import latest_calibration, load_calibration, settings_from_dict
+from ttt_core.experiments.calibration_suite import latest_calibration, settings_from_dict
 from ttt_core.experiments.calibration_tasks import CAL_FAMILY_LABELS
 from ttt_core.experiments.controller import Controller, ControllerConfig, load_controller, train_controller
 from ttt_core.experiments.schedules import (
@@ -67,15 +67,13 @@ if source_kind == "saved":
     settings = settings_from_dict(res["settings"])
     labels = {**FAMILY_LABELS, **CAL_FAMILY_LABELS}
     n_tasks = int(res.get("n_prompts", 0))
-    suite = load_calibration(settings, n_tasks, out=path.parent)
-    prov = res.get("provenance", {})
-    machine = prov.get("machine", {})
+    suite, _ = saved_calibration(path)
     st.caption(f"**Saved suite** ({where}): {n_tasks} prompts of {len(settings.families)} families "
                f"({', '.join(labels[f] for f in settings.families)}), each with its measured error after T = 0…"
-               f"{settings.t_max} steps (paper LOO GD on W_V for few-shot, qTTT for long contexts). Made with "
-               f"`{prov.get('command', '?')}` at commit `{(prov.get('commit') or 'unknown')[:12]}` on "
-               f"{machine.get('cpu_count', '?')} CPUs, {res.get('created', '?')}, model {res.get('model')}; "
-               f"splits {res.get('report', {}).get('splits')}. File `{path.name}`. "
+               f"{settings.t_max} steps (paper LOO GD on W_V for few-shot, qTTT for long contexts). "
+               + provenance_text(res.get("provenance"), model=res.get("model"), created=res.get("created"),
+                                 file=path.name)
+               + f" · splits {res.get('report', {}).get('splits')}. "
                + ("" if res.get("model") == lm.name else f"It was made with {res.get('model')}, not the model "
                   f"loaded now ({lm.name}): its numbers are about that model."))
     if suite is None:

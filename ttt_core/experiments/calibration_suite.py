@@ -212,7 +212,10 @@ def record_seconds(path: str | Path, res: dict[str, Any]) -> float | None:
         suite = load_calibration(settings_from_dict(res["settings"]), int(res["n_prompts"]), out=Path(path).parent)
     except (KeyError, TypeError, ValueError, OSError):
         return None
-    if suite is None:
-        return None
+    return None if suite is None else suite_seconds(suite)
+
+
+def suite_seconds(suite: Suite) -> float:
+    """Σ of the per-prompt compute seconds (`task_seconds`, head runs included) of a suite's records."""
     return float(sum(float(t.get("task_seconds", 0.0)) for t in suite.tasks))
 
