@@ -8,9 +8,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, page_header
+from pages.common import get_model, get_prompt, how_to_read, page_header, provenance_text
 from pages.downloads import figure_downloads, table_download
-from ttt_core.experiments.targets_suite import FAMILY_LABELS, latest_summary
+from ttt_core.experiments.targets_suite import FAMILY_LABELS, is_published, latest_summary
 from ttt_core.figures import targets as figs
 from ttt_core.qttt import DEFAULT_LR
 from ttt_core.targets import DEFAULT_TARGETS, SIGNALS, compare_targets, describe
@@ -110,9 +110,17 @@ if found is None:
 else:
     path, summary = found
     n = summary.get("n_prompts", {})
-    st.caption(f"{path} — " + ", ".join(f"{FAMILY_LABELS.get(f, f)}: {k} prompts" for f, k in n.items())
-               + f"; command: `{summary.get('provenance', {}).get('command', '?')}`, commit "
-               f"{summary.get('provenance', {}).get('commit', '?')}.")
+    st_ = summary.get("settings", {})
+    where = "the committed suite" if is_published(path) else "a suite built on this machine"
+    st.caption(f"**Saved result** ({where}): " + ", ".join(f"{FAMILY_LABELS.get(f, f)}: {k} prompts" for f, k in n.items())
+               + f"; {len(st_.get('targets', []))} targets × signals {', '.join(st_.get('signals', []))}, "
+               f"{st_.get('steps', '?')} steps, lr {st_.get('lr', '?')}, seeds {st_.get('seeds', '?')}. "
+               + provenance_text(summary.get("provenance"), model=st_.get("model"),
+                                 created=(summary.get("provenance") or {}).get("created"), file=f"{path.parent.name}/{path.name}")
+               + ". Each prompt record can be recomputed from these settings (tests/unit/experiments/test_published.py "
+                 "does so for 3 random target × signal rows)."
+               + ("" if st_.get("model") in (None, lm.name) else f" It was made with {st_.get('model')}, not the model "
+                  f"loaded now ({lm.name}): its numbers are about that model."))
     fig3 = figs.suite_figure(summary)
     st.plotly_chart(fig3, key="tgt_fig_suite")
     figure_downloads(fig3, "tgt_fig_suite", None, None, model=summary.get("settings", {}).get("model"))

@@ -256,12 +256,17 @@ def _targets_suite(args: argparse.Namespace, targets: list[str], signals: list[s
     from ttt_core.experiments.targets_suite import TargetsSuiteSettings, build_suite
     from ttt_core.figure_data import json_clean
 
+    workers = max(1, int(args.workers))
+    if workers > 1 and args.trust_remote_code:
+        print("error: --workers > 1 loads the model in each worker without the model's own code; "
+              "use --workers 1 with --trust-remote-code", file=sys.stderr)
+        return 2
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     settings = TargetsSuiteSettings(model=lm.name, targets=tuple(targets), signals=tuple(signals), steps=args.steps,
                                     seeds=tuple(seeds), lr=args.lr, span=args.span, last_layers=args.last_layers,
                                     kernels=args.suite_kernels, max_positions=args.max_positions)
     with ProgressBar("compare-targets --suite", quiet=args.quiet) as bar:
-        summary = build_suite(lm, settings, args.suite, root=args.suite_dir, progress=bar.count,
+        summary = build_suite(lm, settings, args.suite, root=args.suite_dir, progress=bar.count, workers=workers,
                               command="ttt-lens " + " ".join(sys.argv[1:]))
     print(json.dumps(json_clean(summary), indent=1, ensure_ascii=False))
     print(f"suite: {summary['folder']}", file=sys.stderr)
@@ -431,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of one prompt: N seeded prompts per family (digit shift, needle), cached and resumable")
     p.add_argument("--suite-dir", default=None, help="--suite: folder (default artifacts/targets/<model>-<hash>)")
     p.add_argument("--suite-kernels", action="store_true", help="--suite: also the kernel columns (slower)")
+    p.add_argument("--workers", type=int, default=1, help="--suite: single-threaded worker processes")
     p.add_argument("--targets", default="q,k,v,o,mlp_up,mlp_gate,mlp_down,lora:q:8,lora:v:8,norm_attn,norm_mlp",
                    help="comma-separated targets: q,k,v,o,mlp_up,mlp_gate,mlp_down,norm_attn,norm_mlp,"
                         "norm_attn_bias,norm_mlp_bias or lora:<kind>:<rank>")

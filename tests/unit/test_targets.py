@@ -259,6 +259,44 @@ def test_suite_is_cached_and_resumable(tmp_path, monkeypatch):
     assert rec["provenance"]["command"] and rec["prompt_text"]
 
 
+def test_suite_on_worker_processes_matches_the_serial_suite(tmp_path):
+    """--workers 2: the same records as in-process (the measured error changes, not the timings),
+    and the summary names the worker count."""
+    from ttt_core.experiments import targets_suite as TS
+
+    lm = build_tiny_model("llama", seed=0)
+    s = TS.TargetsSuiteSettings(model=lm.name, targets=("q", "norm_attn"), signals=("nll",), steps=2, lr=1e-2,
+                                span=16, needle_words=20, n_demos=4)
+    serial = TS.build_suite(lm, s, 2, root=tmp_path / "serial")
+    pooled = TS.build_suite(None, s, 2, root=tmp_path / "pooled", workers=2)
+    assert pooled["workers"] == 2 and pooled["provenance"]["machine"]["torch_threads_per_worker"] == 1
+    for f in ("digit_shift-0000", "digit_shift-0001", "needle-0000", "needle-0001"):
+        a, b = (json.loads((tmp_path / k / "prompts" / f"{f}.json").read_text())["comparison"]
+                for k in ("serial", "pooled"))
+        assert [r["deltas"] for r in a["rows"]] == [r["deltas"] for r in b["rows"]] and a["winner"] == b["winner"]
+    assert [r["mean_delta"] for r in pooled["families"]["needle"]] == [r["mean_delta"] for r in serial["families"]["needle"]]
+    with pytest.raises(ValueError, match="a model is needed"):
+        TS.build_suite(None, s, 3, root=tmp_path / "other")
+
+
+def test_latest_summary_falls_back_to_the_published_suite(tmp_path, monkeypatch):
+    from ttt_core.experiments import targets_suite as TS
+
+    pub, local = tmp_path / "published", tmp_path / "art"
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: pub)
+    monkeypatch.setattr(TS, "artifacts_root", lambda: local)
+    assert TS.latest_summary() is None
+    (pub / "m-1").mkdir(parents=True)
+    (pub / "m-1" / "summary.json").write_text(json.dumps({"kind": "ttt_lens_targets_suite", "provenance": {"created": "a"}}))
+    path, _ = TS.latest_summary()
+    assert path.parent.name == "m-1" and TS.is_published(path)
+    (local / "targets" / "m-2").mkdir(parents=True)
+    (local / "targets" / "m-2" / "summary.json").write_text(json.dumps({"kind": "ttt_lens_targets_suite",
+                                                                        "provenance": {"created": "0"}}))
+    path, _ = TS.latest_summary()
+    assert path.parent.name == "m-2" and not TS.is_published(path)   # a suite built here wins over the committed one
+
+
 def test_cli_compare_targets_json(tmp_path, capsys):
     from ttt_core.cli import main
 

@@ -26,8 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ttt_core.experiments.paper_tasks import paper_task, task_rng
+from ttt_core.experiments.pool import map_jobs
 from ttt_core.experiments.stats import boot_ci, paired_stats, suite_verdict
-from ttt_core.experiments.store import artifacts_root, provenance, write_json
+from ttt_core.experiments.store import artifacts_root, provenance, published_dir, write_json
 from ttt_core.generators import needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
 from ttt_core.prompts import Prompt, parse_prompt
@@ -52,6 +53,7 @@ class TargetsSuiteSettings:
     span: int = 128
     last_layers: int | None = None
     kernels: bool = False
+    count_flops: bool = False     # the FLOP counter re-runs one step per row (~10 % of a prompt); per-prompt view has it
     max_positions: int = 64
     seed: int = 1212
     n_demos: int = 10
@@ -97,33 +99,55 @@ def run_prompt(lm: LoadedModel, settings: TargetsSuiteSettings, family: str, ind
     p = make_prompt(settings, family, index)
     cmp = compare_targets(lm, p, settings.targets, settings.signals, steps=settings.steps, seeds=settings.seeds,
                           lr=settings.lr, span=settings.span, last_layers=settings.last_layers,
-                          max_positions=settings.max_positions, kernels=settings.kernels)
+                          max_positions=settings.max_positions, kernels=settings.kernels,
+                          count_flops=settings.count_flops)
     return {"kind": "ttt_lens_targets_prompt", "family": family, "index": int(index), "prompt_text": p.to_text(),
             "settings": settings.to_dict(), "comparison": cmp.to_dict(), "provenance": provenance(command)}
 
 
-def build_suite(lm: LoadedModel, settings: TargetsSuiteSettings, n_prompts: int, *, root: str | Path | None = None,
-                command: str | None = None, progress: CountProgress = None) -> dict[str, Any]:
+def _prompt_job(lm: LoadedModel, job: tuple) -> str:
+    """Pool job (`pool.map_jobs`): compute one prompt's record and write it; returns its path."""
+    settings, family, index, path, command = job
+    write_json(Path(path), run_prompt(lm, settings, family, index, command))
+    return path
+
+
+def build_suite(lm: LoadedModel | None, settings: TargetsSuiteSettings, n_prompts: int, *,
+                root: str | Path | None = None, command: str | None = None, progress: CountProgress = None,
+                workers: int = 1, backend: str = "process") -> dict[str, Any]:
     """`n_prompts` prompts per family: cached records are reused, missing ones computed and written
-    one by one (resumable). Returns `summarise` of all records, also written to summary.json."""
-    if lm.name != settings.model:
+    one by one (resumable), in this process (`lm`) or on `workers` single-threaded worker processes
+    (`pool.map_jobs`; `lm` may then be None). Returns `summarise` of all records, also written to
+    summary.json (with the backend and worker count)."""
+    if lm is not None and lm.name != settings.model:
         raise ValueError(f"the settings are for {settings.model!r} but the model is {lm.name!r}")
     folder = suite_folder(settings, root)
     (folder / "prompts").mkdir(parents=True, exist_ok=True)
     jobs = [(f, i) for f in settings.families for i in range(int(n_prompts))]
-    records = []
-    for k, (fam, i) in enumerate(jobs):
-        path = _record_path(folder, fam, i)
-        rec = _read(path)
-        if rec is None:
-            rec = run_prompt(lm, settings, fam, i, command)
-            write_json(path, rec)
-        records.append(rec)
+    todo = [(f, i) for f, i in jobs if _read(_record_path(folder, f, i)) is None]
+    pooled = workers > 1 and len(todo) > 1
+    if todo and lm is None and not pooled:
+        raise ValueError("a model is needed to run the prompts that are not cached")
+    cached = len(jobs) - len(todo)
+
+    def tick(done: int, total: int = 0, text: str = "") -> None:
         if progress is not None:
-            progress(k + 1, len(jobs), f"{fam} prompt {i}")
+            progress(cached + done, len(jobs), f"{done}/{len(todo)} prompts run ({cached} cached)")
+
+    tick(0)
+    map_jobs(_prompt_job, [(settings, f, i, str(_record_path(folder, f, i)), command) for f, i in todo],
+             model=settings.model, backend=backend if pooled else "serial", workers=workers, lm=lm, progress=tick,
+             label="prompts")
+    records = []
+    for fam, i in jobs:
+        rec = _read(_record_path(folder, fam, i))
+        if rec is None:
+            raise RuntimeError(f"the record of {fam} prompt {i} was not written under {folder}")
+        records.append(rec)
     summary = summarise(records)
     summary.update({"kind": "ttt_lens_targets_suite", "settings": settings.to_dict(), "folder": str(folder),
-                    "provenance": provenance(command)})
+                    "backend": backend if pooled else "serial", "workers": int(workers) if pooled else 1,
+                    "provenance": provenance(command, workers if pooled else None)})
     write_json(folder / "summary.json", summary, indent=1)
     return summary
 
@@ -196,19 +220,38 @@ class SuiteView:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest summary.json under <artifacts root>/targets (or `root`), None when there is none."""
-    base = Path(root) if root is not None else artifacts_root() / "targets"
+def published_targets_dir() -> Path:
+    """artifacts/published/targets: the committed suite, shown when nothing newer exists."""
+    return published_dir("targets")
+
+
+def _newest_summary(base: Path) -> tuple[Path, dict[str, Any]] | None:
     best = None
     for p in base.glob("*/summary.json") if base.is_dir() else []:
         try:
             d = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(d, dict) or d.get("kind") != "ttt_lens_targets_suite":
+            continue
         key = (d.get("provenance", {}).get("created", ""), p.stat().st_mtime)
         if best is None or key > best[0]:
             best = (key, p, d)
     return None if best is None else (best[1], best[2])
+
+
+def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest summary.json under `root` — by default <artifacts root>/targets (suites built on
+    this machine), else the committed suite under artifacts/published/targets — None when there is
+    none."""
+    if root is not None:
+        return _newest_summary(Path(root))
+    return _newest_summary(artifacts_root() / "targets") or _newest_summary(published_targets_dir())
+
+
+def is_published(path: str | Path) -> bool:
+    """Whether a summary path lies in the committed folder (artifacts/published/targets)."""
+    return published_targets_dir().resolve() in Path(path).resolve().parents
 
 
 def prompt_of(record: dict[str, Any]) -> Prompt:
