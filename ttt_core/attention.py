@@ -48,6 +48,7 @@ class _FrozenState:
     cache: FrozenKV
     q_offset: int
     segments: tuple[tuple[int, int], ...] | None = None  # (rows, absolute offset) per row segment
+    grad_segments: int | None = None  # only the first N segments' attention takes part in autograd
 
 
 _FROZEN: contextvars.ContextVar[_FrozenState | None] = contextvars.ContextVar("ttt_lens_frozen", default=None)
@@ -71,17 +72,23 @@ def detached_kv() -> Iterator[None]:
 
 @contextmanager
 def frozen_kv(cache: FrozenKV, q_offset: int,
-              segments: tuple[tuple[int, int], ...] | None = None) -> Iterator[None]:
+              segments: tuple[tuple[int, int], ...] | None = None, grad_segments: int | None = None) -> Iterator[None]:
     """Within this block (this thread only), attention reads keys/values from `cache`.
 
     segments: optional ((rows, offset), …): the current chunk is the concatenation of row
     segments, segment s holding `rows` rows at absolute positions offset … offset+rows−1 (each
     segment runs its own frozen-cache attention; `record_attention` then keeps the last segment's
-    probabilities only)."""
+    probabilities only). grad_segments: with segments, only the first N segments' attention is
+    recorded by autograd; later segments attend with detached queries (evaluation rows riding along
+    a training forward: under frozen K/V no other row reads them, so for an objective of the first
+    N segments' rows their gradient is exactly zero and the backward can skip them)."""
     if q_offset < 0 or (segments is not None and any(o < 0 or r <= 0 for r, o in segments)):
         raise ValueError(f"offsets must be ≥ 0 and segments non-empty; got {q_offset}, {segments}")
+    if grad_segments is not None and (segments is None or not 0 <= grad_segments <= len(segments)):
+        raise ValueError(f"grad_segments={grad_segments} needs that many row segments; got {segments}")
     token = _FROZEN.set(_FrozenState(cache, int(q_offset),
-                                     None if segments is None else tuple((int(r), int(o)) for r, o in segments)))
+                                     None if segments is None else tuple((int(r), int(o)) for r, o in segments),
+                                     None if grad_segments is None else int(grad_segments)))
     try:
         yield
     finally:
@@ -149,8 +156,9 @@ def ttt_lens_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
             last_q, last_off = query, frozen.q_offset
         else:
             parts = torch.split(query, [r for r, _ in frozen.segments], dim=2)
-            out = torch.cat([frozen_kv_attention(qp, k, v, off, scale=scale)
-                             for qp, (_, off) in zip(parts, frozen.segments)], dim=2)
+            n_grad = len(parts) if frozen.grad_segments is None else frozen.grad_segments
+            out = torch.cat([frozen_kv_attention(qp if i < n_grad else qp.detach(), k, v, off, scale=scale)
+                             for i, (qp, (_, off)) in enumerate(zip(parts, frozen.segments))], dim=2)
             last_q, last_off = parts[-1], frozen.segments[-1][1]
         if record is not None and (record["__layers__"] is None or layer in record["__layers__"]):
             record[layer] = _explicit_probs(last_q.detach(), k, scale, last_off)
@@ -211,13 +219,16 @@ def forward_with_frozen_kv(model: Any, input_ids: torch.Tensor, cache: FrozenKV,
 
 
 def forward_rows_with_frozen_kv(model: Any, ids: torch.Tensor, cache: FrozenKV,
-                                segments: list[tuple[int, int]], **kwargs: Any) -> Any:
+                                segments: list[tuple[int, int]], grad_segments: int | None = None,
+                                **kwargs: Any) -> Any:
     """One forward over several row segments of `ids` (1, N) against the frozen `cache`.
 
     segments: [(start, length), …]; the model sees the concatenated rows ids[:, start:start+length]
     at their absolute positions, each segment with the causal-offset mask of its own start, so row
     outputs equal those of separate `forward_with_frozen_kv` calls (DESIGN §7.2: rows are
-    independent under frozen keys/values). Logits come back in segment order, (1, Σ length, V)."""
+    independent under frozen keys/values). Logits come back in segment order, (1, Σ length, V).
+    grad_segments: the objective reads only the first N segments (`frozen_kv`): the attention of
+    the others stays out of the backward; their logits are the same numbers."""
     if not segments:
         raise ValueError("no row segments")
     for s, m in segments:
@@ -225,5 +236,5 @@ def forward_rows_with_frozen_kv(model: Any, ids: torch.Tensor, cache: FrozenKV,
             raise ValueError(f"segment rows {s}..{s + m - 1} outside the cache of length {cache.length}")
     rows = torch.cat([ids[:, s:s + m] for s, m in segments], dim=1)
     pos = torch.cat([torch.arange(s, s + m, device=ids.device) for s, m in segments]).unsqueeze(0)
-    with frozen_kv(cache, segments[0][0], segments=tuple((m, s) for s, m in segments)):
+    with frozen_kv(cache, segments[0][0], segments=tuple((m, s) for s, m in segments), grad_segments=grad_segments):
         return model(input_ids=rows, position_ids=pos, use_cache=False, **kwargs)

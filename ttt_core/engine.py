@@ -114,14 +114,29 @@ def effective_deltas(deltas: dict[Key, torch.Tensor], masks: dict[Key, torch.Ten
     return {k: (d if masks.get(k) is None else d * masks[k]) for k, d in deltas.items()}
 
 
-def _layer_norms(n_layers: int, deltas: dict[Key, torch.Tensor]) -> list[float]:
+def _layer_norms_checked(n_layers: int, deltas: dict[Key, torch.Tensor]) -> tuple[list[float], bool]:
+    """(‖ΔW_l‖_F per layer (0 for layers without a delta), whether every entry of every delta is
+    finite), from one fused fp32 norm over all deltas and one host sync: a norm is finite iff its
+    entries are, except when finite entries overflow fp32 — then that norm is redone in float64."""
     out = [0.0] * n_layers
-    for (layer, _), d in deltas.items():
-        n = float(d.detach().float().norm())
-        if not math.isfinite(n) and bool(torch.isfinite(d).all()):  # finite entries whose fp32 ‖·‖ overflows
-            n = float(d.detach().double().norm())
-        out[layer] = n
-    return out
+    keys = list(deltas)
+    if not keys:
+        return out, True
+    norms = torch.stack(torch._foreach_norm([deltas[k].detach().float() for k in keys])).tolist()
+    finite = True
+    for key, n in zip(keys, norms):
+        if not math.isfinite(n):
+            d = deltas[key]
+            if bool(torch.isfinite(d).all()):    # finite entries whose fp32 ‖·‖ overflows
+                n = float(d.detach().double().norm())
+            else:
+                finite = False
+        out[key[0]] = n
+    return out, finite
+
+
+def _layer_norms(n_layers: int, deltas: dict[Key, torch.Tensor]) -> list[float]:
+    return _layer_norms_checked(n_layers, deltas)[0]
 
 
 def _finite(x: Any) -> bool:
@@ -134,9 +149,6 @@ def _finite(x: Any) -> bool:
         return all(_finite(v) for v in x)
     return not isinstance(x, (int, float)) or math.isfinite(x)  # other values (text) are not numbers
 
-
-def _all_finite(deltas: dict[Key, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(d).all()) for d in deltas.values())
 
 
 def greedy_decode(lm: LoadedModel, prompt_ids: torch.Tensor, deltas: dict[Key, torch.Tensor] | None, template: Any,
@@ -266,7 +278,8 @@ class EngineRun:
                                      cur, last_metrics, ts, info, t - 1)
                 return
             new = self._update(cur, grads)
-            if not _all_finite(new):
+            new_norms, finite = _layer_norms_checked(n_layers, new)   # the record's delta_norms below
+            if not finite:
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the update produced non-finite weights",
                                      cur, last_metrics, ts, info, t - 1)
                 return
@@ -288,7 +301,7 @@ class EngineRun:
             rec = StepRecord(step=t, mode=self.mode, loss=lossf, loss_per_token=info.get("per_token", lossf),
                              span_start=info.get("start"), span_len=info.get("span"), grad_norm=gnorm,
                              step_s=step_s, eval_s=eval_s, wall_s=step_s + eval_s,
-                             elapsed_s=time.perf_counter() - self._t0, delta_norms=_layer_norms(n_layers, cur),
+                             elapsed_s=time.perf_counter() - self._t0, delta_norms=new_norms,   # cur is new
                              backend=self.backend, backend_label=self.backend_label, **metrics)
             self.records.append(rec)
             yield rec

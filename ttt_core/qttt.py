@@ -288,7 +288,7 @@ class QTTTRun(EngineRun):
             leaves = {key: d.detach().requires_grad_(True) for key, d in deltas.items()}
             with torch.enable_grad(), lm.adapter.apply(deltas=effective_deltas(leaves, self.masks)):
                 with record_attention() if want_needle else nullcontext() as rec:
-                    out = forward_rows_with_frozen_kv(lm.model, enc.ids, self.cache, [(start, k), rows])
+                    out = forward_rows_with_frozen_kv(lm.model, enc.ids, self.cache, [(start, k), rows], grad_segments=1)
                 loss = F.cross_entropy(out.logits[0, :k].float(), enc.ids[0, start + 1:start + k + 1], reduction="sum")
             self._pending = {"deltas": deltas, "start": start, "loss": loss, "leaves": leaves}
             res.update(self._row_metrics(out.logits[0, k:].detach(), rec))

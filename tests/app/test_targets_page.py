@@ -14,14 +14,22 @@ APP = Path(__file__).resolve().parents[2] / "app.py"
 FEWSHOT = "0 -> 3\n1 -> 4\n2 -> 5\n3 -> 6\n4 -> 7\n5 ->\n# answer: 8\n"
 
 
-@pytest.fixture()
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def _app(tmp_path) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=300)
     at.session_state["model_name"] = "tiny-random-llama"
     at.session_state["model_preset"] = "tiny-random-llama"
     at.session_state["prompt_text"] = FEWSHOT
+    return at
+
+
+@pytest.fixture()
+def app(tmp_path, monkeypatch):
+    from ttt_core.experiments import targets_suite as TS
+
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: tmp_path / "no_published_suite")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    at = _app(tmp_path)
     at.session_state["tgt_targets"] = ["q", "lora:q:4", "norm_attn"]
     at.session_state["tgt_signals"] = ["nll", "entropy"]
     at.session_state["tgt_steps"] = 2
@@ -45,3 +53,29 @@ def test_targets_page_compares_and_draws(app: AppTest) -> None:
     df = app.dataframe[0].value
     assert list(df["target"]) == ["q", "q", "lora:q:4", "lora:q:4", "norm_attn", "norm_attn"]
     assert df["flops_per_step"].notna().all() and df["kernel"].eq("ok").all()
+
+
+def test_targets_page_shows_the_committed_suite_by_default(tmp_path, monkeypatch) -> None:
+    """A newcomer (nothing built on this machine) sees the committed suite: its table is the
+    summary's rows, its caption says where it comes from and warns that it is about another model."""
+    from ttt_core.experiments import targets_suite as TS
+    from ttt_core.models import load_model
+
+    lm_name = "tiny-random-llama"
+    s = TS.TargetsSuiteSettings(model=lm_name, targets=("q", "norm_attn"), signals=("nll",), steps=2, lr=1e-2,
+                                span=16, needle_words=20, n_demos=4)
+    pub = tmp_path / "published"
+    summary = TS.build_suite(load_model(lm_name), s, 2, root=pub / "suite-x", command="ttt-lens compare-targets --suite 2")
+    (pub / "suite-x" / "summary.json").write_text(
+        (pub / "suite-x" / "summary.json").read_text().replace(f'"model": "{lm_name}"', '"model": "Other/Model"'))
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path / "empty"))
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: pub)
+    at = _app(tmp_path)
+    at.switch_page("pages/targets.py").run()
+    assert not at.exception, at.exception
+    cap = " ".join(c.value for c in at.caption)
+    assert "the committed suite" in cap and "ttt-lens compare-targets --suite 2" in cap
+    assert "made with Other/Model, not the model loaded now" in cap
+    table = next(d.value for d in at.dataframe if "vs qTTT" in d.value.columns)
+    want = [(f, r["target"], r["mean_delta"]) for f, rs in summary["families"].items() for r in rs]
+    assert list(zip(table["family"], table["target"], table["mean_delta"])) == want

@@ -241,3 +241,40 @@ def test_layer_norms_do_not_overflow_for_finite_deltas():
     norms = _layer_norms(3, d)
     assert norms[0] == pytest.approx(64e20, rel=1e-6) and norms[1] == pytest.approx(2.0) and norms[2] == 0.0
     assert math.isinf(_layer_norms(1, {(0, "q"): torch.full((2, 2), float("inf"))})[0])
+
+
+def test_layer_norms_checked_flags_any_non_finite_entry():
+    # would catch: the fused finiteness check (one norm over all deltas) missing a single NaN or inf,
+    # or calling finite entries whose fp32 norm overflows non-finite
+    from ttt_core.engine import _layer_norms_checked
+
+    ok = {(0, "q"): torch.ones(4, 4), (2, "q"): torch.full((8, 8), 1e20)}
+    norms, finite = _layer_norms_checked(3, ok)
+    assert finite and norms[0] == pytest.approx(4.0) and norms[1] == 0.0 and norms[2] == pytest.approx(8e20, rel=1e-6)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        d = {k: v.clone() for k, v in ok.items()}
+        d[(0, "q")][3, 1] = bad
+        assert _layer_norms_checked(3, d)[1] is False
+
+
+def test_qttt_update_with_a_non_finite_weight_stops_at_that_step(lm, monkeypatch):
+    # would catch: an update that writes one NaN into ΔW_Q passing the engine's check (the run would
+    # then go on with NaN weights), or the record of the last kept step being dropped
+    import ttt_core.qttt as qttt
+
+    real = qttt.QTTTRun._update
+
+    def poisoned(self, deltas, grads):
+        new = real(self, deltas, grads)
+        if len(self.records) == 2:
+            key = sorted(new)[len(new) // 2]
+            new[key] = new[key].clone()
+            new[key][0, 0] = float("nan")
+        return new
+
+    monkeypatch.setattr(qttt.QTTTRun, "_update", poisoned)
+    run = QTTTRun(lm, needle_haystack(0, n_words=60), QTTTConfig(steps=6, span=16, lr=1e-3))
+    recs = run.run_to_end()
+    assert run.status == "diverged" and "non-finite weights" in run.reason and "step 3" in run.reason
+    assert all(torch.isfinite(d).all() for d in run.deltas.values())
+    assert recs[-1].step == 3 and all(math.isfinite(x) for x in recs[-1].delta_norms)

@@ -234,6 +234,35 @@ def test_row_segments_forward_equals_separate_forwards(llama, needle):
         forward_rows_with_frozen_kv(llama.model, ids, cache, [(n - 2, 4)])
 
 
+def test_grad_segments_leave_logits_and_span_gradient_unchanged(llama, needle):
+    """grad_segments=1 (evaluation rows riding along a training forward): the same logits for every
+    row and the same W_Q gradient of the first segment's loss as with every segment in autograd —
+    to the last bit — while the second segment's rows carry no gradient back to W_Q."""
+    ids = torch.tensor([llama.tokenizer(needle.full_text()).input_ids])
+    _, cache = prefill(llama.model, ids)
+    n = ids.shape[1]
+    segs = [(3, 8), (n - 4, 4)]
+    keys = [(l, "q") for l in range(llama.adapter.n_layers)]
+    torch.manual_seed(0)
+    deltas = {k: 1e-2 * torch.randn_like(d) for k, d in _zeros(llama, keys).items()}
+    outs = []
+    for grad_segments in (None, 1):
+        leaves = {k: d.clone().requires_grad_(True) for k, d in deltas.items()}
+        with torch.enable_grad(), llama.adapter.apply(deltas=leaves):
+            logits = forward_rows_with_frozen_kv(llama.model, ids, cache, segs, grad_segments=grad_segments).logits[0]
+            loss = F.cross_entropy(logits[:8].float(), ids[0, 4:12], reduction="sum")
+        outs.append((logits.detach(), torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)))
+        # the evaluation rows' logits depend on W_Q through their attention only: cut with grad_segments=1
+        probe = torch.autograd.grad(logits[8:].sum(), list(leaves.values()), allow_unused=True)
+        biggest = max(0.0 if g is None else float(g.abs().max()) for g in probe)
+        assert (biggest == 0.0) == (grad_segments == 1), (grad_segments, biggest)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grad_segments"):
+        forward_rows_with_frozen_kv(llama.model, ids, cache, segs, grad_segments=3)
+
+
 def _same_records(a, b, keys):
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
