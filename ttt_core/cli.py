@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default="v,q", help="Exp1 subspaces, comma-separated (v, q)")
     p.add_argument("--last-layers", type=int, default=4, help="Exp1 updates every head of the last N layers")
     p.add_argument("--exp2", choices=["gd", "linear", "both", "off"], default="gd",
-                   help="Exp2 query error: real GD (default; ~10 CPU-minutes per task on SmolLM2), "
+                   help="Exp2 query error: real GD (default; ~4 CPU-minutes per task on SmolLM2), "
                         "linear = linearised — the same quantity the greedy rule maximises (cheap, favours "
                         "Query-Aware by construction), both, or off")
     p.add_argument("--exp2-layers", type=int, default=16, help="Exp2 candidates: W_V heads of the last N layers")

@@ -50,9 +50,9 @@ MSE(method) (positive = better than Random) ± SEM across tasks, and the same fo
 (the paper's Figure 1(c)); Query-Aware vs Trace-TopK paired, with CI and permutation p.
 Query error: **real GD** by default (``--exp2 gd``: every distinct (budget, method) block set gets
 its own GD run, up to 48 runs × 8 steps per task, for every task unless ``--exp2-gd-tasks N``
-limits it to the first N). On SmolLM2 that is ~10 minutes of one CPU core per task (measured:
-12.5 min wall for one task on a shared 2-core machine; Exp1 is under a minute), so the CI-size run
-below takes ~40 min on 2 workers; ``--exp2 linear`` is the cheap option: the kernel's linearised prediction
+limits it to the first N). On SmolLM2 that is ~4.3 minutes of one CPU core per task (measured
+2026-12-01: 257 s for one task on one thread, 252 s of it in the 48 GD runs; Exp1 is ~15 s), so
+the CI-size run below takes ~20 min on 2 workers; ``--exp2 linear`` is the cheap option: the kernel's linearised prediction
 f_0 + k_Sᵀ q_T(K_S) r (exact to first order, DESIGN §3), labelled everywhere as "linearised — the
 same quantity the greedy rule maximises" (so that comparison favours Query-Aware by construction);
 ``--exp2 both`` records both, ``--exp2 off`` skips Exp2.
@@ -64,7 +64,7 @@ permutation p < 0.05; otherwise it says "too few tasks to decide" or "not distin
 
 Commands
 --------
-CI size (Exp1 a few minutes on 2 CPUs; Exp2's real GD ~10 CPU-minutes per task more)::
+CI size (Exp1 a few minutes on 2 CPUs; Exp2's real GD ~4 CPU-minutes per task more)::
 
     python -m ttt_core reproduce                      # 8 tasks, grid 0..12, Exp2 real GD, pool of 2
     python -m ttt_core reproduce --exp2 linear        # the same with Exp2 linearised (minutes)
