@@ -36,12 +36,10 @@ One task (`run_calibration_task`):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,6 +47,7 @@ import numpy as np
 from ttt_core import theory
 from ttt_core.experiments.suite_tasks import (
     SPLITS,
+    GridSettings,
     SuiteSettings,
     TaskSpec,
     _answer_row_confidence,
@@ -108,10 +107,11 @@ TIMING_FIELDS = ("seconds", "prep_seconds", "stats_seconds", "task_seconds", "he
 
 
 @dataclass(frozen=True)
-class CalibrationSettings:
+class CalibrationSettings(GridSettings):
     """Everything that determines a calibration record (suite size excluded: suites of different
-    sizes share their common prompts). `key()` hashes these settings for the cache folder. The
-    properties `t_max` and `actions` make it usable wherever the schedules read suite settings."""
+    sizes share their common prompts). `key()` hashes these settings for the cache folder; `t_max`
+    and `actions` (from `GridSettings`, as for the schedule suite) make it usable wherever the
+    schedules read suite settings."""
 
     model: str = EMBEDDED_MODEL
     grid: tuple[int, ...] = (1, 2, 4, 8, 16)   # the fixed-T rules; the oracle trajectory runs to max(grid)
@@ -131,18 +131,6 @@ class CalibrationSettings:
     head_layers: int | None = 8              # head-choice candidates: the blocks of the last N layers
     greedy_budget: int | None = None         # None: rank every block (bottom-k and Spearman need it)
     families: tuple[str, ...] = CAL_FAMILIES
-
-    @property
-    def t_max(self) -> int:
-        return int(max(self.grid))
-
-    @property
-    def actions(self) -> tuple[int, ...]:
-        return tuple(sorted({0, *map(int, self.grid)}))
-
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def suite_settings(self) -> SuiteSettings:
         """The schedule-suite settings whose `make_task` draws the trap prompts."""

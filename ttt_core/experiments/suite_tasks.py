@@ -98,8 +98,30 @@ FAKE_NEEDLES = (
 # ============================================================================================
 
 
+class GridSettings:
+    """What every suite's settings share (no fields, so a subclass hashes exactly its own fields):
+    the step grid's largest T, the controller's actions and the cache key. Subclasses are
+    dataclasses with a `grid` field."""
+
+    grid: tuple[int, ...]
+
+    @property
+    def t_max(self) -> int:
+        return int(max(self.grid))
+
+    @property
+    def actions(self) -> tuple[int, ...]:
+        """Controller actions: skip (T = 0) and every grid value."""
+        return tuple(sorted({0, *map(int, self.grid)}))
+
+    def key(self) -> str:
+        """12 hex digits of the SHA-1 of the settings' JSON (sorted keys): the cache folder's name."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=list)  # type: ignore[call-overload]
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
-class SuiteSettings:
+class SuiteSettings(GridSettings):
     """Everything that determines a task's result (n_tasks excluded: suites of different sizes
     share their common tasks). `key()` hashes these settings for the cache folder."""
 
@@ -116,19 +138,6 @@ class SuiteSettings:
     n_fakes: int = 4
     max_positions: int = 64               # long context: supervised positions in the kernel
     families: tuple[str, ...] = FAMILIES
-
-    @property
-    def t_max(self) -> int:
-        return int(max(self.grid))
-
-    @property
-    def actions(self) -> tuple[int, ...]:
-        """Controller actions: skip (T = 0) and every grid value."""
-        return tuple(sorted({0, *map(int, self.grid)}))
-
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def validate(self) -> None:
         if not self.grid or min(self.grid) < 1:
