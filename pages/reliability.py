@@ -146,6 +146,33 @@ else:
         bins = pd.DataFrame(ver["bins"])
         table_download(bins, "rel_tab_bins", settings={"result": path.name, "level": level})
 
+    recal = rep.get("verdict_recalibration")
+    rl = (recal or {}).get("levels", {}).get(level)
+    st.markdown("**Recalibrated on the train split** (what a probability of the verdict has meant on held-out prompts)")
+    if recal is None:
+        st.info("This result has no recalibration of the verdict (made before it existed, or its train split has "
+                "one outcome only). `python -m ttt_core calibrate --resume` on the same settings rewrites the "
+                "summary from the cached records with it.")
+    elif rl is None:
+        st.info("No held-out (test-split) prompts of this family.")
+    else:
+        c = st.columns(4)
+        c[0].metric("Platt map", f"σ({recal['a']:.2f}·logit P {recal['b']:+.2f})",
+                    help=f"Fitted on the {recal['n_train']} train prompts, all families pooled (maximum likelihood, "
+                         "small ridge). A slope near 0 means P carries little information about the outcome.")
+        c[1].metric("Test Brier, posterior P", f"{rl['brier_raw']:.3f}")
+        c[2].metric("Test Brier, recalibrated", f"{rl['brier_recalibrated']:.3f}",
+                    delta=f"{rl['brier_recalibrated'] - rl['brier_raw']:+.3f}", delta_color="inverse")
+        c[3].metric("Test Brier, constant base rate", f"{rl['brier_base_rate']:.3f}",
+                    help=f"Always predicting the train split's frequency {recal['train_base_rate']:.2f}.")
+        st.caption(f"{rl['n']} held-out prompts of this family: mean P {rl['mean_p_raw']:.2f} → {rl['mean_p_recalibrated']:.2f} "
+                   f"recalibrated, measured frequency {rl['freq_beats']:.2f}. {rep['definitions'].get('verdict_recalibration', '')}. "
+                   "Steps & bounds shows the recalibrated probability of the prompt in front of it beside the posterior's.")
+        st.plotly_chart(fig := figs.recalibration_figure(rl["bins_raw"], rl["bins_recalibrated"], recal["train_base_rate"]),
+                        key="rel_fig_recalibration")
+        figure_downloads(fig, "rel_fig_recalibration", settings={"result": path.name, "level": level},
+                         model=res.get("model"))
+
     # ---------------------------------------------------------------------- controller
     ctrl = rep.get("controller")
     st.subheader("The learned controller on held-out prompts")

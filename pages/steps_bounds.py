@@ -117,6 +117,20 @@ if adv["status"] == CALIBRATED:
     st.markdown(adv["sentence"])
 else:
     st.info("**Not calibrated.** " + adv["sentence"])
+rv = adv.get("verdict_recalibrated")
+if rv:
+    rc = st.columns([1, 3])
+    rc[0].metric("P(TTT beats ICL), recalibrated", f"{rv['p']:.2f}",
+                 help=f"This prompt's posterior P = {rv['p_raw']:.2f} at T⋆ = {rv['T_star']} under the calibration "
+                      f"suite's settings, through the suite's Platt map σ({rv['a']:.2f}·logit P {rv['b']:+.2f}) "
+                      f"fitted on its {rv['n_train']} train prompts.")
+    rc[1].markdown(f"On the calibration suite's {rv['n_test']} held-out prompts the posterior's probability was "
+                   f"overconfident: its Brier score was {rv['brier_raw']:.3f}, recalibrated {rv['brier_recalibrated']:.3f}, "
+                   f"and a constant {rv['train_base_rate']:.2f} (the share of train prompts where TTT beat ICL) scores "
+                   f"{rv['brier_base_rate']:.3f}. Read the P above as a measure of the evidence, the recalibrated one "
+                   "as how often such a verdict came true." if rv["brier_recalibrated"] < rv["brier_raw"] else
+                   f"On the calibration suite's {rv['n_test']} held-out prompts recalibration did not help (Brier "
+                   f"{rv['brier_raw']:.3f} → {rv['brier_recalibrated']:.3f}).")
 if adv.get("file"):
     st.caption(f"From the {adv.get('source')} calibration result `{adv['file']}` ({adv.get('created')}, "
                f"{adv.get('calibration_model')}, {adv.get('n_prompts_suite')} prompts); regret = measured error of the "

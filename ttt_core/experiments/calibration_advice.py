@@ -38,6 +38,7 @@ from ttt_core.experiments.calibration_report import (
     RULE_T_MAP_FIXED,
     RULE_T_MAP_PROFILED,
     level_label,
+    platt_apply,
     recommended_rule,
 )
 from ttt_core.experiments.calibration_suite import latest_calibration, settings_from_dict
@@ -148,6 +149,24 @@ def _unpack(saved: Any) -> tuple[dict[str, Any] | None, str | None, str | None]:
     return summary, Path(path).name, source
 
 
+def recalibrated_verdict(report: dict[str, Any], stats: dict[str, Any] | None, t_max: int) -> dict[str, Any] | None:
+    """This prompt's P(TTT beats ICL) as the suite computes it (at T⋆ = max(T_MAP fixed σ̂, 1), the
+    suite's settings) and after the suite's Platt map (`calibration_report.verdict_recalibration`,
+    fitted on its train split), with the map's held-out test numbers (pooled): what a probability of
+    the verdict has meant on the calibration prompts. None without the map or the statistics."""
+    recal = report.get("verdict_recalibration")
+    if not recal or stats is None or not stats.get("prob_grid"):
+        return None
+    T = int(min(max(int(stats["t_map_fixed"]), 1), t_max))
+    p = float(stats["prob_grid"][T])
+    pooled = (recal.get("levels") or {}).get(POOLED, {})
+    return {"T_star": T, "p_raw": p, "p": float(platt_apply(np.array([p]), recal["a"], recal["b"])[0]),
+            "a": recal["a"], "b": recal["b"], "n_train": recal.get("n_train"),
+            "train_base_rate": recal.get("train_base_rate"), "n_test": pooled.get("n"),
+            "brier_raw": pooled.get("brier_raw"), "brier_recalibrated": pooled.get("brier_recalibrated"),
+            "brier_base_rate": pooled.get("brier_base_rate")}
+
+
 def calibration_advice(saved: Any, prompt: Prompt, stats: dict[str, Any] | None,
                        fallback: dict[str, Any] | None = None, *, model: str | None = None) -> dict[str, Any]:
     """The calibrated step recommendation for `prompt` (module docstring).
@@ -181,6 +200,7 @@ def calibration_advice(saved: Any, prompt: Prompt, stats: dict[str, Any] | None,
                 "settings": {"c": settings.c, "t_max": settings.t_max, "last_layers": settings.last_layers}})
     if model is not None and summary.get("model") not in (None, model):
         out["notes"].append(f"the calibration was measured on {summary.get('model')}, not on {model}")
+    out["verdict_recalibrated"] = recalibrated_verdict(report, stats, settings.t_max)
     rec = recommended_rule(report, fam)
     level = None if rec is None else rec["level"]
     rows = [r for r in report.get("regret", {}).get("test", [])

@@ -17,6 +17,10 @@ stopping on the validation split from the diagnosis statistics only, evaluated o
   measured outcome error(T⋆) < error(0): balanced accuracy of P ≥ 0.5, accuracy and coverage of
   the decided verdicts (P ≥ 0.9 or ≤ 0.1), the reliability diagram (`reliability_bins`) and the
   Brier score; plus the base rate of DESIGN §10's "TTT helps" (some T > 0 beats T = 0).
+  `verdict_recalibration`: Platt scaling of that probability (`platt_fit`: P' = σ(a·logit P + b),
+  maximum likelihood with a small ridge) fitted on the train split, pooled, and judged on the test
+  split (Brier and reliability before and after, against a constant base rate), so the dashboard
+  can say what a probability of the verdict has meant on held-out prompts.
 * Head choice (prompts with head runs): per score, the measured gain (minus the error change after
   the head steps) of its top-k over the mean of the random k-subsets and over its bottom-k (paired
   over prompts), and the Spearman correlation, within a prompt, of a subset's score (the sum of its
@@ -239,6 +243,75 @@ def verdict_calibration(tasks: Sequence[dict[str, Any]], settings: CalibrationSe
     return out
 
 
+P_CLIP = 1e-4   # logit(P) of P clipped to [P_CLIP, 1 − P_CLIP] (a posterior P can be exactly 0 or 1)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), P_CLIP, 1.0 - P_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def platt_fit(p: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 100) -> tuple[float, float]:
+    """Platt scaling of predicted probabilities: (a, b) of P' = σ(a·logit(P) + b) maximising the
+    Bernoulli log-likelihood of the outcomes y plus a small ridge ½·l2·(a² + b²) (so a separable or
+    one-class sample still has a finite fit), by Newton's method on the convex objective.
+    p, y: (n,). With no information in P (a → 0), P' → the base rate of y."""
+    z, y = _logit(p), np.asarray(y, dtype=float)
+    X = np.stack([z, np.ones_like(z)], axis=1)
+    w = np.zeros(2)
+    for _ in range(iters):
+        q = 1.0 / (1.0 + np.exp(-(X @ w)))
+        grad = X.T @ (q - y) + l2 * w
+        H = (X * (q * (1 - q))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(H, grad)
+        w = w - step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def platt_apply(p: np.ndarray, a: float, b: float) -> np.ndarray:
+    """P' = σ(a·logit(P) + b), elementwise (the `platt_fit` map)."""
+    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+
+
+def verdict_recalibration(tasks: Sequence[dict[str, Any]], settings: CalibrationSettings,
+                          n_bins: int = 10) -> dict[str, Any] | None:
+    """Platt scaling of P(TTT beats ICL) fitted on the **train** split (all families pooled) and judged
+    on the held-out **test** split: the map (a, b), and per level of the test split the Brier score,
+    balanced accuracy and reliability bins of P and of P'. None when a split lacks prompts or the
+    train split has one outcome only. The same outcome as `verdict_calibration`:
+    error(T⋆) < error(0) on the measured trajectory."""
+    if not tasks:
+        return None
+    E = error_matrix(tasks)
+    T = verdict_T(tasks, settings.t_max)
+    p = verdict_prob(tasks, settings.t_max)
+    y = (E[np.arange(len(tasks)), T] < E[:, 0]).astype(float)
+    split = np.array([t["split"] for t in tasks])
+    train, test = split == "train", split == "test"
+    if train.sum() < 10 or not test.any() or y[train].min() == y[train].max():
+        return None
+    a, b = platt_fit(p[train], y[train])
+    q = platt_apply(p, a, b)
+    out: dict[str, Any] = {"a": a, "b": b, "n_train": int(train.sum()), "train_base_rate": float(y[train].mean()),
+                           "fitted_on": "train split, all families pooled", "judged_on": "test split",
+                           "levels": {}}
+    for level, m in levels(tasks).items():
+        mt = m & test
+        if not mt.any():
+            continue
+        out["levels"][level] = {
+            "n": int(mt.sum()), "freq_beats": float(y[mt].mean()),
+            "brier_raw": float(np.mean((p[mt] - y[mt]) ** 2)), "brier_recalibrated": float(np.mean((q[mt] - y[mt]) ** 2)),
+            "brier_base_rate": float(np.mean((y[train].mean() - y[mt]) ** 2)),
+            "mean_p_raw": float(p[mt].mean()), "mean_p_recalibrated": float(q[mt].mean()),
+            "balanced_accuracy_raw": balanced_accuracy(p[mt] >= 0.5, y[mt].astype(bool)),
+            "balanced_accuracy_recalibrated": balanced_accuracy(q[mt] >= 0.5, y[mt].astype(bool)),
+            "bins_raw": reliability_bins(p[mt], y[mt], n_bins), "bins_recalibrated": reliability_bins(q[mt], y[mt], n_bins)}
+    return json_clean(out)
+
+
 # ============================================================================================
 # head choice
 # ============================================================================================
@@ -353,6 +426,7 @@ def calibration_report(tasks: Sequence[dict[str, Any]], settings: CalibrationSet
         "n_prompts": len(tasks), "splits": {s: sum(t["split"] == s for t in tasks) for s in ("train", "val", "test")},
         "families": list(dict.fromkeys(t["family"] for t in tasks)), "reference_rule": fixed_name(_ref_T(settings)),
         "regret": regret, "verdict": verdict_calibration(tasks, settings),
+        "verdict_recalibration": verdict_recalibration(tasks, settings),
         "heads": head_choice_rows(tasks, n_boot), "controller": ctrl,
         "oracle": {"mean_T": float(np.mean([t["oracle"]["T"] for t in tasks])) if tasks else float("nan"),
                    "frac_helps": float(np.mean([t["oracle"]["helps"] for t in tasks])) if tasks else float("nan")},
@@ -360,6 +434,8 @@ def calibration_report(tasks: Sequence[dict[str, Any]], settings: CalibrationSet
             "regret": "measured error of the rule's T − the oracle's (min over T = 0…T_max of the same trajectory)",
             "verdict": "P(TTT beats ICL at T⋆ = max(T_MAP fixed σ̂, 1)) over the §5.1 posterior vs measured "
                        "error(T⋆) < error(0)",
+            "verdict_recalibration": "Platt scaling P' = σ(a·logit P + b) of that probability, fitted on the train "
+                                     "split (all families pooled), judged on the test split",
             "head_gain": "minus the measured error change after the head steps on the subset",
             "held_out": "the test split (disjoint seeds; the controller is trained on train, early-stopped on val)"},
     }

@@ -4,6 +4,7 @@ builders over the report of `ttt_core.experiments.calibration_report` (JSON rows
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import plotly.graph_objects as go
@@ -56,6 +57,31 @@ def reliability_figure(bins: Sequence[dict[str, Any]], title: str = "Reliability
                       "measured frequency: error(T⋆) < error(0)")
     fig.update_layout(yaxis=dict(range=[-0.02, 1.02]), xaxis=dict(range=[-0.02, 1.02]),
                       yaxis2=dict(overlaying="y", side="right", title="prompts per bin", showgrid=False, rangemode="tozero"))
+    return fig
+
+
+def recalibration_figure(bins_raw: Sequence[dict[str, Any]], bins_recal: Sequence[dict[str, Any]],
+                         base_rate: float | None = None,
+                         title: str = "Held-out prompts: P(TTT beats ICL) before and after recalibration") -> go.Figure:
+    """Two reliability lines on the same (test-split) prompts: the posterior's P and the Platt-
+    recalibrated P' (`calibration_report.verdict_recalibration` bins), marker size ~ count, the
+    diagonal, and the train split's base rate as a horizontal line (what a constant would say)."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line=dict(color="#999", dash="dot"), hoverinfo="skip"))
+    if base_rate is not None and math.isfinite(base_rate):
+        fig.add_trace(go.Scatter(x=[0, 1], y=[base_rate, base_rate], mode="lines", name="train base rate",
+                                 line=dict(color=OKABE_ITO[7], dash="dash"), hoverinfo="skip"))
+    for bins, name, color in ((bins_raw, "posterior P (as shown today)", OKABE_ITO[4]),
+                              (bins_recal, "recalibrated P' (Platt, train split)", OKABE_ITO[2])):
+        full = [b for b in bins if b.get("count")]
+        fig.add_trace(go.Scatter(
+            x=[_num(b["mean_p"]) for b in full], y=[_num(b["freq"]) for b in full], mode="lines+markers", name=name,
+            marker=dict(size=[8 + min(b["count"], 40) * 0.5 for b in full], color=color), line=dict(color=color),
+            customdata=[[b["count"]] for b in full],
+            hovertemplate="mean P %{x:.2f}<br>measured frequency %{y:.2f}<br>%{customdata[0]} prompts<extra></extra>"))
+    fig = base_layout(fig, title, "predicted probability that T⋆ steps beat ICL", "measured frequency (test split)")
+    fig.update_layout(yaxis=dict(range=[-0.02, 1.02]), xaxis=dict(range=[-0.02, 1.02]))
     return fig
 
 

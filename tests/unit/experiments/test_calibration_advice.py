@@ -9,6 +9,7 @@ statistics equal a suite record's on the tiny model, and the diagnose report get
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -132,6 +133,24 @@ def test_on_a_computed_report_it_agrees_with_recommended_rule() -> None:
     assert adv["status"] == A.CALIBRATED and adv["n"] == rec["n"] == 20
     if A.applicable(rec["rule"]):
         assert (adv["rule"], adv["regret"], adv["ci_low"]) == (rec["rule"], rec["regret"], rec["ci_low"])
+
+
+def test_the_advice_carries_this_prompts_recalibrated_verdict() -> None:
+    """The prompt's P at T⋆ = max(T_MAP fixed σ̂, 1) under the suite's settings, through the suite's
+    Platt map: σ(a·logit P + b) by hand; absent without a map or without statistics."""
+    recs = synthetic_records({"train": 30, "val": 8, "test": 30})
+    report = calibration_report(recs, SETTINGS, n_boot=100, controller=False)
+    summary = {"created": "x", "settings": asdict(SETTINGS), "model": SETTINGS.model, "report": report}
+    st = stats(t_fix=0, p=0.8)
+    st["prob_grid"][1] = 0.7                                  # T⋆ = max(0, 1) = 1 reads this entry
+    rv = A.calibration_advice(summary, SHIFT, st, FALLBACK)["verdict_recalibrated"]
+    a, b = report["verdict_recalibration"]["a"], report["verdict_recalibration"]["b"]
+    assert rv["T_star"] == 1 and rv["p_raw"] == 0.7
+    assert rv["p"] == pytest.approx(1.0 / (1.0 + math.exp(-(a * math.log(0.7 / 0.3) + b))))
+    pooled = report["verdict_recalibration"]["levels"]["all prompts"]
+    assert (rv["n_test"], rv["brier_recalibrated"]) == (pooled["n"], pooled["brier_recalibrated"]) == (30, pooled["brier_recalibrated"])
+    assert A.calibration_advice(summary, SHIFT, None, FALLBACK)["verdict_recalibrated"] is None
+    assert A.calibration_advice(hand_summary(), SHIFT, st, FALLBACK)["verdict_recalibrated"] is None
 
 
 @pytest.fixture(scope="module")

@@ -184,3 +184,53 @@ def test_prompt_family_and_group_lookup() -> None:
     # "digit shift" holds one family here, so it is reported (and looked up) as that family
     assert R.recommended_rule(rep, "digit shift")["level"] == "shift_clean_arrow"
     assert R.recommended_rule(rep, "needle")["level"] == R.POOLED        # no needle prompts: the pooled table
+
+
+# ------------------------------------------------------------------ recalibrating the verdict
+def test_platt_fit_recovers_a_known_map_by_simulation() -> None:
+    """Monte-Carlo reference: outcomes drawn from σ(a₀·logit P + b₀) give back (a₀, b₀)."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.0, 2.0, size=40_000)
+    p = 1.0 / (1.0 + np.exp(-z))
+    for a0, b0 in ((0.3, -0.5), (1.0, 0.0), (2.0, 0.7)):
+        y = rng.random(z.size) < 1.0 / (1.0 + np.exp(-(a0 * z + b0)))
+        a, b = R.platt_fit(p, y)
+        assert a == pytest.approx(a0, abs=0.05) and b == pytest.approx(b0, abs=0.05)
+    y = rng.random(z.size) < 0.62                      # outcomes unrelated to P: P' is the base rate
+    a, b = R.platt_fit(p, y)
+    q = R.platt_apply(p, a, b)
+    assert abs(a) < 0.03 and np.allclose(q, y.mean(), atol=0.03)
+    assert np.isfinite(R.platt_fit(np.ones(20), np.ones(20))).all()   # one outcome only: still finite (ridge)
+
+
+def test_verdict_recalibration_fits_on_train_and_judges_on_test() -> None:
+    """Train split: the fitted map's log-loss is no worse than the identity map's and the constant
+    base rate's (both are candidates of the maximum-likelihood fit); test split numbers are the
+    Brier scores of P and of the map applied to P, recomputed by hand."""
+    recs = synthetic_records({"train": 40, "val": 8, "test": 20}, seed=5)
+    rec = R.verdict_recalibration(recs, SETTINGS)
+    a, b = rec["a"], rec["b"]
+    E = R.error_matrix(recs)
+    T = R.verdict_T(recs, SETTINGS.t_max)
+    p = R.verdict_prob(recs, SETTINGS.t_max)
+    y = (E[np.arange(len(recs)), T] < E[:, 0]).astype(float)
+    split = np.array([r["split"] for r in recs])
+    tr, te = split == "train", split == "test"
+
+    def logloss(q, m):
+        q = np.clip(q, 1e-12, 1 - 1e-12)
+        return -np.mean(y[m] * np.log(q[m]) + (1 - y[m]) * np.log(1 - q[m]))
+
+    fitted = R.platt_apply(p, a, b)
+    assert logloss(fitted, tr) <= logloss(np.clip(p, R.P_CLIP, 1 - R.P_CLIP), tr) + 1e-3
+    assert logloss(fitted, tr) <= logloss(np.full_like(p, y[tr].mean()), tr) + 1e-3
+    pooled = rec["levels"][R.POOLED]
+    assert pooled["n"] == te.sum() and rec["n_train"] == tr.sum()
+    assert pooled["brier_raw"] == pytest.approx(np.mean((p[te] - y[te]) ** 2))
+    assert pooled["brier_recalibrated"] == pytest.approx(np.mean((fitted[te] - y[te]) ** 2))
+    assert pooled["brier_base_rate"] == pytest.approx(np.mean((y[tr].mean() - y[te]) ** 2))
+    assert sum(b_["count"] for b_ in pooled["bins_recalibrated"]) == te.sum()
+    rep = R.calibration_report(recs, SETTINGS, n_boot=100, controller=False)
+    assert rep["verdict_recalibration"]["a"] == pytest.approx(a)
+    one_sided = [r for r in recs if r["split"] != "train" or r["family"] == "shift_clean_arrow"]
+    assert R.verdict_recalibration(one_sided[:5], SETTINGS) is None          # too few train prompts
