@@ -83,6 +83,14 @@ def test_saved_result_shows_its_numbers(roots):
     np.testing.assert_allclose(decode(freq["y"]), [b["freq"] for b in bins], rtol=1e-12)
     assert "learned controller" in " ".join(list(bar["y"]))
     assert rep["controller"]["comparison"]["sentence"] in text
+    # the recalibrated verdict: the summary's test-split Brier scores and both reliability lines
+    rl = rep["verdict_recalibration"]["levels"][POOLED]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Test Brier, posterior P"] == f"{rl['brier_raw']:.3f}"
+    assert metrics["Test Brier, recalibrated"] == f"{rl['brier_recalibrated']:.3f}"
+    lines = {t["name"]: t for t in figs["rel_fig_recalibration"]["data"]}
+    got = decode(lines["recalibrated P' (Platt, train split)"]["y"])
+    np.testing.assert_allclose(got, [b["freq"] for b in rl["bins_recalibrated"] if b["count"]], rtol=1e-12)
     # another family: its own recommendation and rows
     at.selectbox(key="rel_level").set_value("trap_noise").run()
     assert not at.exception, at.exception

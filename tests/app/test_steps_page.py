@@ -4,6 +4,7 @@ computes (measured trajectory, linearised prediction, evidence, plug-in bound, G
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,9 @@ def test_calibrated_step_count_is_shown_with_a_saved_result(lm, cal_root):
     from ttt_core.experiments.store import write_json
 
     summary = {**hand_summary(), "model": MODEL, "settings": {**asdict(SETTINGS), "model": MODEL}}
+    summary["report"]["verdict_recalibration"] = {     # a Platt map written by hand
+        "a": 0.5, "b": 0.1, "n_train": 100, "train_base_rate": 0.6,
+        "levels": {"all prompts": {"n": 40, "brier_raw": 0.3, "brier_recalibrated": 0.24, "brier_base_rate": 0.235}}}
     cal_root.calibration_dir().mkdir(parents=True)
     write_json(cal_root.calibration_dir() / "calibration-2026.json", summary, indent=1)
     prompt = parse_prompt(CLEAN)
@@ -165,6 +169,12 @@ def test_calibrated_step_count_is_shown_with_a_saved_result(lm, cal_root):
     assert metrics["Its held-out regret"] == "0.0112" and metrics["Fixed T = 8's regret"] == "0.0310"
     assert any("calibration-2026.json" in c.value for c in at.caption)
     assert not any("Not calibrated" in i.value for i in at.info)
+    # this prompt's P at T⋆ under the suite's settings, through the map: σ(0.5·logit P + 0.1)
+    p_raw = st["prob_grid"][min(max(int(st["t_map_fixed"]), 1), SETTINGS.t_max)]
+    p_raw = min(max(p_raw, 1e-4), 1 - 1e-4)
+    p_cal = 1.0 / (1.0 + math.exp(-(0.5 * math.log(p_raw / (1 - p_raw)) + 0.1)))
+    assert metrics["P(TTT beats ICL), recalibrated"] == f"{p_cal:.2f}"
+    assert "Brier score was 0.300, recalibrated 0.240" in text and "scores 0.235" in text
 
 
 def test_without_a_calibration_result_the_fallback_is_labelled(lm, cal_root):
