@@ -2,7 +2,8 @@
 embedded SmolLM2 and the committed results (artifacts/published/). Its own server.
 
 * Targets: a real comparison of every default target on the default few-shot example (4 steps,
-  seeds 0–2): the table, the error-vs-steps and error-vs-FLOPs charts and the winner sentence.
+  seeds 0–2): the table, the error-vs-steps and error-vs-FLOPs charts and the winner sentence, and
+  the committed targets suite below it.
 * Reliability: the committed calibration result is shown by default (its regret table and the
   reliability diagram), with how it was made.
 * Paper reproduction: the committed result (the newest file under artifacts/published/reproduction)
@@ -33,6 +34,7 @@ def test_targets_page_compares_the_targets(app_url, page):
     _idle(page)
     assert page.locator("[data-testid='stDataFrame']").count() >= 1
     page.get_by_text("W_Q").first.wait_for()
+    page.get_by_text("(the committed suite)").first.wait_for(timeout=60_000)   # beside the single prompt
     page.screenshot(path=str(ARTIFACTS / "e2e_targets.png"), full_page=True)
 
 

@@ -26,6 +26,10 @@ from ttt_core.experiments.suite_tasks import TaskSpec
 
 REPRO = sorted(published_dir("reproduction").glob("*.json"))
 CALIB = sorted(published_calibration_dir().glob("calibration-*.json"))
+TARGETS = sorted(published_dir("targets").glob("*/summary.json"))
+# the fields of a targets row that are measured, not timed (seconds and peak memory vary by run)
+TARGET_ROW_FIELDS = ("target", "signal", "route", "params", "status", "errors", "deltas", "delta_mean",
+                     "error_start", "error_end", "seeds_run", "deterministic")
 
 
 def _model(name):
@@ -68,6 +72,7 @@ def _threads_of(doc) -> int:
 def test_published_results_exist():
     assert REPRO, "no committed reproduction result under artifacts/published/reproduction"
     assert CALIB, "no committed calibration result under artifacts/published/calibration"
+    assert TARGETS, "no committed targets suite under artifacts/published/targets"
 
 
 @pytest.mark.parametrize("path", REPRO, ids=[p.name for p in REPRO])
@@ -151,3 +156,56 @@ def test_record_seconds_cover_every_record(path):
     assert total == pytest.approx(expect, rel=1e-12) and total > 0
     broken = {**res, "n_prompts": res["n_prompts"] + 10_000}            # names records that do not exist
     assert record_seconds(path, broken) is None
+
+
+def _target_records(summary_path):
+    return sorted((summary_path.parent / "prompts").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", TARGETS, ids=lambda p: p.parent.name)
+def test_published_targets_suite_carries_its_provenance_and_summary(path):
+    """The summary is what `summarise` gives on the committed records (nothing edited by hand), and
+    it names the command, a clean commit, the machine and the settings."""
+    from ttt_core.experiments.targets_suite import summarise
+
+    d = json.loads(path.read_text())
+    assert d["kind"] == "ttt_lens_targets_suite"
+    prov = d["provenance"]
+    assert prov["command"].startswith("ttt-lens compare-targets --suite") and len(prov["commit"]) == 40
+    assert prov["uncommitted_changes"] is False and prov["machine"]["cpu_count"] >= 1
+    recs = [json.loads(f.read_text()) for f in _target_records(path)]
+    assert {r["family"] for r in recs} == set(d["settings"]["families"])
+    assert sum(d["n_prompts"].values()) == len(recs) >= 50
+    assert all(r["settings"] == d["settings"] for r in recs)
+    again = json.loads(json.dumps(summarise(recs), default=float))
+    _assert_tree_close(again["families"], d["families"], "summary.families", atol=1e-12)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("path", TARGETS, ids=lambda p: p.parent.name)
+def test_three_random_targets_rows_recompute(path):
+    """Three (prompt, target, signal) rows drawn at random from the committed records, re-run
+    with today's code on their prompt and settings: the measured error curve and change match."""
+    from ttt_core.experiments.targets_suite import prompt_of
+    from ttt_core.targets.comparison import compare_targets
+
+    d = json.loads(path.read_text())
+    s = d["settings"]
+    rows = [(f, i) for f in _target_records(path) for i in range(len(json.loads(f.read_text())["comparison"]["rows"]))]
+    lm = _model(s["model"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads_of(d))
+    try:
+        for k in _picks(len(rows)):
+            f, i = rows[k]
+            rec = json.loads(f.read_text())
+            saved = rec["comparison"]["rows"][i]
+            cmp = compare_targets(lm, prompt_of(rec), [saved["target"]], [saved["signal"]], steps=s["steps"],
+                                  seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
+                                  max_positions=s["max_positions"], kernels=s["kernels"],
+                                  count_flops=s.get("count_flops", True))
+            fresh = json.loads(json.dumps(cmp.to_dict(), default=float))["rows"][0]
+            _assert_tree_close({k_: fresh[k_] for k_ in TARGET_ROW_FIELDS}, {k_: saved[k_] for k_ in TARGET_ROW_FIELDS},
+                               f"{f.name} {saved['target']}/{saved['signal']}")
+    finally:
+        torch.set_num_threads(threads)
