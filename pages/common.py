@@ -338,19 +338,10 @@ def _mtime_ns(path) -> int:
 
 @st.cache_data(max_entries=4, show_spinner=False)
 def _saved_calibration(path: str, mtime_ns: int) -> tuple[object, float | None]:
-    import json
-    from pathlib import Path
+    from ttt_core.experiments.calibration_suite import saved_suite, suite_seconds
 
-    from ttt_core.experiments.calibration_suite import load_calibration, settings_from_dict, suite_seconds
-
-    try:
-        res = json.loads(Path(path).read_text())
-        suite = load_calibration(settings_from_dict(res["settings"]), int(res["n_prompts"]), out=Path(path).parent)
-    except (KeyError, TypeError, ValueError, OSError):
-        return None, None
-    if suite is None:
-        return None, None
-    return suite, suite_seconds(suite)
+    suite = saved_suite(path)
+    return (None, None) if suite is None else (suite, suite_seconds(suite))
 
 
 def saved_calibration(path) -> tuple[object, float | None]:

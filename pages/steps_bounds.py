@@ -125,7 +125,7 @@ if rv:
                       f"suite's settings, through the suite's Platt map σ({rv['a']:.2f}·logit P {rv['b']:+.2f}) "
                       f"fitted on its {rv['n_train']} train prompts.")
     rc[1].markdown(f"On the calibration suite's {rv['n_test']} held-out prompts the posterior's probability was "
-                   f"overconfident: its Brier score was {rv['brier_raw']:.3f}, recalibrated {rv['brier_recalibrated']:.3f}, "
+                   f"miscalibrated: its Brier score was {rv['brier_raw']:.3f}, recalibrated {rv['brier_recalibrated']:.3f}, "
                    f"and a constant {rv['train_base_rate']:.2f} (the share of train prompts where TTT beat ICL) scores "
                    f"{rv['brier_base_rate']:.3f}. Read the P above as a measure of the evidence, the recalibrated one "
                    "as how often such a verdict came true." if rv["brier_recalibrated"] < rv["brier_raw"] else

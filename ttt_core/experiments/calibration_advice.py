@@ -40,6 +40,8 @@ from ttt_core.experiments.calibration_report import (
     level_label,
     platt_apply,
     recommended_rule,
+    verdict_prob,
+    verdict_T,
 )
 from ttt_core.experiments.calibration_suite import latest_calibration, settings_from_dict
 from ttt_core.experiments.calibration_tasks import CalibrationSettings, calibration_statistics, prompt_family
@@ -157,8 +159,8 @@ def recalibrated_verdict(report: dict[str, Any], stats: dict[str, Any] | None, t
     recal = report.get("verdict_recalibration")
     if not recal or stats is None or not stats.get("prob_grid"):
         return None
-    T = int(min(max(int(stats["t_map_fixed"]), 1), t_max))
-    p = float(stats["prob_grid"][T])
+    one = [{"stats": stats}]                      # the report's own T⋆ and P, on this prompt's statistics
+    T, p = int(verdict_T(one, t_max)[0]), float(verdict_prob(one, t_max)[0])
     pooled = (recal.get("levels") or {}).get(POOLED, {})
     return {"T_star": T, "p_raw": p, "p": float(platt_apply(np.array([p]), recal["a"], recal["b"])[0]),
             "a": recal["a"], "b": recal["b"], "n_train": recal.get("n_train"),

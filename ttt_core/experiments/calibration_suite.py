@@ -203,15 +203,22 @@ def latest_calibration() -> tuple[Path, dict[str, Any], str] | None:
     return None if hit is None else (hit[0], hit[1], "published")
 
 
+def saved_suite(path: str | Path, res: dict[str, Any] | None = None) -> Suite | None:
+    """The `Suite` of records behind the saved summary at `path` (its JSON `res`, read when not
+    given), or None when the summary is unreadable or names records that are missing."""
+    try:
+        res = json.loads(Path(path).read_text()) if res is None else res
+        return load_calibration(settings_from_dict(res["settings"]), int(res["n_prompts"]), out=Path(path).parent)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
 def record_seconds(path: str | Path, res: dict[str, Any]) -> float | None:
     """Σ of the per-prompt compute seconds (`task_seconds`, head runs included) of every record of
     the saved result at `path` (summary `res`), or None when its records are missing. Unlike the
     summary's wall_seconds (the last invocation only: a resumed run times only the prompts it
     computed), this covers every record, whichever run made it (per worker: workers run in parallel)."""
-    try:
-        suite = load_calibration(settings_from_dict(res["settings"]), int(res["n_prompts"]), out=Path(path).parent)
-    except (KeyError, TypeError, ValueError, OSError):
-        return None
+    suite = saved_suite(path, res)
     return None if suite is None else suite_seconds(suite)
 
 
