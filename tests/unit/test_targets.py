@@ -309,3 +309,15 @@ def test_cli_compare_targets_json(tmp_path, capsys):
     d = json.loads(out.out)
     assert [r["target"] for r in d["table"]] == ["q", "norm_attn"] and d["sentence"] in out.err
     assert main(["compare-targets", "--model", "tiny-random-llama"]) == 2
+
+
+def test_suite_figure_gives_each_family_its_own_y_axis():
+    # would catch: families with different error units (squared error vs nats) drawn on one axis,
+    # where the small one's bars are invisible
+    from ttt_core.figures.targets import suite_figure
+
+    row = {"target": "q", "signal": "nll", "mean_delta": -0.01, "ci_low": -0.02, "ci_high": 0.0}
+    summary = {"families": {"digit_shift": [row], "needle": [{**row, "mean_delta": -5.0, "ci_low": -6.0}]}}
+    fig = suite_figure(summary)
+    assert [t.name for t in fig.data] == ["digit_shift", "needle"]
+    assert [t.yaxis for t in fig.data] == ["y", "y2"] and list(fig.data[1].y) == [-5.0]

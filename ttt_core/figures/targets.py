@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from ttt_core.figures.style import OKABE_ITO, base_layout
 
@@ -51,16 +52,22 @@ def error_vs_flops_figure(cmp: Any) -> go.Figure:
 
 
 def suite_figure(summary: dict[str, Any]) -> go.Figure:
-    """Mean error change per target × signal over a suite's prompts with its 95 % CI, per family
-    (`experiments.targets_suite.summarise`)."""
-    fig = go.Figure()
-    for i, (fam, rows) in enumerate(summary.get("families", {}).items()):
+    """Mean error change per target × signal over a suite's prompts with its 95 % CI, one panel per
+    family (`experiments.targets_suite.summarise`): the families' errors have different units
+    (squared error vs nats), so each panel has its own y axis."""
+    fams = list(summary.get("families", {}).items())
+    fig = make_subplots(rows=max(1, len(fams)), cols=1, subplot_titles=[f for f, _ in fams] or None,
+                        vertical_spacing=0.18)
+    for i, (fam, rows) in enumerate(fams):
         names = [f"{r['target']} · {r['signal']}" for r in rows]
         mean = [r["mean_delta"] for r in rows]
         lo = [None if r["ci_low"] is None or m is None else m - r["ci_low"] for r, m in zip(rows, mean)]
         hi = [None if r["ci_high"] is None or m is None else r["ci_high"] - m for r, m in zip(rows, mean)]
         fig.add_trace(go.Bar(x=names, y=mean, name=fam, marker_color=OKABE_ITO[i % len(OKABE_ITO)],
-                             error_y=dict(type="data", array=hi, arrayminus=lo, visible=True)))
-    fig.add_hline(y=0.0, line=dict(color=OKABE_ITO[7], dash="dot", width=1))
-    return base_layout(fig, "Suite: mean measured error change per target (95 % CI)", "target · signal",
-                       "mean Δ error after N steps")
+                             error_y=dict(type="data", array=hi, arrayminus=lo, visible=True)), row=i + 1, col=1)
+        fig.add_hline(y=0.0, line=dict(color=OKABE_ITO[7], dash="dot", width=1), row=i + 1, col=1)
+    base_layout(fig, "Suite: mean measured error change per target (95 % CI)")
+    for i in range(len(fams)):
+        fig.update_yaxes(title_text="mean Δ error after N steps", row=i + 1, col=1)
+    fig.update_layout(height=380 * max(1, len(fams)))
+    return fig
