@@ -30,7 +30,7 @@ def test_targets_page_compares_the_targets(app_url, page):
     set_number(page, "Steps (same for all)", "4")
     _idle(page)
     page.get_by_role("button", name="Compare targets").click()
-    wait_plots(page, 2, timeout=900_000)
+    wait_plots(page, 3, timeout=900_000)   # steps + FLOPs charts, beside the committed suite's chart
     _idle(page)
     assert page.locator("[data-testid='stDataFrame']").count() >= 1
     page.get_by_text("W_Q").first.wait_for()
