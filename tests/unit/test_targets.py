@@ -248,6 +248,7 @@ def test_suite_is_cached_and_resumable(tmp_path, monkeypatch):
                                 span=16, needle_words=20, n_demos=4)
     summ = TS.build_suite(lm, s, 2, root=tmp_path)
     assert summ["n_prompts"] == {"digit_shift": 2, "needle": 2}
+    assert summ["folder"] == TS.suite_name(s) and "/" not in summ["folder"]   # no machine path in a summary
     assert len(list((tmp_path / "prompts").glob("*.json"))) == 4
     rows = {(r["target"], r["signal"]): r for r in summ["families"]["needle"]}
     assert rows[("norm_attn", "nll")]["vs_reference"] is not None and rows[("q", "nll")]["n"] == 2

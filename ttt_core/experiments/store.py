@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -107,19 +108,22 @@ def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
     return path
 
 
-def latest_result(folder: str | Path, kind: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest JSON file in `folder` whose "kind" is `kind`, by its "created" time (then the
-    file's mtime), with its contents; None when there is none."""
+def latest_result(folder: str | Path, kind: str, pattern: str = "*.json",
+                  created: Callable[[dict[str, Any]], str] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest JSON file matching `pattern` in `folder` whose "kind" is `kind`, by its creation
+    time (`created(contents)`, by default its "created" field; then the file's mtime), with its
+    contents; None when there is none."""
     folder = Path(folder)
+    when = created or (lambda d: d.get("created", ""))
     best = None
-    for p in folder.glob("*.json") if folder.is_dir() else []:
+    for p in folder.glob(pattern) if folder.is_dir() else []:
         try:
             d = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
         if not isinstance(d, dict) or d.get("kind") != kind:
             continue
-        key = (d.get("created", ""), p.stat().st_mtime)
+        key = (str(when(d)), p.stat().st_mtime)
         if best is None or key > best[0]:
             best = (key, p, d)
     return None if best is None else (best[1], best[2])

@@ -28,7 +28,7 @@ import numpy as np
 from ttt_core.experiments.paper_tasks import paper_task, task_rng
 from ttt_core.experiments.pool import map_jobs
 from ttt_core.experiments.stats import boot_ci, paired_stats, suite_verdict
-from ttt_core.experiments.store import artifacts_root, provenance, published_dir, write_json
+from ttt_core.experiments.store import artifacts_root, latest_result, provenance, published_dir, write_json
 from ttt_core.generators import needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
 from ttt_core.prompts import Prompt, parse_prompt
@@ -74,9 +74,15 @@ class TargetsSuiteSettings:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def suite_folder(settings: TargetsSuiteSettings, root: str | Path | None = None) -> Path:
+def suite_name(settings: TargetsSuiteSettings) -> str:
+    """The suite's folder name under <artifacts root>/targets: model slug + settings hash."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", settings.model).strip("-").lower()[:40]
-    return Path(root) if root is not None else artifacts_root() / "targets" / f"{slug}-{settings.key()}"
+    return f"{slug}-{settings.key()}"
+
+
+def suite_folder(settings: TargetsSuiteSettings, root: str | Path | None = None) -> Path:
+    """`root` when given, else <artifacts root>/targets/<suite_name>."""
+    return Path(root) if root is not None else artifacts_root() / "targets" / suite_name(settings)
 
 
 def make_prompt(settings: TargetsSuiteSettings, family: str, index: int) -> Prompt:
@@ -124,7 +130,8 @@ def build_suite(lm: LoadedModel | None, settings: TargetsSuiteSettings, n_prompt
     folder = suite_folder(settings, root)
     (folder / "prompts").mkdir(parents=True, exist_ok=True)
     jobs = [(f, i) for f in settings.families for i in range(int(n_prompts))]
-    todo = [(f, i) for f, i in jobs if _read(_record_path(folder, f, i)) is None]
+    have = {job: _read(_record_path(folder, *job)) for job in jobs}   # the cached records, read once
+    todo = [job for job in jobs if have[job] is None]
     pooled = workers > 1 and len(todo) > 1
     if todo and lm is None and not pooled:
         raise ValueError("a model is needed to run the prompts that are not cached")
@@ -140,12 +147,12 @@ def build_suite(lm: LoadedModel | None, settings: TargetsSuiteSettings, n_prompt
              label="prompts")
     records = []
     for fam, i in jobs:
-        rec = _read(_record_path(folder, fam, i))
+        rec = have[(fam, i)] or _read(_record_path(folder, fam, i))
         if rec is None:
             raise RuntimeError(f"the record of {fam} prompt {i} was not written under {folder}")
         records.append(rec)
     summary = summarise(records)
-    summary.update({"kind": "ttt_lens_targets_suite", "settings": settings.to_dict(), "folder": str(folder),
+    summary.update({"kind": "ttt_lens_targets_suite", "settings": settings.to_dict(), "folder": suite_name(settings),
                     "backend": backend if pooled else "serial", "workers": int(workers) if pooled else 1,
                     "provenance": provenance(command, workers if pooled else None)})
     write_json(folder / "summary.json", summary, indent=1)
@@ -226,18 +233,9 @@ def published_targets_dir() -> Path:
 
 
 def _newest_summary(base: Path) -> tuple[Path, dict[str, Any]] | None:
-    best = None
-    for p in base.glob("*/summary.json") if base.is_dir() else []:
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(d, dict) or d.get("kind") != "ttt_lens_targets_suite":
-            continue
-        key = (d.get("provenance", {}).get("created", ""), p.stat().st_mtime)
-        if best is None or key > best[0]:
-            best = (key, p, d)
-    return None if best is None else (best[1], best[2])
+    """The newest <suite folder>/summary.json under `base`, by its provenance's creation time."""
+    return latest_result(base, "ttt_lens_targets_suite", pattern="*/summary.json",
+                         created=lambda d: (d.get("provenance") or {}).get("created", ""))
 
 
 def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
