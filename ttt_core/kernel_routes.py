@@ -33,20 +33,21 @@ the per-output features below.
   row, factors n·(d_in + d_out)·4 bytes per layer, K/V cache 46 KB per token.
 * ``exact-per-output`` (long context, W_K/W_V/W_O/MLP, or W_Q with ``qttt=False``): positions
   are not independent (s_i depends on the block at every t ≤ i), so each output needs its own
-  backward. The full sequence is replicated ``chunk`` times in a batch and each copy back-propagates
-  one output (one backward per ``chunk`` outputs). Per-output features G_i = B_iᵀ A (rows
-  compressed to an orthonormal basis of the input row space when the sequence is shorter than the
-  input width) are stored as `FeatureFactors`. Cost: ⌈(n+1)/chunk⌉ forward+backward passes over
-  ``chunk`` copies of the sequence, times the number of layer groups needed to keep the features
-  under ``feature_budget_bytes`` (n·out·min(N, in)·4 bytes per layer; LoRA: G_i = B_iᵀ (s·X Aᵀ),
-  (out, r); norm targets: f_i = Σ_t b_{i,t} ⊙ x̂_t or Σ_t b_{i,t}, (d,), as `DiagFactors`) — far
-  more expensive than the other two routes. The batch holds at most ``tokens_per_batch`` tokens
-  (chunk is lowered for long sequences: a 2048-token context back-propagates one output at a time).
+  backward. Outputs go in chunks of ``chunk`` (16), last positions first; a chunk runs ONE forward
+  of the tokens up to its last output (causality: b_{i,t} = 0 for t > p_i, so later tokens are
+  never run) and one backward per output through that graph (the graph is kept between them).
+  Per-output features G_i = B_iᵀ A (rows compressed to an orthonormal basis of the input row space
+  when the sequence is shorter than the input width) are stored as `FeatureFactors` for every
+  layer from the same passes (LoRA: G_i = B_iᵀ (s·X Aᵀ), (out, r); norm targets:
+  f_i = Σ_t b_{i,t} ⊙ x̂_t or Σ_t b_{i,t}, (d,), as `DiagFactors`). Memory: the features,
+  n·out·min(N, in)·4 bytes per layer, plus one sequence's graph (`memory_guard.
+  exact_per_output_estimate` checks both before the job). Cost: ⌈(n+1)/chunk⌉ forwards and n+1
+  backwards, chunk i's over its first p_max(i) tokens — far more than the other two routes (one
+  backward of the sequence per output).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -279,74 +280,72 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
                        s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
 
 
-def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = 8,
-                           budget: int = 1 << 30, progress: Progress = None,
-                           tokens_per_batch: int = 2048) -> RouteResult:
-    """The ``exact-per-output`` route (module docstring)."""
+def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = 16,
+                           progress: Progress = None) -> RouteResult:
+    """The ``exact-per-output`` route (module docstring).
+
+    Outputs are taken in chunks of at most `chunk`, last positions first. A chunk runs ONE forward
+    of the tokens up to its last output (causal: s_i does not depend on tokens after p_i, so
+    b_{i,t} = 0 for t > p_i) and then one backward per output through that graph. The first chunk
+    reaches the last output, so its captured block inputs cover every row a later chunk needs;
+    every layer's features come from that one set of inputs, row-truncated."""
     target = resolve_target(lm, kind)
     kind = target.kind
-    N = len(li.ids)
-    chunk = max(1, min(int(chunk), int(tokens_per_batch) // max(N, 1)))   # bound activation memory
+    chunk = max(1, int(chunk))
     ids = torch.tensor(li.ids, device=lm.device)[None]
     outs = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     tgts = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     n_out = len(outs)
     a = lm.adapter
     spec0 = a.spec(0, kind)
-    if target.diagonal:
-        q_width = 1
-    elif target.form == "lora":
-        q_width = target.lora.rank
-    else:
-        q_width = spec0.in_features if kind == "o" else min(N, spec0.in_features)
-    per_layer = n_out * spec0.out_features * q_width * 4
-    group = max(1, int(budget // max(per_layer, 1)))
-    layer_groups = [list(range(i, min(a.n_layers, i + group))) for i in range(0, a.n_layers, group)]
+    keys = _keys(lm, kind)
     H = target.n_blocks(lm)
     fdtype = torch.float64 if lm.dtype == torch.float64 else torch.float32
     F: dict[int, torch.Tensor] = {}
     basis: dict[int, torch.Tensor | None] = {}
+    rows_in: dict[int, torch.Tensor] = {}       # layer → the feature's input side, rows 0 … P_max − 1
     vals = torch.zeros(n_out, dtype=torch.float64)
-    total = len(layer_groups) * math.ceil(n_out / chunk)
-    done = 0
-    for gi, layers in enumerate(layer_groups):
-        keys = _keys(lm, kind, layers)
-        for c0 in range(0, n_out, chunk):
-            sel = list(range(c0, min(n_out, c0 + chunk)))
-            C = len(sel)
-            report(progress, 0.05 + 0.9 * done / total,
-                    f"Exact per-output backward: outputs {c0}…{c0 + C - 1} of {n_out}, layers {layers[0]}…{layers[-1]}")
-            done += 1
-            probes = _probes(lm, keys, C, N)
-            pos = torch.tensor([outs[j] for j in sel], device=lm.device)
-            with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-                out = lm.model(input_ids=ids.expand(C, N), logits_to_keep=pos[:, None])
-                s = token_prob(out.logits[:, 0], torch.tensor([tgts[j] for j in sel], device=lm.device))
-                grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
-            if gi == 0:
-                vals[sel] = s.detach().double().cpu()
-            for (l, _), g in zip(keys, grads):
-                A = st.capture_in[(l, kind)].detach()[0].double()          # (N, in)
-                if target.diagonal:                                          # f_i = Σ_t b_{i,t} ⊙ x̂_t (or Σ_t b)
-                    if l not in F:
-                        F[l] = torch.zeros(n_out, spec0.out_features, device=lm.device, dtype=fdtype)
-                    F[l][sel] = diag_rows(target, A[None], g.double()).sum(1).to(fdtype)
-                    continue
-                if target.form == "lora":                                    # G_i = B_iᵀ (s·X Aᵀ): (out, r)
-                    if l not in F:
-                        basis[l] = None
-                        F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device, dtype=fdtype)
-                    F[l][sel] = torch.einsum("cto,tq->coq", g.double(), lora_inputs(lm, target, l, A)).to(fdtype)
-                    continue
-                if l not in basis:
-                    if kind != "o" and N < A.shape[1]:
-                        _, _, Vh = torch.linalg.svd(A, full_matrices=False)  # A = U S Vᵀ, V (in, N)
+    order = sorted(range(n_out), key=lambda j: outs[j], reverse=True)
+    chunks = [order[c0:c0 + chunk] for c0 in range(0, n_out, chunk)]
+    for ci, sel in enumerate(chunks):
+        P = max(outs[j] for j in sel) + 1                     # tokens this chunk's outputs read
+        report(progress, 0.05 + 0.9 * ci / len(chunks),
+               f"Exact per-output backward: chunk {ci + 1} of {len(chunks)} ({len(sel)} outputs, first {P} tokens)")
+        probes = _probes(lm, keys, 1, P)
+        plist = [probes[k] for k in keys]
+        pos = torch.tensor([outs[j] for j in sel], device=lm.device)
+        with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
+            out = lm.model(input_ids=ids[:, :P], logits_to_keep=pos)
+            s = token_prob(out.logits[0], torch.tensor([tgts[j] for j in sel], device=lm.device))
+        vals[sel] = s.detach().double().cpu()
+        if not rows_in:                                                       # first chunk: P = P_max
+            for l, _ in keys:
+                A = st.capture_in[(l, kind)].detach()[0].double()             # (P_max, in)
+                if target.diagonal:
+                    rows_in[l] = A.to(fdtype)
+                    F[l] = torch.zeros(n_out, spec0.out_features, device=lm.device, dtype=fdtype)
+                elif target.form == "lora":
+                    rows_in[l] = lora_inputs(lm, target, l, A).to(fdtype)     # s·X Aᵀ (P_max, r)
+                    F[l] = torch.zeros(n_out, spec0.out_features, target.lora.rank, device=lm.device, dtype=fdtype)
+                else:
+                    basis[l] = None
+                    if kind != "o" and A.shape[0] < A.shape[1]:
+                        _, _, Vh = torch.linalg.svd(A, full_matrices=False)   # A = U S Vᵀ, V (in, P_max)
                         basis[l] = Vh.T.contiguous()
-                    else:
-                        basis[l] = None
-                    F[l] = torch.zeros(n_out, spec0.out_features, q_width, device=lm.device, dtype=fdtype)
-                AV = A if basis[l] is None else A @ basis[l]
-                F[l][sel] = torch.einsum("cto,tq->coq", g.double(), AV).to(F[l].dtype)   # G_i = B_iᵀ A V
+                    rows_in[l] = (A if basis[l] is None else A @ basis[l]).to(fdtype)
+                    F[l] = torch.zeros(n_out, spec0.out_features, rows_in[l].shape[1], device=lm.device,
+                                       dtype=fdtype)
+        del st
+        for c, j in enumerate(sel):                                           # one backward per output
+            grads = torch.autograd.grad(s[c], plist, retain_graph=c < len(sel) - 1)
+            for (l, _), g in zip(keys, grads):
+                g, X = g[0].to(fdtype), rows_in[l][:P]                        # b_{j,t}: (P, out)
+                if target.diagonal:                                           # f_j = Σ_t b_{j,t} ⊙ x̂_t (or Σ_t b)
+                    F[l][j] = diag_rows(target, X, g).sum(0)
+                else:                                                         # G_j = B_jᵀ A V, LoRA: B_jᵀ (s·X Aᵀ)
+                    F[l][j] = g.T @ X
+            del grads
+        del out, s, probes, plist
     n = len(li.positions)
     factors = []
     for l in range(a.n_layers):
@@ -355,14 +354,14 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str |
         if target.diagonal:
             factors.append(DiagFactors(F=Fl[:n].clone(), fx=None if fx is None else fx.clone()))
             continue
-        V = basis[l]
+        V = basis.get(l)
         axis = 2 if kind == "o" and target.form == "linear" else 1
         factors.append(FeatureFactors(F=Fl[:n].clone(), n_heads=H, head_axis=axis,
                                       fx=None if fx is None else fx.clone(), basis=V))
     v = vals.numpy()
     return RouteResult("exact-per-output",
-                       f"Exact autograd: one backward per output ({math.ceil(n_out / chunk)} batched passes of "
-                       f"{chunk} sequence copies × {len(layer_groups)} layer group(s)).",
+                       f"Exact autograd: one backward per output ({n_out} backward passes through {len(chunks)} "
+                       f"forwards, each cut at its chunk's last output).",
                        v[:n], factors, float(v[n]) if li.query_position is not None else None)
 
 

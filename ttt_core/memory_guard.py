@@ -43,10 +43,9 @@ Per job:
 * prompt kernel, ``loo-exact`` (few-shot, B = n+1 prompts of width W, N_rows = Σ lengths of the
   LOO prompts): graph_full(B·W, L) + logits(B) + B·W·(d_in + d_out)·L·b (captured inputs and
   probe gradients) + factors(N_rows + the query prompt's rows) + gram(N_rows).
-* prompt kernel, ``exact-per-output`` (m outputs, T tokens, c = `chunk` copies, block out × in,
-  q = min(T, in) (in for W_O), rows = min(c·T, max(T, tokens_per_batch)) ≥ the batch the route
-  runs): features L·m·out·q·4 + max(graph_full(rows, L) + logits(c) + 2·rows·out·8·L (float64
-  gradients while features are formed), gram(m)).
+* prompt kernel, ``exact-per-output`` (m outputs, T tokens, c = `chunk` outputs per forward, block
+  out × in, q = min(T, in) (in for W_O)): features L·m·out·q·4 + max(graph_full(T, L) + logits(c)
+  + 2·T·out·8·L (one output's gradients and the probes), gram(m)).
 * qTTT run (T tokens, span k): 2·kv(T) (the cache and the decoding template's copy) + the
   optimizer 6·Σ|W_Q|·4 (Δ, two Adam moments, gradient, clipped gradient, the previous Δ) +
   max(prefill(T) + T·d·b (hidden states) + 2·512·V·4 (the per-token NLL in 512-row blocks), a step: graph(k, L) + logits(k) + frozen attention
@@ -299,19 +298,17 @@ def frozen_q_kernel_estimate(lm: Any, tokens: int, positions: int, span_rows: in
     })
 
 
-def exact_per_output_estimate(lm: Any, tokens: int, outputs: int, kind: str, chunk: int = 8,
-                              tokens_per_batch: int = 2048) -> MemoryEstimate:
+def exact_per_output_estimate(lm: Any, tokens: int, outputs: int, kind: str, chunk: int = 16) -> MemoryEstimate:
     """The ``exact-per-output`` prompt kernel (module docstring)."""
     s = Shapes.of(lm)
     T, m = max(1, int(tokens)), max(1, int(outputs))
     c = max(1, int(chunk))
-    rows = min(c * T, max(T, int(tokens_per_batch)))     # ≥ the route's copies × T (it lowers c for long T)
     d_in, d_out = _block_shape(lm, kind)
     q = _feature_width(lm, kind, T)
     return MemoryEstimate(f"prompt kernel (exact per-output route, W_{kind})", {
         "per-output features": s.L * m * d_out * q * _store_bytes(s),
-        "largest phase (batch graph / Gram)": max(_graph(s, rows, s.L, full=True) + _logits(s, c)
-                                                  + 2 * rows * d_out * 8 * s.L, _gram(m)),
+        "largest phase (sequence graph / Gram)": max(_graph(s, T, s.L, full=True) + _logits(s, c)
+                                                     + 2 * T * d_out * 8 * s.L, _gram(m)),
     })
 
 
@@ -400,7 +397,7 @@ def kernel_advice(lm: Any, tokens: int, positions: int, route: str, **kw: Any) -
 
     def est(t: int, m: int) -> MemoryEstimate:
         if route == "exact-per-output":
-            return exact_per_output_estimate(lm, t, m + 1, kw.get("kind", "q"), kw.get("chunk", 8))
+            return exact_per_output_estimate(lm, t, m + 1, kw.get("kind", "q"), kw.get("chunk", 16))
         return frozen_q_kernel_estimate(lm, t, m, m + extra, kw.get("row_chunk", 128))
 
     def advice(avail: int) -> str:

@@ -216,9 +216,8 @@ def compute_prompt_kernel(
     *,
     max_positions: int = DEFAULT_MAX_POSITIONS,
     qttt: bool = True,
-    chunk: int = 8,
+    chunk: int = 16,
     row_chunk: int = CHUNK_ROWS,
-    feature_budget_bytes: int = 1 << 30,
     progress: Progress = None,
     lora_seed: int = 0,
     first_layer: int = 0,
@@ -236,10 +235,9 @@ def compute_prompt_kernel(
         max_positions: long context: keep the last this-many supervised positions.
         qttt: long context + "q" or a LoRA on q: use the frozen-KV qTTT kernel (default) instead
             of the exact per-output route.
-        chunk: outputs per batched backward in the exact long-context route.
+        chunk: outputs per forward (one backward each) in the exact long-context route.
         row_chunk: rows per forward in the frozen-KV route (default kernel_routes.CHUNK_ROWS = 128;
             rows spanning at most this many tokens run in one pass).
-        feature_budget_bytes: memory for per-output features in the exact long-context route.
         progress: optional callback(fraction, text).
         lora_seed: seed of the LoRA A matrices (`ttt_core.lora.lora_a`), LoRA subspaces only.
         first_layer: few-shot only, for experiments that use only the last layers' blocks: compute
@@ -275,12 +273,11 @@ def compute_prompt_kernel(
     memory_guard.check(est, advice, error=KernelMemoryError)
     with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
         return _assemble(lm, prompt, enc, target, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
-                         feature_budget_bytes=feature_budget_bytes, max_positions=max_positions,
-                         progress=progress, t0=t0, first_layer=int(first_layer), shared=shared)
+                         max_positions=max_positions, progress=progress, t0=t0, first_layer=int(first_layer), shared=shared)
 
 
 def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt: bool, chunk: int, row_chunk: int,
-              feature_budget_bytes: int, max_positions: int, progress: Progress, t0: float, first_layer: int = 0,
+              max_positions: int, progress: Progress, t0: float, first_layer: int = 0,
               shared: dict | None = None) -> PromptKernel:
     """The route and the assembly of `compute_prompt_kernel` (inside its memory guard)."""
     tok = lm.tokenizer
@@ -307,7 +304,7 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
         if _frozen(target, qttt):
             rr = frozen_q_route(lm, enc, row_chunk, progress, target=target)
         else:
-            rr = exact_per_output_route(lm, enc, target, chunk, feature_budget_bytes, progress)
+            rr = exact_per_output_route(lm, enc, target, chunk, progress)
         targets = np.ones(len(enc.positions))
         qv = rr.query_value
         query = None if qv is None else QueryOutcome(

@@ -166,12 +166,27 @@ def test_long_context_exact_route_matches_reference_tiny(tiny, kind):
     assert np.all(ev.residuals > 0)
 
 
-def test_long_context_exact_route_layer_groups(tiny):
-    """A tiny feature budget forces one layer per group: same kernels."""
+def test_long_context_exact_route_cuts_each_chunk_at_its_last_output(tiny):
+    """Each chunk runs ONE forward of only the tokens up to its last output (causality), last
+    outputs first, and the kernel still equals one full-sequence backward per output."""
     prompt = parse_prompt(LONG_TEXT)
-    a = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=4)
-    b = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3, feature_budget_bytes=1)
-    assert rel(b.K, a.K) <= 1e-6 and rel(b.k_x, a.k_x) <= 1e-6
+    li = encode_long_context(tiny, prompt, 10)
+    outs = sorted(list(li.positions) + [li.query_position])
+    lengths, real = [], tiny.model.forward
+
+    def spy(*args, **kw):
+        lengths.append(tuple(kw["input_ids"].shape))
+        return real(*args, **kw)
+
+    tiny.model.forward = spy
+    try:
+        ev = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3)
+    finally:
+        del tiny.model.forward
+    expect = [(1, c[0] + 1) for c in (outs[::-1][i:i + 3] for i in range(0, len(outs), 3))]
+    assert lengths == expect and lengths[-1][1] < len(li.ids)
+    ref, vals = reference_long(tiny, prompt, "k", 10, frozen=False)
+    check_against_reference(ev, ref, vals)
 
 
 @pytest.mark.parametrize("row_chunk", [7, 384], ids=["chunked_frozen_cache", "single_pass_detached_kv"])
