@@ -80,6 +80,7 @@ def _child(target: str, repeats: int, steps: int) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         out = json.loads(lines[-1])
+        print(lines[-1], flush=True)                 # progress: one line per target as it finishes
     else:
         why = (f"killed by signal {-proc.returncode} (the OS ends a process that runs out of memory this way)"
                if proc.returncode < 0 else f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")

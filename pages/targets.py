@@ -47,21 +47,28 @@ span = int(c3.number_input("Span k (NLL)", 2, 2048, 128, key="tgt_span"))
 seeds_text = c4.text_input("Seeds", "0, 1, 2", key="tgt_seeds",
                            help="Span starts and LoRA init. With ≥ 3 seeds the winner gets a paired CI.")
 last = int(c5.number_input("Last layers (0 = all)", 0, 256, 0, key="tgt_last"))
-kernels = st.checkbox("Kernel columns (effective rank, λ⋆, verdict, top blocks)", value=True, key="tgt_kernels")
+k1, k2 = st.columns([3, 2])
+kernels = k1.checkbox("Kernel columns (effective rank, λ⋆, verdict, top blocks)", value=True, key="tgt_kernels")
+positions = int(k2.number_input(
+    "Kernel positions (long context)", 8, 2048, 64, step=8, key="tgt_positions", disabled=not kernels,
+    help="The kernel keeps the last N supervised positions. W_Q and LoRA on q take one backward for all of them; "
+         "every other target takes one backward of the text per position (on 2 CPU cores about 0.4 s each "
+         "for a 300-token text: 256 positions ≈ 2–3 min per target)."))
 try:
     seeds = [int(s) for s in seeds_text.replace(" ", "").split(",") if s]
 except ValueError:
     st.error("Seeds must be whole numbers separated by commas.")
     st.stop()
 
-settings = (lm.name, prompt.to_text(), tuple(targets), tuple(signals), steps, lr, span, tuple(seeds), last, kernels)
+settings = (lm.name, prompt.to_text(), tuple(targets), tuple(signals), steps, lr, span, tuple(seeds), last, kernels,
+            positions)
 store = st.session_state.setdefault(RESULT_KEY, {})
 if st.button("Compare targets", key="tgt_run", icon=":material/compare_arrows:", type="primary",
              disabled=not targets or not signals):
     bar = st.progress(0.0, text="Starting…")
     try:
         cmp = compare_targets(lm, prompt, targets, signals, steps=steps, seeds=seeds or [0], lr=lr, span=span,
-                              last_layers=last or None, kernels=kernels,
+                              last_layers=last or None, kernels=kernels, max_positions=positions,
                               progress=lambda f, t: bar.progress(f, text=t))
     except Exception as exc:  # noqa: BLE001 — the page stays up
         bar.empty()

@@ -79,3 +79,30 @@ def test_targets_page_shows_the_committed_suite_by_default(tmp_path, monkeypatch
     table = next(d.value for d in at.dataframe if "vs qTTT" in d.value.columns)
     want = [(f, r["target"], r["mean_delta"]) for f, rs in summary["families"].items() for r in rs]
     assert list(zip(table["family"], table["target"], table["mean_delta"])) == want
+
+
+def test_targets_page_passes_its_kernel_positions(tmp_path, monkeypatch) -> None:
+    """The "Kernel positions" input reaches compare_targets (the per-output kernels cost one
+    backward per position, so the page's default is 64, not the library's 256)."""
+    import ttt_core.targets as T
+    from ttt_core.experiments import targets_suite as TS
+
+    seen, real = [], T.compare_targets
+    monkeypatch.setattr(T, "compare_targets", lambda *a, **kw: seen.append(kw["max_positions"]) or real(*a, **kw))
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: tmp_path / "no_published_suite")
+    at = _app(tmp_path)
+    at.session_state["prompt_text"] = "The cat sat on the mat. " * 8 + "\nQuestion: Where did the cat sit?\nAnswer: mat"
+    at.session_state["tgt_targets"] = ["norm_attn"]
+    at.session_state["tgt_signals"] = ["nll"]
+    at.session_state["tgt_steps"] = 1
+    at.switch_page("pages/targets.py").run()
+    assert at.number_input(key="tgt_positions").value == 64
+    at.number_input(key="tgt_positions").set_value(16).run()
+    at.button(key="tgt_run").click().run()
+    assert not at.exception, at.exception
+    assert seen == [16]
+    df = at.dataframe[0].value
+    assert df["kernel"].eq("ok").all()
+    (res,) = at.session_state["_tgt_results"].values()
+    assert res["settings"]["max_positions"] == 16
