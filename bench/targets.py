@@ -12,7 +12,14 @@ The last line printed is one JSON object: per target {"kernel_s", "step_s", "flo
 "all_kernels_within_10s".
 Each target runs in its own process (a target the OS kills for memory is reported as such).
 Usage: python bench/targets.py [--quick] [--repeats R] [--steps S] [--targets q,v,...]
+       python bench/targets.py --baseline-n N [--targets v,o]
   --quick: targets q, mlp_gate, lora:q:8 and norm_attn, 1 repeat, 3 steps.
+  --baseline-n N (only this section runs): the exact per-output kernel at N positions against the
+  obvious baseline measured in the same process: for each output, one forward and one backward of
+  the whole text with zero weight deltas on every layer (parameter gradients), K = ΦΦᵀ. Linear
+  targets only (the baseline needs weight deltas; it holds Φ, n × parameters fp32: 5 GB for W_O at
+  N = 128). Final JSON line: per target
+  {"kernel_s", "baseline_s", "speedup", "rel_diff"}.
 """
 
 from __future__ import annotations
@@ -70,6 +77,44 @@ def bench_target(lm, prompt, target: str, repeats: int, steps: int) -> dict:
     return out
 
 
+def baseline_kernel(lm, prompt, target: str, max_positions: int) -> np.ndarray:
+    """The obvious per-output baseline (module docstring): (n, n) K over the n supervised positions."""
+    from ttt_core.encoding import encode_long_context
+    from ttt_core.readout import token_prob
+
+    li = encode_long_context(lm, prompt, max_positions)
+    ids = torch.tensor(li.ids)[None]
+    a = lm.adapter
+    rows = []
+    for p, t in zip(li.positions, li.targets):
+        d = {(l, target): torch.zeros(a.spec(l, target).out_features, a.spec(l, target).in_features,
+                                      requires_grad=True) for l in range(a.n_layers)}
+        with a.apply(deltas=d):
+            s = token_prob(lm.model(input_ids=ids, logits_to_keep=torch.tensor([p])).logits[0], torch.tensor([t]))
+        g = torch.autograd.grad(s.sum(), list(d.values()))
+        rows.append(torch.cat([x.reshape(-1) for x in g]))
+    Phi = torch.stack(rows)                                   # (n, params) fp32: n·params·4 bytes
+    del rows
+    return (Phi @ Phi.T).double().numpy()
+
+
+def baseline_section(lm, prompt, targets: list[str], n: int) -> dict:
+    out: dict = {}
+    for t in targets:
+        t0 = time.perf_counter()
+        ev = compute_prompt_kernel(lm, prompt, t, max_positions=n)
+        new_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Kb = baseline_kernel(lm, prompt, t, n)
+        base_s = time.perf_counter() - t0
+        r = {"n": ev.n, "kernel_s": round(new_s, 2), "baseline_s": round(base_s, 2),
+             "speedup": round(base_s / new_s, 2),
+             "rel_diff": float(np.linalg.norm(ev.K - Kb) / np.linalg.norm(Kb)), "load_avg_1min": load()}
+        print(json.dumps({"target": t, **r}), flush=True)
+        out[t] = r
+    return out
+
+
 def _child(target: str, repeats: int, steps: int) -> dict:
     """One target in a fresh process: a target that the OS kills for memory (no Python exception,
     no message) is then a result of this bench, not the end of it."""
@@ -96,7 +141,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--targets", default=None)
     ap.add_argument("--one", default=None, help="(internal) run one target in this process")
+    ap.add_argument("--baseline-n", type=int, default=None)
     args = ap.parse_args()
+    if args.baseline_n:
+        lm = load_model()
+        ts = [t.strip() for t in (args.targets or "v,o").split(",") if t.strip()]
+        load_start = load()
+        res = baseline_section(lm, needle_haystack(0, n_words=260), ts, args.baseline_n)
+        print(json.dumps({"bench": "targets_baseline", "model": lm.name, "n": args.baseline_n, "targets": res,
+                          "load_avg_1min_at_start": load_start, "load_avg_1min": load(),
+                          "torch_threads": torch.get_num_threads()}), flush=True)
+        return
     if args.one:
         lm = load_model()
         bench_target(lm, needle_haystack(0, n_words=260), args.one, args.repeats, args.steps)
