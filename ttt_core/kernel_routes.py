@@ -70,6 +70,10 @@ from ttt_core.types import Progress
 #: stays small (~170 MB).
 CHUNK_ROWS = 128
 
+#: Default outputs per forward of the exact per-output route (`chunk`): one forward, then one
+#: backward per output through its graph.
+OUTPUT_CHUNK = 16
+
 
 @dataclass
 class RouteResult:
@@ -280,7 +284,7 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
                        s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
 
 
-def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = 16,
+def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = OUTPUT_CHUNK,
                            progress: Progress = None) -> RouteResult:
     """The ``exact-per-output`` route (module docstring).
 

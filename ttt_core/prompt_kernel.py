@@ -46,6 +46,7 @@ from ttt_core.encoding import DEFAULT_MAX_POSITIONS, EncodingError, FewShotEncod
 from ttt_core.kernel_factors import LayerFactors, RowFactors
 from ttt_core.kernel_routes import (
     CHUNK_ROWS,
+    OUTPUT_CHUNK,
     blocks_per_layer,
     exact_per_output_route,
     frozen_q_route,
@@ -216,7 +217,7 @@ def compute_prompt_kernel(
     *,
     max_positions: int = DEFAULT_MAX_POSITIONS,
     qttt: bool = True,
-    chunk: int = 16,
+    chunk: int = OUTPUT_CHUNK,
     row_chunk: int = CHUNK_ROWS,
     progress: Progress = None,
     lora_seed: int = 0,
@@ -235,7 +236,8 @@ def compute_prompt_kernel(
         max_positions: long context: keep the last this-many supervised positions.
         qttt: long context + "q" or a LoRA on q: use the frozen-KV qTTT kernel (default) instead
             of the exact per-output route.
-        chunk: outputs per forward (one backward each) in the exact long-context route.
+        chunk: outputs per forward (one backward each) in the exact long-context route (default
+            kernel_routes.OUTPUT_CHUNK = 16).
         row_chunk: rows per forward in the frozen-KV route (default kernel_routes.CHUNK_ROWS = 128;
             rows spanning at most this many tokens run in one pass).
         progress: optional callback(fraction, text).
@@ -273,7 +275,8 @@ def compute_prompt_kernel(
     memory_guard.check(est, advice, error=KernelMemoryError)
     with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
         return _assemble(lm, prompt, enc, target, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
-                         max_positions=max_positions, progress=progress, t0=t0, first_layer=int(first_layer), shared=shared)
+                         max_positions=max_positions, progress=progress, t0=t0, first_layer=int(first_layer),
+                         shared=shared)
 
 
 def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt: bool, chunk: int, row_chunk: int,
