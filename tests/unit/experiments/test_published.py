@@ -46,6 +46,18 @@ def _picks(n: int, k: int = 3) -> list[int]:
     return picks
 
 
+def _repro_picks(d: dict, s: ReproSettings, k: int = 3) -> list[int]:
+    """k record positions of a reproduction result: one whose task ran Exp2's real GD (~4 CPU-minutes
+    each on SmolLM2) and k − 1 of the others when the file has both kinds, so the GD path is
+    always checked and the test stays minutes long; k of all records otherwise."""
+    gd = [i for i, t in enumerate(d["tasks"]) if s.runs_exp2_gd(int(t["index"]))]
+    gd_set = set(gd)
+    rest = [i for i in range(len(d["tasks"])) if i not in gd_set]
+    if not gd or not rest:
+        return _picks(len(d["tasks"]), k)
+    return sorted([gd[j] for j in _picks(len(gd), 1)] + [rest[j] for j in _picks(len(rest), k - 1)])
+
+
 def _assert_tree_close(new, old, path="record", atol=1e-6):
     """Same structure; numbers equal to `atol`; everything else equal."""
     if isinstance(old, dict):
@@ -75,6 +87,16 @@ def test_published_results_exist():
     assert TARGETS, "no committed targets suite under artifacts/published/targets"
 
 
+def test_reproduction_picks_check_one_real_gd_record_when_some_ran_gd():
+    s = ReproSettings(tasks=10, exp2="both", exp2_gd_tasks=4)
+    d = {"tasks": [{"index": i} for i in range(10)]}
+    for _ in range(20):
+        picks = _repro_picks(d, s)
+        assert len(set(picks)) == 3 and sum(i < 4 for i in picks) == 1
+    only_linear = ReproSettings(tasks=10, exp2="linear")
+    assert len(set(_repro_picks(d, only_linear))) == 3
+
+
 @pytest.mark.parametrize("path", REPRO, ids=[p.name for p in REPRO])
 def test_published_reproduction_carries_its_provenance(path):
     d = json.loads(path.read_text())
@@ -96,7 +118,7 @@ def test_three_random_reproduction_records_recompute(path):
     threads = torch.get_num_threads()
     torch.set_num_threads(_threads_of(d))
     try:
-        for i in _picks(len(d["tasks"])):
+        for i in _repro_picks(d, s):
             saved = d["tasks"][i]
             fresh = json.loads(json.dumps(run_task(lm, saved["index"], s, saved["c"]), default=float))
             assert fresh["prompt"] == saved["prompt"], f"task {saved['index']}: a different prompt"
