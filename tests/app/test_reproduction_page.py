@@ -119,3 +119,24 @@ def test_linearised_exp2_is_labelled(results_dir):
     assert f"Exp2 — block selection ({label}" in text and f"Exp2 ({label})" in text
     assert label in at.selectbox(key="repro_exp2").options
     assert "too few tasks to decide (1 < 20 paired tasks)" in text
+
+
+def test_both_exp2_sources_show_how_well_the_linearisation_predicts_real_gd(results_dir):
+    at = app()
+    at.number_input(key="repro_tasks").set_value(2)
+    at.number_input(key="repro_grid").set_value(8)
+    at.selectbox(key="repro_exp2").set_value("both")
+    at.button(key="repro_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    _, res = latest_results(results_dir)
+    agree = res["summary"]["exp2"]["linear_vs_gd"]
+    assert agree["tasks"] == 2
+    text = " ".join(m.value for m in at.markdown)
+    assert "Exp2 — does the linearised comparison predict real GD? (2 tasks with both)" in text
+    table = next(d.value for d in at.dataframe if "Mean |linearised − GD|" in d.value.columns)
+    for (b, e), (_, row) in zip(agree["budgets"].items(), table.iterrows()):
+        assert row["Budget"] == int(b) and row["Tasks"] == 2
+        assert row["Mean |linearised − GD|"] == pytest.approx(e["mean_abs_diff"])
+        assert row["QA − TopK, real GD"] == pytest.approx(e["qa_vs_topk_gd"]["mean"])
+    assert any(f.startswith("Exp2, linearised against real GD on the same 2 tasks") for f in res["findings"])

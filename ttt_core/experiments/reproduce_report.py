@@ -115,6 +115,36 @@ def summarize_exp2(tasks: list[dict], s: ReproSettings, source: str) -> dict[str
     return rows or None
 
 
+def exp2_linear_vs_gd(tasks: list[dict], s: ReproSettings) -> dict[str, Any] | None:
+    """Does the linearised Exp2 predict the real-GD Exp2? On the tasks that carry both sources
+    (``--exp2 both``), per budget: the paired Query-Aware − Trace-TopK comparison under each source on
+    the SAME tasks, the mean |linearised − GD| query error over every selection of the budget, and the
+    Pearson correlation over tasks of each source's Query-Aware gain over Random (MSE(Random mean) −
+    MSE(QA)). None when no task has both."""
+    both = [t for t in tasks if t.get("exp2") and any("gd" in sel and "linear" in sel for row in t["exp2"]["budgets"].values()
+                                                   for sel in row.values())]
+    if not both:
+        return None
+    lin = summarize_exp2(both, s, "linear") or {}
+    gd = summarize_exp2(both, s, "gd") or {}
+    rows: dict[str, Any] = {}
+    for b in gd:
+        if b not in lin:
+            continue
+        per = [t["exp2"]["budgets"][b] for t in both if b in t["exp2"]["budgets"]]
+        diffs = [abs(sel["linear"]["query_error"] - sel["gd"]["query_error"]) for row in per for sel in row.values()
+                 if "linear" in sel and "gd" in sel]
+        gain = {src: np.array([np.mean([row[f"random_{d}"][src]["query_error"] for d in range(s.exp2_random_draws)])
+                               - row["query_aware"][src]["query_error"] for row in per]) for src in ("linear", "gd")}
+        ok = len(per) > 2 and gain["linear"].std() > 0 and gain["gd"].std() > 0
+        rows[b] = {"tasks": len(per),
+                   "qa_vs_topk_linear": lin[b]["qa_vs_topk"]["query_error"],
+                   "qa_vs_topk_gd": gd[b]["qa_vs_topk"]["query_error"],
+                   "mean_abs_diff": float(np.mean(diffs)),
+                   "qa_gain_correlation": float(np.corrcoef(gain["linear"], gain["gd"])[0, 1]) if ok else None}
+    return {"tasks": len(both), "budgets": rows} if rows else None
+
+
 def summarize(tasks: list[dict], s: ReproSettings) -> dict[str, Any]:
     """Exp1 (measured and linearised) and Exp2 summaries of the tasks that did not fail."""
     ok = sorted([t for t in tasks if "error" not in t], key=lambda t: t["index"])
@@ -126,7 +156,8 @@ def summarize(tasks: list[dict], s: ReproSettings) -> dict[str, Any]:
     if s.exp2 != "off":
         out["exp2"] = {"linear": summarize_exp2(ok, s, "linear"), "gd": summarize_exp2(ok, s, "gd"),
                        "candidates": ok[0]["exp2"]["candidates"] if ok[0].get("exp2") else 0,
-                       "candidate_layers": ok[0]["exp2"].get("candidate_layers") if ok[0].get("exp2") else None}
+                       "candidate_layers": ok[0]["exp2"].get("candidate_layers") if ok[0].get("exp2") else None,
+                       "linear_vs_gd": exp2_linear_vs_gd(ok, s)}
     return out
 
 
@@ -190,6 +221,18 @@ def findings(summary: dict[str, Any]) -> list[str]:
             per.append(f"budget {b}: {_verdict_line(q)} — {v}")
         lines.append(f"Exp2 ({what}): prompt-fit MSE, Query-Aware vs Trace-TopK (MSE(TopK) − MSE(QA)) — "
                      + "; ".join(per) + ". The paper's Figure 1(c): Trace-TopK fits the prompt, Query-Aware the query.")
+    agree = ex2.get("linear_vs_gd")
+    if agree:
+        said = {}
+        for src in ("linear", "gd"):
+            outs = [suite_verdict(e[f"qa_vs_topk_{src}"], int(e[f"qa_vs_topk_{src}"].get("n", e["tasks"])),
+                                  "Query-Aware beats Trace-TopK", "Query-Aware is worse than Trace-TopK",
+                                  "Trace-TopK").outcome for e in agree["budgets"].values()]
+            said[src] = (outs.count("better"), outs.count("worse"))
+        nb = len(agree["budgets"])
+        lines.append(f"Exp2, linearised against real GD on the same {agree['tasks']} tasks: the rule decides for "
+                     f"Query-Aware at {said['linear'][0]} of {nb} budgets linearised and at {said['gd'][0]} with real GD "
+                     f"(for Trace-TopK: {said['linear'][1]} and {said['gd'][1]}).")
     return lines
 
 
@@ -270,6 +313,19 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append("")
             lines.append("Linearised: the query error is the kernel's first-order prediction f_0 + k_Sᵀ q_T(K_S) r — "
                          "the same quantity the greedy rule maximises, so Query-Aware is favoured by construction.")
+        lines.append("")
+    agree = ex2.get("linear_vs_gd")
+    if agree:
+        lines += [f"## Exp2 — does the linearised comparison predict real GD? ({agree['tasks']} tasks with both)", "",
+                  "Query-Aware vs Trace-TopK (MSE(TopK) − MSE(QA), paired, positive = Query-Aware better) under each "
+                  "source on the same tasks; mean |linearised − GD| query error over every selection; Pearson r over "
+                  "tasks of Query-Aware's gain over Random under the two sources.", "",
+                  "| Budget | Tasks | QA − TopK, linearised | QA − TopK, real GD | mean abs. difference | r (QA gain) |",
+                  "|---|---|---|---|---|---|"]
+        for b, e in agree["budgets"].items():
+            r = "—" if e["qa_gain_correlation"] is None else f"{e['qa_gain_correlation']:.2f}"
+            lines.append(f"| {b} | {e['tasks']} | {_verdict_line(e['qa_vs_topk_linear'])} | "
+                         f"{_verdict_line(e['qa_vs_topk_gd'])} | {e['mean_abs_diff']:.2e} | {r} |")
         lines.append("")
     lines += ["## What reproduced", "", f"Rule: {VERDICT_RULE}; otherwise the sentence says \"too few tasks to decide\" "
               "or \"not distinguishable\".", ""] + [f"* {x}" for x in res.get("findings", [])] + [""]

@@ -329,3 +329,29 @@ def test_a_cached_sweep_resumes_without_recomputing(tiny, tmp_path, monkeypatch)
     more = R._map_cached([("task", i, dataclasses.replace(s, tasks=3).to_dict(), first["tasks"][0]["c"])
                           for i in range(3)], tmp_path, "tasks", model=s.model, backend="serial", lm=tiny)
     assert [t["index"] for t in more] == [0, 1, 2] and more[0] == first["tasks"][0]
+
+
+def test_linearised_against_real_gd_uses_only_the_tasks_with_both():
+    """`--exp2 both --exp2-gd-tasks N`: the agreement table compares the two sources on the N tasks
+    that carry both. Here the linearised error is the GD error + 0.002 for every selection of the
+    first 10 tasks, so the mean |difference| is 0.002 and Query-Aware's gain over Random is the same
+    under both (r = 1); the other 14 tasks (GD only) are left out."""
+    tasks, s = _synthetic_tasks(24, effect=True)
+    s = dataclasses.replace(s, exp2="both", exp2_gd_tasks=10)
+    for t in tasks[:10]:
+        for row in t["exp2"]["budgets"].values():
+            for sel in row.values():
+                sel["linear"] = {"query_error": sel["gd"]["query_error"] + 0.002, "prompt_mse": sel["gd"]["prompt_mse"]}
+    summ = summarize(tasks, s)
+    agree = summ["exp2"]["linear_vs_gd"]
+    assert agree["tasks"] == 10 and set(agree["budgets"]) == {"1", "2"}
+    for e in agree["budgets"].values():
+        assert e["tasks"] == 10 and e["mean_abs_diff"] == pytest.approx(0.002, abs=1e-12)
+        assert e["qa_gain_correlation"] == pytest.approx(1.0, abs=1e-9)
+        assert e["qa_vs_topk_linear"]["mean"] == pytest.approx(e["qa_vs_topk_gd"]["mean"], abs=1e-12)
+    line = next(x for x in findings(summ) if x.startswith("Exp2, linearised against real GD"))
+    assert "same 10 tasks" in line and "too few" not in line
+    assert "# Paper" in to_markdown({"settings": s.to_dict(), "summary": summ, "c_source": "given", "backend": "serial",
+                                     "workers": 1, "wall_seconds": 1.0, "created": "now", "findings": findings(summ)})
+    only_gd, _ = _synthetic_tasks(4, effect=True)
+    assert summarize(only_gd, s)["exp2"]["linear_vs_gd"] is None
