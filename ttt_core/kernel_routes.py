@@ -284,6 +284,29 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
                        s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
 
 
+def _feature_inputs(lm: LoadedModel, target: Target, layer: int, A: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input side of one layer's per-output features from its captured block inputs A
+    (P_max, in): (rows, basis). Norm targets: the rows x̂_t themselves; LoRA: s·X Aᵀ (P_max, r);
+    linear blocks: A, or A V with V (in, P_max) an orthonormal basis of A's row space (A = U S Vᵀ)
+    when the sequence is shorter than the input width (not for W_O, whose head axis is its input)."""
+    A = A.double()
+    if target.diagonal:
+        return A.to(dtype), None
+    if target.form == "lora":
+        return lora_inputs(lm, target, layer, A).to(dtype), None
+    if target.kind != "o" and A.shape[0] < A.shape[1]:
+        _, _, Vh = torch.linalg.svd(A, full_matrices=False)
+        V = Vh.T.contiguous()
+        return (A @ V).to(dtype), V
+    return A.to(dtype), None
+
+
+def _feature_shape(target: Target, out_features: int, rows: torch.Tensor) -> tuple[int, ...]:
+    """One output's feature shape: (out,) for norm targets, else (out, width of the input rows)."""
+    return (out_features,) if target.diagonal else (out_features, rows.shape[1])
+
+
 def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str | Target, chunk: int = OUTPUT_CHUNK,
                            progress: Progress = None) -> RouteResult:
     """The ``exact-per-output`` route (module docstring).
@@ -324,21 +347,9 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str |
         vals[sel] = s.detach().double().cpu()
         if not rows_in:                                                       # first chunk: P = P_max
             for l, _ in keys:
-                A = st.capture_in[(l, kind)].detach()[0].double()             # (P_max, in)
-                if target.diagonal:
-                    rows_in[l] = A.to(fdtype)
-                    F[l] = torch.zeros(n_out, spec0.out_features, device=lm.device, dtype=fdtype)
-                elif target.form == "lora":
-                    rows_in[l] = lora_inputs(lm, target, l, A).to(fdtype)     # s·X Aᵀ (P_max, r)
-                    F[l] = torch.zeros(n_out, spec0.out_features, target.lora.rank, device=lm.device, dtype=fdtype)
-                else:
-                    basis[l] = None
-                    if kind != "o" and A.shape[0] < A.shape[1]:
-                        _, _, Vh = torch.linalg.svd(A, full_matrices=False)   # A = U S Vᵀ, V (in, P_max)
-                        basis[l] = Vh.T.contiguous()
-                    rows_in[l] = (A if basis[l] is None else A @ basis[l]).to(fdtype)
-                    F[l] = torch.zeros(n_out, spec0.out_features, rows_in[l].shape[1], device=lm.device,
-                                       dtype=fdtype)
+                rows_in[l], basis[l] = _feature_inputs(lm, target, l, st.capture_in[(l, kind)].detach()[0], fdtype)
+                F[l] = torch.zeros(n_out, *_feature_shape(target, spec0.out_features, rows_in[l]),
+                                   device=lm.device, dtype=fdtype)
         del st
         for c, j in enumerate(sel):                                           # one backward per output
             grads = torch.autograd.grad(s[c], plist, retain_graph=c < len(sel) - 1)
