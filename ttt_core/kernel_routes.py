@@ -20,7 +20,11 @@ the per-output features below.
   same frozen-KV rows give its features with input rows s·x Aᵀ): keys/values held at their
   unadapted values, so positions are independent and one backward of Σ_i s_i (+ s_x) gives every
   b_i exactly; K^(h) = (AAᵀ) ⊙ (B_h B_hᵀ) is the *qTTT* kernel (the kernel of the update qTTT
-  actually makes), not the exact-model W_Q kernel. A no-grad prefill of the tokens before the first row only, then the
+  actually makes), not the exact-model W_Q kernel. With ``kv="frozen"`` (`prompt_kernel`) the
+  same route serves every other target except W_K/W_V: with all keys and values frozen, a row's
+  W_O, MLP and norm parameters change only that row's output, so the kernel of the frozen-K/V
+  update of that target (the update `targets.engine`'s ``frozen_kv`` route makes) also comes from
+  one backward; W_K/W_V make the keys and values and get no gradient there. A no-grad prefill of the tokens before the first row only, then the
   rows in order: in one pass when they span at most ``row_chunk`` tokens, else in chunks of
   ``row_chunk`` rows (default `CHUNK_ROWS` = 128). A chunk's forward appends its own (base-weight)
   K/V to the growing cache, as a prefill would, and attends to the cache through the dQ-only
@@ -189,14 +193,15 @@ def _detach_cache(cache: Any) -> None:
 
 
 def _frozen_q_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
-                   chunk_rows: int, progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+                   chunk_rows: int, progress: Progress, kind: str = "q") -> tuple[dict, dict, torch.Tensor]:
     """The supervised rows in chunks of `chunk_rows` against a cache that grows chunk by chunk
-    (module docstring). Returns ({key: A (len(wanted), d_in)}, {key: B (len(wanted), d_out)}, s)."""
+    (module docstring), probing adapter kind `kind` (default "q"). Returns ({key: A (len(wanted),
+    d_in)}, {key: B (len(wanted), d_out)}, s)."""
     from transformers import DynamicCache
 
     ids = torch.tensor(li.ids, device=lm.device)[None]
     start, stop = wanted[0], wanted[-1] + 1
-    keys = _keys(lm, "q")
+    keys = _keys(lm, kind)
     a = lm.adapter
     store = torch.float64 if lm.dtype == torch.float64 else torch.float32
     n_w = len(wanted)
@@ -239,27 +244,43 @@ def _frozen_q_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], 
 
 
 def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
-                          progress: Progress) -> tuple[dict, dict, torch.Tensor]:
+                          progress: Progress, kind: str = "q") -> tuple[dict, dict, torch.Tensor]:
     """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
     of the rows (their own keys/values appended to the cache, attention through the dQ-only
     frozen kernel) and one backward. Same features as a prefill of the whole text followed by the
     rows against its frozen cache (the rows' K/V are the values a prefill would cache)."""
-    return _frozen_q_rows(lm, li, wanted, targets, wanted[-1] + 1 - wanted[0], progress)
+    return _frozen_q_rows(lm, li, wanted, targets, wanted[-1] + 1 - wanted[0], progress, kind)
+
+
+#: Adapter kinds that make the keys and values themselves: with K/V frozen they get no gradient.
+KV_KINDS = ("k", "v")
+
+
+def frozen_kv_target_ok(target: Target) -> bool:
+    """Whether `target` has a frozen-K/V kernel: every target except W_K, W_V and LoRA on them
+    (they make the keys and values, which the frozen-K/V update holds fixed)."""
+    return target.kind not in KV_KINDS
 
 
 def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
                    progress: Progress = None, target: str | Target = "q") -> RouteResult:
     """The ``qttt-frozen-kv`` route (module docstring): one pass when the rows span at most
-    `row_chunk` tokens, else chunks of `row_chunk` rows. `target`: "q" or a LoRA on q."""
+    `row_chunk` tokens, else chunks of `row_chunk` rows. `target`: W_Q or a LoRA on W_Q (qTTT),
+    or any other target except W_K/W_V (`frozen_kv_target_ok`): the kernel of the frozen-K/V
+    (qTTT-style) update of that target — with every key and value held at its prefill value, a
+    row's W_O, MLP and norm parameters change only that row's output, so one backward again
+    gives every position's features exactly (for the update the frozen-K/V engine makes, not
+    for a full-context update of the same target)."""
     target = resolve_target(lm, target)
-    if target.kind != "q" or target.form not in ("linear", "lora"):
-        raise ValueError(f"the frozen-KV route serves W_Q and LoRA on W_Q, not {target.subspace!r}")
+    if not frozen_kv_target_ok(target):
+        raise ValueError(f"{target.subspace!r} makes the keys and values: with K/V frozen it gets no gradient, "
+                         "so it has no frozen-K/V kernel (use the full-context kernel)")
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     if wanted[-1] + 1 - wanted[0] <= row_chunk:
-        A, B, s = _frozen_q_single_pass(lm, li, wanted, targets, progress)
+        A, B, s = _frozen_q_single_pass(lm, li, wanted, targets, progress, target.kind)
     else:
-        A, B, s = _frozen_q_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress)
+        A, B, s = _frozen_q_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress, target.kind)
     return _frozen_q_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s],
                             target)
 
@@ -278,9 +299,10 @@ def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_
         Ax = A[n:] if li.query_position is not None else None
         Bx = B[n:] if li.query_position is not None else None
         factors.append(row_target_factors(lm, target, k[0], A[:n], B[:n], n, None, Ax, Bx))
+    what = "W_Q" if target.kind == "q" and target.form == "linear" else target.subspace
     return RouteResult("qttt-frozen-kv",
-                       "qTTT kernel: keys/values held at their unadapted (prefill) values, so each position's W_Q "
-                       "features come from its own row (one backward for all positions).",
+                       f"Frozen-K/V (qTTT-style) kernel: keys/values held at their unadapted (prefill) values, so "
+                       f"each position's {what} features come from its own row (one backward for all positions).",
                        s_all[:n], factors, float(s_all[n]) if li.query_position is not None else None)
 
 

@@ -280,15 +280,16 @@ def _feature_width(lm: Any, kind: str, tokens: int) -> int:
 
 
 def frozen_q_kernel_estimate(lm: Any, tokens: int, positions: int, span_rows: int | None = None,
-                             row_chunk: int = 128) -> MemoryEstimate:
+                             row_chunk: int = 128, kind: str = "q") -> MemoryEstimate:
     """The ``qttt-frozen-kv`` prompt kernel: `positions` supervised rows (+ the query row) at the
     end of `tokens` tokens; `span_rows`: tokens from the first supervised row to the last row
-    (default positions + 1). Formula: module docstring."""
+    (default positions + 1); `kind`: the probed adapter kind (its (in, out) sizes the factor
+    stores). Formula: module docstring."""
     s = Shapes.of(lm)
     n = max(1, int(positions))
     R = max(1, int(span_rows if span_rows is not None else n + 1))
     T = max(int(tokens), R)
-    d_in, d_out = _block_shape(lm, "q")
+    d_in, d_out = _block_shape(lm, kind)
     r = min(R, max(1, int(row_chunk)))
     attn = s.L * min(s.Hq * r * T * 4, KEEP_P_BUDGET) + SCORE_TRANSIENT
     route = _graph(s, r, s.L) + _logits(s, min(r, n + 1)) + attn

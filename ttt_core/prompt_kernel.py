@@ -49,6 +49,7 @@ from ttt_core.kernel_routes import (
     OUTPUT_CHUNK,
     blocks_per_layer,
     exact_per_output_route,
+    frozen_kv_target_ok,
     frozen_q_route,
     loo_exact_route,
     report,
@@ -79,13 +80,27 @@ class KernelContextLengthError(PromptKernelError, memory_guard.ContextLengthErro
     """The prompt has more tokens than the model has positions; the message says how to truncate."""
 
 
-def _frozen(target: Target, qttt: bool) -> bool:
-    """Long context: the qTTT frozen-KV route serves W_Q and LoRA on W_Q when `qttt`."""
+KV_MODES = ("auto", "frozen", "full")
+
+
+def _frozen(target: Target, qttt: bool, kv: str = "auto") -> bool:
+    """Long context: whether the frozen-K/V route serves `target`. kv "auto": W_Q and LoRA on W_Q
+    when `qttt` (qTTT), every other target through the full-context route; "frozen": every target
+    but W_K/W_V (the kernel of the frozen-K/V update of that target); "full": none."""
+    if kv not in KV_MODES:
+        raise PromptKernelError(f"kv must be one of {list(KV_MODES)}, got {kv!r}")
+    if kv == "frozen":
+        if not frozen_kv_target_ok(target):
+            raise PromptKernelError(f"{target.subspace!r} makes the keys and values: with K/V frozen it gets no "
+                                    "gradient, so it has no frozen-K/V kernel (use kv='full')")
+        return True
+    if kv == "full":
+        return False
     return qttt and target.kind == "q" and target.form in ("linear", "lora")
 
 
 def _memory_plan(lm: LoadedModel, enc: Any, target: str | Target, qttt: bool, row_chunk: int, chunk: int,
-                 max_positions: int) -> tuple[memory_guard.MemoryEstimate, Any]:
+                 max_positions: int, kv: str = "auto") -> tuple[memory_guard.MemoryEstimate, Any]:
     """(estimate, advice) of this kernel job (`memory_guard` docstring has the formulas)."""
     target = resolve_target(lm, target)
     subspace = target.subspace
@@ -95,9 +110,9 @@ def _memory_plan(lm: LoadedModel, enc: Any, target: str | Target, qttt: bool, ro
     n = len(enc.positions)
     wanted = list(enc.positions) + ([enc.query_position] if enc.query_position is not None else [])
     T = len(enc.ids)
-    if _frozen(target, qttt):
+    if _frozen(target, qttt, kv):
         span = wanted[-1] + 1 - wanted[0]
-        est = memory_guard.frozen_q_kernel_estimate(lm, T, n, span, row_chunk)
+        est = memory_guard.frozen_q_kernel_estimate(lm, T, n, span, row_chunk, target.kind)
         adv = memory_guard.kernel_advice(lm, T, n, "qttt-frozen-kv", row_chunk=row_chunk, span_extra=span - n)
     else:
         est = memory_guard.exact_per_output_estimate(lm, T, len(wanted), subspace, chunk)
@@ -223,6 +238,7 @@ def compute_prompt_kernel(
     lora_seed: int = 0,
     first_layer: int = 0,
     shared: dict | None = None,
+    kv: str = "auto",
 ) -> PromptKernel:
     """Supervised outputs, residuals, factorised per-block kernels and query couplings.
 
@@ -241,6 +257,11 @@ def compute_prompt_kernel(
         row_chunk: rows per forward in the frozen-KV route (default kernel_routes.CHUNK_ROWS = 128;
             rows spanning at most this many tokens run in one pass).
         progress: optional callback(fraction, text).
+        kv: long context only: "auto" (default: the qTTT frozen-K/V kernel for W_Q and LoRA on W_Q
+            when `qttt`, the exact full-context kernel for every other target), "frozen" (the kernel
+            of the frozen-K/V, qTTT-style update of any target except W_K/W_V: one backward for all
+            positions, route "qttt-frozen-kv") or "full" (the exact per-output route for every target).
+            Few-shot prompts always take the exact LOO route.
         lora_seed: seed of the LoRA A matrices (`ttt_core.lora.lora_a`), LoRA subspaces only.
         first_layer: few-shot only, for experiments that use only the last layers' blocks: compute
             layers first_layer … L−1 only (the backward stops there; see `PromptKernel`).
@@ -271,17 +292,17 @@ def compute_prompt_kernel(
         raise PromptKernelError("first_layer > 0 is offered for few-shot prompts only")
     n_tokens = max(len(s) for s in enc.seqs) if isinstance(enc, FewShotEncoding) else len(enc.ids)
     memory_guard.check_context_length(lm, n_tokens, "The prompt", error=KernelContextLengthError)
-    est, advice = _memory_plan(lm, enc, target, qttt, row_chunk, chunk, max_positions)
+    est, advice = _memory_plan(lm, enc, target, qttt, row_chunk, chunk, max_positions, kv)
     memory_guard.check(est, advice, error=KernelMemoryError)
     with memory_guard.oom_guard(est, advice, error=KernelMemoryError):
         return _assemble(lm, prompt, enc, target, qttt=qttt, chunk=chunk, row_chunk=row_chunk,
                          max_positions=max_positions, progress=progress, t0=t0, first_layer=int(first_layer),
-                         shared=shared)
+                         shared=shared, kv=kv)
 
 
 def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt: bool, chunk: int, row_chunk: int,
               max_positions: int, progress: Progress, t0: float, first_layer: int = 0,
-              shared: dict | None = None) -> PromptKernel:
+              shared: dict | None = None, kv: str = "auto") -> PromptKernel:
     """The route and the assembly of `compute_prompt_kernel` (inside its memory guard)."""
     tok = lm.tokenizer
     subspace = target.subspace
@@ -304,7 +325,7 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
             label=label)
         output_labels = [f"{x} → {y}" for x, y in prompt.demos]
     else:
-        if _frozen(target, qttt):
+        if _frozen(target, qttt, kv):
             rr = frozen_q_route(lm, enc, row_chunk, progress, target=target)
         else:
             rr = exact_per_output_route(lm, enc, target, chunk, progress)
@@ -343,7 +364,7 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
         output_labels=output_labels, query=query, query_note=note, factors=factors, K=K,
         head_couplings=hc, k_x=None if hc is None else hc[first_layer:].sum(axis=(0, 1)), tokens=decoded_tokens(lm, ids), ids=ids,
         timings={"gradients_s": t1 - t0, "kernel_s": time.perf_counter() - t1},
-        settings={"max_positions": max_positions, "qttt": qttt,
+        settings={"max_positions": max_positions, "qttt": qttt, "kv": kv,
                   **({"lora_seed": target.lora.seed} if target.lora is not None else {})},
         first_layer=first_layer,
     )

@@ -194,6 +194,56 @@ def test_lora_q_frozen_kv_kernel_matches_frozen_reference(tiny, rank):
     check(ev, ref, vals)
 
 
+FROZEN_KV_TARGETS = ["mlp_up", "mlp_gate", "mlp_down", "norm_attn", "norm_mlp", "norm_mlp_bias", "lora:o:4",
+                     "lora:mlp_down:8"]
+
+
+@pytest.mark.parametrize("subspace", FROZEN_KV_TARGETS)
+def test_frozen_kv_kernels_of_other_targets_match_the_frozen_reference(tiny, subspace):
+    """kv="frozen": the kernel of the frozen-K/V (qTTT-style) update of W_O / MLP / norm / LoRA
+    targets, one backward for all positions, against per-output autograd through the frozen cache."""
+    _skip_missing(tiny, subspace)
+    prompt = parse_prompt(LONG_TEXT)
+    ev = compute_prompt_kernel(tiny, prompt, subspace, max_positions=8, row_chunk=5, kv="frozen")
+    assert ev.route == "qttt-frozen-kv" and ev.settings["kv"] == "frozen" and ev.n == 8
+    ref, vals = reference_long(tiny, prompt, subspace, 8, frozen=True)
+    check(ev, ref, vals)
+
+
+def test_frozen_kv_w_o_kernel_per_head_matches_the_frozen_reference(tiny):
+    prompt = parse_prompt(LONG_TEXT)
+    ev = compute_prompt_kernel(tiny, prompt, "o", max_positions=6, kv="frozen")
+    ref, vals = reference_long(tiny, prompt, "o", 6, frozen=True)
+    np.testing.assert_allclose(ev.values, vals[:ev.n], rtol=1e-8, atol=1e-10)
+    assert ev.route == "qttt-frozen-kv" and rel(ev.K, sum(K for K, _ in ref.values())) <= TOL
+    for l, (Kl, _) in ref.items():
+        assert rel(ev.layer_kernel(l), Kl) <= TOL, l
+
+
+@pytest.mark.parametrize("subspace", ["o", "mlp_up", "norm_mlp"])
+def test_frozen_kv_kernel_equals_the_full_context_kernel_in_the_last_layer(tiny, subspace):
+    """Nothing above the last layer reads other positions, so its W_O / MLP / post-attention norm
+    change only their own row's output: there the frozen-K/V kernel IS the exact full-context one
+    (an independent check of the frozen route against the exact per-output route); below it they
+    differ (later rows read the changed rows through attention)."""
+    _skip_missing(tiny, subspace)
+    prompt = parse_prompt(LONG_TEXT)
+    fro = compute_prompt_kernel(tiny, prompt, subspace, max_positions=7, kv="frozen")
+    full = compute_prompt_kernel(tiny, prompt, subspace, max_positions=7, kv="full", chunk=3)
+    assert full.route == "exact-per-output"
+    last = tiny.adapter.n_layers - 1
+    assert rel(fro.layer_kernel(last), full.layer_kernel(last)) <= TOL
+    assert rel(fro.layer_kernel(0), full.layer_kernel(0)) > 1e-3
+
+
+@pytest.mark.parametrize("subspace", ["k", "v", "lora:v:4"])
+def test_keys_and_values_have_no_frozen_kv_kernel(tiny, subspace):
+    with pytest.raises(PromptKernelError, match="makes the keys and values"):
+        compute_prompt_kernel(tiny, parse_prompt(LONG_TEXT), subspace, max_positions=6, kv="frozen")
+    with pytest.raises(PromptKernelError, match="kv must be one of"):
+        compute_prompt_kernel(tiny, parse_prompt(LONG_TEXT), "q", max_positions=6, kv="sometimes")
+
+
 def test_free_text_norm_kernel_without_query(tiny):
     prompt = parse_prompt("Just some free text without any question at all, a few words long.")
     ev = compute_prompt_kernel(tiny, prompt, "norm_mlp", max_positions=6, qttt=False)
@@ -321,4 +371,14 @@ def test_long_context_target_kernels_match_autograd_smollm2(smol):
     for subspace, qttt in (("norm_mlp", False), ("lora:q:16", True), ("lora:mlp_up:8", False)):
         ev = compute_prompt_kernel(smol, prompt, subspace, max_positions=3, qttt=qttt, chunk=4)
         ref, vals = reference_long(smol, prompt, subspace, 3, frozen=qttt)
+        check(ev, ref, vals, tol=1e-5)
+
+
+@pytest.mark.smollm2
+def test_frozen_kv_kernels_of_other_targets_match_the_frozen_reference_smollm2(smol):
+    prompt = parse_prompt(LONG_TEXT)
+    for subspace in ("mlp_down", "norm_mlp"):
+        ev = compute_prompt_kernel(smol, prompt, subspace, max_positions=3, kv="frozen")
+        assert ev.route == "qttt-frozen-kv"
+        ref, vals = reference_long(smol, prompt, subspace, 3, frozen=True)
         check(ev, ref, vals, tol=1e-5)
