@@ -47,13 +47,22 @@ span = int(c3.number_input("Span k (NLL)", 2, 2048, 128, key="tgt_span"))
 seeds_text = c4.text_input("Seeds", "0, 1, 2", key="tgt_seeds",
                            help="Span starts and LoRA init. With ≥ 3 seeds the winner gets a paired CI.")
 last = int(c5.number_input("Last layers (0 = all)", 0, 256, 0, key="tgt_last"))
+KV_LABELS = {"auto": "qTTT for W_Q / LoRA q, full context for the rest",
+             "frozen": "frozen for every target (qTTT-style; fast)"}
+kv = st.radio("Keys and values during TTT", list(KV_LABELS), format_func=KV_LABELS.get, horizontal=True, key="tgt_kv",
+              help="Frozen: every target is adapted with all keys and values held at the unadapted model's values "
+                   "(qTTT's rule, now for W_O, MLP, norms and LoRA too), and its kernel is the kernel of that "
+                   "update — one backward for all positions on a long prompt instead of one per position. "
+                   "W_K and W_V make the keys and values, so their rows are marked unavailable there. Full "
+                   "context: every target but W_Q / LoRA q changes the keys and values of later positions, as "
+                   "in ordinary TTT; exact, and slow on long prompts.")
 k1, k2 = st.columns([3, 2])
 kernels = k1.checkbox("Kernel columns (effective rank, λ⋆, verdict, top blocks)", value=True, key="tgt_kernels")
 positions = int(k2.number_input(
     "Kernel positions (long context)", 8, 2048, 64, step=8, key="tgt_positions", disabled=not kernels,
-    help="The kernel keeps the last N supervised positions. W_Q and LoRA on q take one backward for all of them; "
-         "every other target takes one backward of the text per position (on 2 CPU cores about 0.4 s each "
-         "for a 300-token text: 256 positions ≈ 2–3 min per target)."))
+    help="The kernel keeps the last N supervised positions. W_Q and LoRA on q (and every target with frozen keys "
+         "and values) take one backward for all of them; every other target takes one backward of the text per "
+         "position (on 2 CPU cores about 0.4 s each for a 300-token text: 256 positions ≈ 2–3 min per target)."))
 try:
     seeds = [int(s) for s in seeds_text.replace(" ", "").split(",") if s]
 except ValueError:
@@ -61,14 +70,14 @@ except ValueError:
     st.stop()
 
 settings = (lm.name, prompt.to_text(), tuple(targets), tuple(signals), steps, lr, span, tuple(seeds), last, kernels,
-            positions)
+            positions, kv)
 store = st.session_state.setdefault(RESULT_KEY, {})
 if st.button("Compare targets", key="tgt_run", icon=":material/compare_arrows:", type="primary",
              disabled=not targets or not signals):
     bar = st.progress(0.0, text="Starting…")
     try:
         cmp = compare_targets(lm, prompt, targets, signals, steps=steps, seeds=seeds or [0], lr=lr, span=span,
-                              last_layers=last or None, kernels=kernels, max_positions=positions,
+                              last_layers=last or None, kernels=kernels, max_positions=positions, kv=kv,
                               progress=lambda f, t: bar.progress(f, text=t))
     except Exception as exc:  # noqa: BLE001 — the page stays up
         bar.empty()

@@ -242,7 +242,7 @@ def _compare_targets(args: argparse.Namespace) -> int:
     with ProgressBar("compare-targets", quiet=args.quiet) as bar:
         cmp = compare_targets(lm, prompt, targets, signals, steps=args.steps, seeds=seeds, lr=args.lr, span=args.span,
                               last_layers=args.last_layers, c=args.c, max_positions=args.max_positions,
-                              kernels=not args.no_kernels, progress=bar.fraction)
+                              kernels=not args.no_kernels, kv=args.kv, progress=bar.fraction)
     if args.json:
         print(json.dumps(json_clean(cmp.to_dict()), indent=1, ensure_ascii=False))
     else:
@@ -449,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c", type=float, default=0.1, help="kernel verdict: ρ = c/λ_max")
     p.add_argument("--max-positions", type=int, default=256, help="long context: supervised positions of the kernel")
     p.add_argument("--max-tokens", type=int, default=2048, help="token limit of the prompt")
+    p.add_argument("--kv", choices=["auto", "frozen"], default="auto",
+                   help="keys and values during TTT: auto (frozen for W_Q / LoRA q as qTTT, full context for the "
+                        "rest) or frozen for every target (qTTT-style; its kernels take one backward; W_K/W_V rows "
+                        "unavailable)")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel columns (measured runs only)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: a Markdown table)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")

@@ -106,3 +106,29 @@ def test_targets_page_passes_its_kernel_positions(tmp_path, monkeypatch) -> None
     assert df["kernel"].eq("ok").all()
     (res,) = at.session_state["_tgt_results"].values()
     assert res["settings"]["max_positions"] == 16
+
+
+def test_targets_page_frozen_keys_and_values_for_every_target(tmp_path, monkeypatch) -> None:
+    """"Keys and values during TTT: frozen": W_O / MLP / norm targets get the frozen-K/V kernel (one
+    backward) and the frozen-K/V engine route; W_V is marked unavailable with the reason."""
+    from ttt_core.experiments import targets_suite as TS
+
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: tmp_path / "no_published_suite")
+    at = _app(tmp_path)
+    at.session_state["prompt_text"] = "The cat sat on the mat. " * 8 + "\nQuestion: Where did the cat sit?\nAnswer: mat"
+    at.session_state["tgt_targets"] = ["mlp_up", "v"]
+    at.session_state["tgt_signals"] = ["nll"]
+    at.session_state["tgt_steps"] = 1
+    at.switch_page("pages/targets.py").run()
+    assert at.radio(key="tgt_kv").value == "auto"
+    at.radio(key="tgt_kv").set_value("frozen").run()
+    at.button(key="tgt_run").click().run()
+    assert not at.exception, at.exception
+    (res,) = at.session_state["_tgt_results"].values()
+    assert res["settings"]["kv"] == "frozen" and res["settings"]["route"] == "frozen_kv"
+    rows = {r["target"]: r for r in res["rows"]}
+    assert rows["mlp_up"]["kernel"]["route"] == "qttt-frozen-kv" and rows["mlp_up"]["route"] == "frozen_kv"
+    assert rows["mlp_up"]["status"] == "ok" and len(rows["mlp_up"]["errors"]) == 2
+    assert rows["v"]["status"] == "unavailable" and "makes the keys and values" in rows["v"]["reason"]
+    assert rows["v"]["kernel"]["status"] == "unavailable" and "makes the keys and values" in rows["v"]["kernel"]["note"]

@@ -310,6 +310,30 @@ def test_cli_compare_targets_json(tmp_path, capsys):
     d = json.loads(out.out)
     assert [r["target"] for r in d["table"]] == ["q", "norm_attn"] and d["sentence"] in out.err
     assert main(["compare-targets", "--model", "tiny-random-llama"]) == 2
+    g = tmp_path / "long.txt"
+    g.write_text("The cat sat on the mat. " * 8 + "\nQuestion: Where did the cat sit?\nAnswer: mat")
+    rc = main(["compare-targets", str(g), "--model", "tiny-random-llama", "--targets", "mlp_down,k", "--steps", "1",
+               "--max-positions", "12", "--kv", "frozen", "--json", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    d = json.loads(out.out)
+    rows = {r["target"]: r for r in d["rows"]}
+    assert d["settings"]["kv"] == "frozen" and rows["mlp_down"]["kernel"]["route"] == "qttt-frozen-kv"
+    assert rows["mlp_down"]["route"] == "frozen_kv" and rows["k"]["status"] == "unavailable"
+
+
+def test_compare_targets_refuses_an_unknown_kv_mode(tiny_llama_for_kv):
+    from ttt_core.targets import compare_targets
+
+    with pytest.raises(ValueError, match="kv must be one of"):
+        compare_targets(tiny_llama_for_kv, "some text here", ["q"], kv="sometimes")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_for_kv():
+    from ttt_core.models import build_tiny_model
+
+    return build_tiny_model("llama", seed=0)
 
 
 def test_suite_figure_gives_each_family_its_own_y_axis():

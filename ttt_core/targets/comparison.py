@@ -37,6 +37,7 @@ import numpy as np
 from ttt_core import theory
 from ttt_core.experiments.stats import paired_stats
 from ttt_core.figure_data import json_clean
+from ttt_core.kernel_routes import KV_KINDS
 from ttt_core.models import LoadedModel
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import Prompt, parse_prompt
@@ -51,6 +52,8 @@ from ttt_core.targets.signals import NEEDS_SPAN, SIGNALS, check_signal
 from ttt_core.types import Progress, StopLike, should_stop
 
 MIN_SEEDS_FOR_CI = 3
+#: compare_targets' K/V modes (its docstring).
+KV_CHOICES = ("auto", "frozen")
 
 
 @dataclass
@@ -174,12 +177,14 @@ def _kernel_kwargs(seed: int) -> dict[str, Any]:
 
 
 def kernel_summary(lm: LoadedModel, prompt: Prompt, target: str, *, c: float = 0.1, last_layers: int | None = None,
-                   top_k: int = 3, max_positions: int = 256, seed: int = 0) -> KernelSummary:
+                   top_k: int = 3, max_positions: int = 256, seed: int = 0, kv: str = "auto") -> KernelSummary:
     """The kernel columns of `target` on `prompt` (module docstring); "unavailable" with the reason
-    instead of raising."""
+    instead of raising. `kv`: `compute_prompt_kernel`'s K/V mode ("auto", "frozen", "full")."""
     t0 = time.perf_counter()
     try:
         kw = _kernel_kwargs(seed) if parse_target(target).stochastic else {}
+        if kv != "auto":
+            kw["kv"] = kv
         ev = compute_prompt_kernel(lm, prompt, target, max_positions=max_positions, **kw)
     except Exception as exc:  # noqa: BLE001 — a missing kernel marks the row, never fails the page
         return KernelSummary(status="unavailable", note=f"kernel unavailable: {exc}",
@@ -243,6 +248,10 @@ def _measure_row(row: TargetRow, lm: LoadedModel, prompt: Prompt, base_cfg: dict
                  count_flops: bool, stop: StopLike) -> str:
     runs: list[dict[str, Any]] = []
     method = ""
+    if base_cfg.get("route") == "frozen_kv" and parse_target(row.target).kind in KV_KINDS:
+        row.status, row.reason = "unavailable", (f"{row.target} makes the keys and values: with K/V frozen there is "
+                                                 "nothing to adapt (choose full-context K/V)")
+        return method
     for i, seed in enumerate(seeds):
         if should_stop(stop):
             break
@@ -340,16 +349,23 @@ def compare_targets(lm: LoadedModel, prompt: Prompt | str, targets: Sequence[str
                     signals: Sequence[str] = ("nll",), steps: int = 8, seeds: Sequence[int] = (0,), *,
                     lr: float = DEFAULT_LR, span: int = 128, last_layers: int | None = None, c: float = 0.1,
                     top_k: int = 3, max_positions: int = 256, kernels: bool = True, count_flops: bool = True,
-                    progress: Progress = None, stop: StopLike = None) -> TargetComparison:
+                    kv: str = "auto", progress: Progress = None, stop: StopLike = None) -> TargetComparison:
     """Every target × signal on one prompt (module docstring). `lr`, `span`, `steps` are shared by
     all runs (AdamW, qTTT's other settings); `last_layers` restricts both the kernel and the
-    training to the last N layers; `kernels=False` skips the kernel columns."""
+    training to the last N layers; `kernels=False` skips the kernel columns. `kv`: "auto" (frozen
+    K/V for the query-path targets, W_Q and LoRA on W_Q, as qTTT; full context for the others) or
+    "frozen" (every target adapted with all keys and values frozen — the qTTT-style update — with
+    the kernel of that update: one backward per kernel on long prompts; W_K/W_V rows are marked
+    unavailable, they make the keys and values)."""
+    if kv not in KV_CHOICES:
+        raise ValueError(f"kv must be one of {list(KV_CHOICES)}, got {kv!r}")
     t0 = time.perf_counter()
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     targets = [parse_target(t).name for t in targets]
     signals = [check_signal(s) for s in signals]
     seeds = [int(s) for s in seeds] or [0]
-    base_cfg = dict(steps=int(steps), span=int(span), lr=float(lr), last_layers=last_layers)
+    base_cfg = dict(steps=int(steps), span=int(span), lr=float(lr), last_layers=last_layers,
+                    **({"route": "frozen_kv"} if kv == "frozen" else {}))
     total = len(targets) * (1 + len(signals))
     done = 0
 
@@ -363,7 +379,7 @@ def compare_targets(lm: LoadedModel, prompt: Prompt | str, targets: Sequence[str
         t = parse_target(name)
         tell(f"kernel of {name}")
         ks = (kernel_summary(lm, p, name, c=c, last_layers=last_layers, top_k=top_k, max_positions=max_positions,
-                             seed=seeds[0]) if kernels else KernelSummary(status="skipped", note="kernels not asked for"))
+                             seed=seeds[0], kv=kv) if kernels else KernelSummary(status="skipped", note="kernels not asked for"))
         done += 1
         try:
             n_params = param_count(lm, t, last_layers)
@@ -381,7 +397,7 @@ def compare_targets(lm: LoadedModel, prompt: Prompt | str, targets: Sequence[str
     tell("done")
     return TargetComparison(model=lm.name, prompt_kind=type(p).__name__, error_label=label, steps=int(steps),
                             seeds=seeds, rows=rows, winner=winner, sentence=sentence, stats=st,
-                            settings={**base_cfg, "c": c, "top_k": top_k, "max_positions": max_positions,
+                            settings={**base_cfg, "kv": kv, "c": c, "top_k": top_k, "max_positions": max_positions,
                                       "targets": targets, "signals": signals,
                                       "signal_labels": {s: SIGNALS[s] for s in signals},
                                       "optimiser": "AdamW (β 0.9/0.999, eps 1e-8, wd 0.01), clip 1.0"},
