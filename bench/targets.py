@@ -13,6 +13,7 @@ The last line printed is one JSON object: per target {"kernel_s", "step_s", "flo
 Each target runs in its own process (a target the OS kills for memory is reported as such).
 Usage: python bench/targets.py [--quick] [--repeats R] [--steps S] [--targets q,v,...]
        python bench/targets.py --baseline-n N [--targets v,o]
+       python bench/targets.py --kv frozen [--repeats R] [--frozen-baseline-n N] [--targets o,mlp_up,...]
   --quick: targets q, mlp_gate, lora:q:8 and norm_attn, 1 repeat, 3 steps.
   --baseline-n N (only this section runs): the exact per-output kernel at N positions against the
   obvious baseline measured in the same process: for each output, one forward and one backward of
@@ -20,6 +21,13 @@ Usage: python bench/targets.py [--quick] [--repeats R] [--steps S] [--targets q,
   targets only (the baseline needs weight deltas; it holds Φ, n × parameters fp32: 5 GB for W_O at
   N = 128). Final JSON line: per target
   {"kernel_s", "baseline_s", "speedup", "rel_diff"}.
+  --kv frozen (only this section runs): the frozen-K/V kernels (`compute_prompt_kernel(...,
+  kv="frozen")`: the kernel of the qTTT-style update of each target, one backward for all
+  positions) at 256 positions, median of --repeats; for o, mlp_up and mlp_down also at N positions
+  (default 32) against the obvious baseline in the same process: a prefill, then each output's row
+  alone against the frozen cache with zero weight deltas and one backward, K = ΦΦᵀ. Final JSON
+  line: per target {"kernel_s", "n", "route"} (+ "baseline_s", "speedup", "rel_diff"),
+  "kernel_s_max", "all_frozen_kernels_within_10s".
 """
 
 from __future__ import annotations
@@ -115,6 +123,65 @@ def baseline_section(lm, prompt, targets: list[str], n: int) -> dict:
     return out
 
 
+FROZEN_TARGETS = ("o", "mlp_up", "mlp_gate", "mlp_down", "lora:o:8", "norm_attn", "norm_mlp")
+FROZEN_BASELINE_TARGETS = ("o", "mlp_up", "mlp_down")
+
+
+def frozen_baseline_kernel(lm, prompt, target: str, max_positions: int) -> np.ndarray:
+    """The obvious baseline of the frozen-K/V kernel: a prefill (no grad), then for each output its
+    row alone against the frozen cache (`attention.forward_with_frozen_kv`) with zero weight deltas
+    on every layer, one backward each (parameter gradients), K = ΦΦᵀ."""
+    from ttt_core.attention import forward_with_frozen_kv, prefill
+    from ttt_core.encoding import encode_long_context
+    from ttt_core.readout import token_prob
+
+    li = encode_long_context(lm, prompt, max_positions)
+    ids = torch.tensor(li.ids)[None]
+    a = lm.adapter
+    with torch.no_grad():
+        _, cache = prefill(lm.model, ids)
+    rows = []
+    for p, t in zip(li.positions, li.targets):
+        d = {(l, target): torch.zeros(a.spec(l, target).out_features, a.spec(l, target).in_features,
+                                      requires_grad=True) for l in range(a.n_layers)}
+        with a.apply(deltas=d):
+            logits = forward_with_frozen_kv(lm.model, ids[:, p:p + 1], cache, p).logits[0]
+            s = token_prob(logits, torch.tensor([t]))
+        g = torch.autograd.grad(s.sum(), list(d.values()))
+        rows.append(torch.cat([x.reshape(-1) for x in g]))
+    Phi = torch.stack(rows)
+    del rows
+    return (Phi @ Phi.T).double().numpy()
+
+
+def frozen_section(lm, prompt, targets: list[str], repeats: int, baseline_n: int) -> dict:
+    """``--kv frozen``: each target's frozen-K/V kernel at 256 positions (median of `repeats`), and
+    for the linear targets in FROZEN_BASELINE_TARGETS the kernel at `baseline_n` positions against
+    `frozen_baseline_kernel` in the same process (speedup, rel. diff)."""
+    out: dict = {}
+    for t in targets:
+        ks = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ev = compute_prompt_kernel(lm, prompt, t, max_positions=256, kv="frozen")
+            ks.append(time.perf_counter() - t0)
+        r = {"n": ev.n, "route": ev.route, "kernel_s": round(float(np.median(ks)), 3)}
+        if t in FROZEN_BASELINE_TARGETS and baseline_n:
+            t0 = time.perf_counter()
+            ev_b = compute_prompt_kernel(lm, prompt, t, max_positions=baseline_n, kv="frozen")
+            new_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            Kb = frozen_baseline_kernel(lm, prompt, t, baseline_n)
+            base_s = time.perf_counter() - t0
+            r.update(baseline_n=ev_b.n, kernel_s_at_baseline_n=round(new_s, 3), baseline_s=round(base_s, 3),
+                     speedup=round(base_s / new_s, 2),
+                     rel_diff=float(np.linalg.norm(ev_b.K - Kb) / np.linalg.norm(Kb)))
+        r["load_avg_1min"] = load()
+        print(json.dumps({"target": t, **r}), flush=True)
+        out[t] = r
+    return out
+
+
 def _child(target: str, repeats: int, steps: int) -> dict:
     """One target in a fresh process: a target that the OS kills for memory (no Python exception,
     no message) is then a result of this bench, not the end of it."""
@@ -142,7 +209,20 @@ def main() -> None:
     ap.add_argument("--targets", default=None)
     ap.add_argument("--one", default=None, help="(internal) run one target in this process")
     ap.add_argument("--baseline-n", type=int, default=None)
+    ap.add_argument("--kv", choices=["frozen"], default=None,
+                    help="only this section: frozen-K/V kernels at 256 positions (+ baseline at --frozen-baseline-n)")
+    ap.add_argument("--frozen-baseline-n", type=int, default=32)
     args = ap.parse_args()
+    if args.kv == "frozen":
+        lm = load_model()
+        ts = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(FROZEN_TARGETS)
+        load_start = load()
+        res = frozen_section(lm, needle_haystack(0, n_words=260), ts, args.repeats, args.frozen_baseline_n)
+        ks = [r["kernel_s"] for r in res.values()]
+        print(json.dumps({"bench": "targets_frozen_kv", "model": lm.name, "targets": res, "kernel_s_max": max(ks),
+                          "all_frozen_kernels_within_10s": max(ks) <= 10.0, "load_avg_1min_at_start": load_start,
+                          "load_avg_1min": load(), "torch_threads": torch.get_num_threads()}), flush=True)
+        return
     if args.baseline_n:
         lm = load_model()
         ts = [t.strip() for t in (args.targets or "v,o").split(",") if t.strip()]
