@@ -26,6 +26,19 @@ def app() -> AppTest:
     return at.switch_page("pages/reproduction.py").run()
 
 
+def run_small(tasks: int, exp2: str | None = None) -> AppTest:
+    """The page's "Run reproduction" button with `tasks` tasks on grid 0..8 (and an Exp2 mode)."""
+    at = app()
+    at.number_input(key="repro_tasks").set_value(tasks)
+    at.number_input(key="repro_grid").set_value(8)
+    if exp2 is not None:
+        at.selectbox(key="repro_exp2").set_value(exp2)
+    at.button(key="repro_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
     """An empty results folder and no committed results (artifacts/published/ hidden)."""
@@ -60,12 +73,7 @@ def test_no_results_says_how_to_make_them(results_dir):
 
 
 def test_button_runs_a_small_reproduction_and_the_page_shows_it(results_dir):
-    at = app()
-    at.number_input(key="repro_tasks").set_value(2)
-    at.number_input(key="repro_grid").set_value(8)
-    at.button(key="repro_run").click()
-    at.run()
-    assert not at.exception, at.exception
+    at = run_small(2)
     assert not at.error, [e.value for e in at.error]
     found = latest_results(results_dir)
     assert found is not None
@@ -105,13 +113,7 @@ def test_button_runs_a_small_reproduction_and_the_page_shows_it(results_dir):
 
 
 def test_linearised_exp2_is_labelled(results_dir):
-    at = app()
-    at.number_input(key="repro_tasks").set_value(1)
-    at.number_input(key="repro_grid").set_value(8)
-    at.selectbox(key="repro_exp2").set_value("linear")
-    at.button(key="repro_run").click()
-    at.run()
-    assert not at.exception, at.exception
+    at = run_small(1, "linear")
     path, res = latest_results(results_dir)
     assert res["settings"]["exp2"] == "linear" and res["summary"]["exp2"]["gd"] is None
     label = "linearised — the same quantity the greedy rule maximises"
@@ -122,13 +124,7 @@ def test_linearised_exp2_is_labelled(results_dir):
 
 
 def test_both_exp2_sources_show_how_well_the_linearisation_predicts_real_gd(results_dir):
-    at = app()
-    at.number_input(key="repro_tasks").set_value(2)
-    at.number_input(key="repro_grid").set_value(8)
-    at.selectbox(key="repro_exp2").set_value("both")
-    at.button(key="repro_run").click()
-    at.run()
-    assert not at.exception, at.exception
+    at = run_small(2, "both")
     _, res = latest_results(results_dir)
     agree = res["summary"]["exp2"]["linear_vs_gd"]
     assert agree["tasks"] == 2
