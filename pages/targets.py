@@ -99,7 +99,10 @@ else:
     st.caption(f"Measured: {res['error_label']} after each step, mean over seeds. FLOPs: {res['flops_method']}. "
                f"Memory: {res['memory_method']}. Optimiser: {res['settings']['optimiser']}, lr {res['settings']['lr']:g}. "
                "Kernel columns are the squared-loss frame of the prompt kernel (DESIGN §7); for entropy signals they "
-               "describe one step only (DESIGN §11).")
+               "describe one step only (DESIGN §11). Keys and values during TTT: "
+               + ("frozen for every target (qTTT-style updates, and the kernels of those updates)."
+                  if res["settings"].get("kv") == "frozen" else
+                  "frozen for W_Q and LoRA on q (qTTT), full context for every other target."))
     fig = figs.error_vs_steps_figure(res)
     st.plotly_chart(fig, key="tgt_fig_steps")
     figure_downloads(fig, "tgt_fig_steps", lm, prompt)
@@ -115,7 +118,9 @@ else:
                        mime="text/markdown", key="dl_tgt_md", on_click="ignore", icon=":material/download:")
     st.code("ttt-lens compare-targets prompt.txt --model " + lm.name + " --targets " + ",".join(targets)
             + " --signals " + ",".join(signals) + f" --steps {steps} --lr {lr:g} --span {span} --seeds "
-            + ",".join(str(s) for s in seeds) + (f" --last-layers {last}" if last else "") + " --json",
+            + ",".join(str(s) for s in seeds) + (f" --last-layers {last}" if last else "")
+            + (f" --max-positions {positions}" if kernels else " --no-kernels")
+            + (" --kv frozen" if kv == "frozen" else "") + " --json",
             language="bash")
 
 st.subheader("Over many prompts: the suite")

@@ -132,3 +132,5 @@ def test_targets_page_frozen_keys_and_values_for_every_target(tmp_path, monkeypa
     assert rows["mlp_up"]["status"] == "ok" and len(rows["mlp_up"]["errors"]) == 2
     assert rows["v"]["status"] == "unavailable" and "makes the keys and values" in rows["v"]["reason"]
     assert rows["v"]["kernel"]["status"] == "unavailable" and "makes the keys and values" in rows["v"]["kernel"]["note"]
+    assert any("Keys and values during TTT: frozen for every target" in c.value for c in at.caption)
+    assert "--kv frozen" in at.code[0].value and "--max-positions 64" in at.code[0].value
