@@ -102,7 +102,9 @@ else:
                "describe one step only (DESIGN §11). Keys and values during TTT: "
                + ("frozen for every target (qTTT-style updates, and the kernels of those updates)."
                   if res["settings"].get("kv") == "frozen" else
-                  "frozen for W_Q and LoRA on q (qTTT), full context for every other target."))
+                  "frozen for W_Q and LoRA on q (qTTT), full context for every other target.")
+               + (" On a few-shot prompt the kernel columns are the exact leave-one-out kernels of every target "
+                  "(full context) in either mode." if res.get("prompt_kind") == "FewShotPrompt" else ""))
     fig = figs.error_vs_steps_figure(res)
     st.plotly_chart(fig, key="tgt_fig_steps")
     figure_downloads(fig, "tgt_fig_steps", lm, prompt)

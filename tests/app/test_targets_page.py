@@ -53,6 +53,7 @@ def test_targets_page_compares_and_draws(app: AppTest) -> None:
     df = app.dataframe[0].value
     assert list(df["target"]) == ["q", "q", "lora:q:4", "lora:q:4", "norm_attn", "norm_attn"]
     assert df["flops_per_step"].notna().all() and df["kernel"].eq("ok").all()
+    assert any("the kernel columns are the exact leave-one-out kernels" in c.value for c in app.caption)
 
 
 def test_targets_page_shows_the_committed_suite_by_default(tmp_path, monkeypatch) -> None:
