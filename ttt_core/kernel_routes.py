@@ -262,6 +262,12 @@ def frozen_kv_target_ok(target: Target) -> bool:
     return target.kind not in KV_KINDS
 
 
+def frozen_kv_refusal(name: str) -> str:
+    """Why target `name` (W_K, W_V or a LoRA on them) has no frozen-K/V kernel or update."""
+    return (f"{name!r} makes the keys and values: with K/V frozen it gets no gradient, so it has no frozen-K/V "
+            "kernel or update (use full-context K/V)")
+
+
 def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
                    progress: Progress = None, target: str | Target = "q") -> RouteResult:
     """The ``qttt-frozen-kv`` route (module docstring): one pass when the rows span at most
@@ -273,8 +279,7 @@ def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CH
     for a full-context update of the same target)."""
     target = resolve_target(lm, target)
     if not frozen_kv_target_ok(target):
-        raise ValueError(f"{target.subspace!r} makes the keys and values: with K/V frozen it gets no gradient, "
-                         "so it has no frozen-K/V kernel (use the full-context kernel)")
+        raise ValueError(frozen_kv_refusal(target.subspace))
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     if wanted[-1] + 1 - wanted[0] <= row_chunk:

@@ -49,6 +49,7 @@ from ttt_core.kernel_routes import (
     OUTPUT_CHUNK,
     blocks_per_layer,
     exact_per_output_route,
+    frozen_kv_refusal,
     frozen_kv_target_ok,
     frozen_q_route,
     loo_exact_route,
@@ -91,8 +92,7 @@ def _frozen(target: Target, qttt: bool, kv: str = "auto") -> bool:
         raise PromptKernelError(f"kv must be one of {list(KV_MODES)}, got {kv!r}")
     if kv == "frozen":
         if not frozen_kv_target_ok(target):
-            raise PromptKernelError(f"{target.subspace!r} makes the keys and values: with K/V frozen it gets no "
-                                    "gradient, so it has no frozen-K/V kernel (use kv='full')")
+            raise PromptKernelError(frozen_kv_refusal(target.subspace))
         return True
     if kv == "full":
         return False

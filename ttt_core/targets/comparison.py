@@ -37,7 +37,7 @@ import numpy as np
 from ttt_core import theory
 from ttt_core.experiments.stats import paired_stats
 from ttt_core.figure_data import json_clean
-from ttt_core.kernel_routes import KV_KINDS
+from ttt_core.kernel_routes import KV_KINDS, frozen_kv_refusal
 from ttt_core.models import LoadedModel
 from ttt_core.prompt_kernel import compute_prompt_kernel
 from ttt_core.prompts import Prompt, parse_prompt
@@ -183,9 +183,7 @@ def kernel_summary(lm: LoadedModel, prompt: Prompt, target: str, *, c: float = 0
     t0 = time.perf_counter()
     try:
         kw = _kernel_kwargs(seed) if parse_target(target).stochastic else {}
-        if kv != "auto":
-            kw["kv"] = kv
-        ev = compute_prompt_kernel(lm, prompt, target, max_positions=max_positions, **kw)
+        ev = compute_prompt_kernel(lm, prompt, target, max_positions=max_positions, kv=kv, **kw)
     except Exception as exc:  # noqa: BLE001 — a missing kernel marks the row, never fails the page
         return KernelSummary(status="unavailable", note=f"kernel unavailable: {exc}",
                              seconds=time.perf_counter() - t0)
@@ -249,8 +247,7 @@ def _measure_row(row: TargetRow, lm: LoadedModel, prompt: Prompt, base_cfg: dict
     runs: list[dict[str, Any]] = []
     method = ""
     if base_cfg.get("route") == "frozen_kv" and parse_target(row.target).kind in KV_KINDS:
-        row.status, row.reason = "unavailable", (f"{row.target} makes the keys and values: with K/V frozen there is "
-                                                 "nothing to adapt (choose full-context K/V)")
+        row.status, row.reason = "unavailable", frozen_kv_refusal(row.target)
         return method
     for i, seed in enumerate(seeds):
         if should_stop(stop):
