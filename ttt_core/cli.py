@@ -4,6 +4,7 @@
     python -m ttt_core info [--model M]   print the model card as JSON
     python -m ttt_core diagnose FILE|-    one JSON (or --format md) report: when / how far / which
     python -m ttt_core reproduce [...]    the paper's experiments (ttt_core.reproduce), JSON + Markdown
+    python -m ttt_core reproduce-gd [...] Exp2's real GD for a published reproduction, resumable (ttt_core.experiments.exp2_gd)
     python -m ttt_core compare-targets FILE|-  every adaptation target × signal on one prompt (--json)
     python -m ttt_core calibrate [--prompts N] [--head-prompts N] [--quick] [--resume]
                                           calibration suite vs real TTT (ttt_core.calibration_*)
@@ -22,6 +23,7 @@ import os
 import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from ttt_core.diagnosis import diagnose_markdown, diagnose_report
@@ -146,6 +148,32 @@ def _diagnose(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # reproduce
 # --------------------------------------------------------------------------------------------
+
+
+def _reproduce_gd(args: argparse.Namespace) -> int:
+    from ttt_core.experiments.exp2_gd import records_dir, run_supplement, supplement_markdown, supplement_path
+    from ttt_core.experiments.reproduce_report import RESULT_KIND
+    from ttt_core.experiments.store import latest_result, published_dir
+
+    base = args.base
+    if base is None:
+        found = latest_result(published_dir("reproduction"), RESULT_KIND)
+        if found is None:
+            print("error: no published reproduction to supplement; pass --base FILE", file=sys.stderr)
+            return 2
+        base = found[0]
+    base = Path(base)
+    if not base.is_file():
+        print(f"error: {base} does not exist", file=sys.stderr)
+        return 2
+    with ProgressBar("Exp2 GD", quiet=args.quiet) as bar:
+        sup = run_supplement(base, tasks=0 if args.summary_only else args.tasks, backend=args.backend,
+                             workers=args.workers, progress=bar.count,
+                             command="ttt-lens " + " ".join(sys.argv[1:]))
+    sys.stdout.write(supplement_markdown(sup))
+    p = supplement_path(base)
+    print(f"records: {records_dir(base)}\nsummary: {p}\ntable:   {p.with_suffix('.md')}", file=sys.stderr)
+    return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -392,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder keeping every finished task record; a rerun with the same settings resumes from it")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("reproduce-gd", help="Exp2's real GD for a published --exp2 linear reproduction, task by task "
+                                             "(resumable; ~4 CPU-minutes per SmolLM2 task)")
+    p.add_argument("--base", default=None, help="the reproduction results JSON to supplement (default: the newest "
+                                                "published one, artifacts/published/reproduction)")
+    p.add_argument("--tasks", type=int, default=None, help="cover the base file's first N tasks (default: all)")
+    p.add_argument("--summary-only", action="store_true", help="compute nothing; rewrite the summary from the records")
+    p.add_argument("--backend", choices=["process", "ray", "serial"], default="process")
+    p.add_argument("--workers", type=int, default=2, help="worker processes / Ray CPUs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.set_defaults(func=_reproduce_gd)
     p = sub.add_parser("train-controller", help="schedule suite + learned step controller; test-split evaluation")
     p.add_argument("--tasks", type=int, default=40, help="suite size (≈ 50/20/30 %% train/val/test)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
@@ -499,5 +538,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-COMMANDS.update({"compare-targets": _compare_targets, "prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce,
+COMMANDS.update({"compare-targets": _compare_targets, "prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce, "reproduce-gd": _reproduce_gd,
                  "train-controller": _train_controller, "calibrate": _calibrate})

@@ -245,6 +245,48 @@ def _fmt(x: float | None, nd: int = 4) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
 
 
+def exp2_markdown(ex2: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """Markdown lines of Exp2's tables (each query-error source, then linearised vs real GD) from a
+    summary's "exp2" block and the run's settings dict."""
+    lines: list[str] = []
+    for src, what in EXP2_SOURCES:
+        rows2 = ex2.get(src)
+        if not rows2:
+            continue
+        cl = ex2.get("candidate_layers")
+        lines += [f"## Exp2 — block selection ({what}, T = {s['fixed_T']}; {ex2['candidates']} candidates = W_V kv heads "
+                  f"of layers {cl[0]}–{cl[1]})" if cl else f"## Exp2 — block selection ({what})", "",
+                  "ΔMSE = MSE(Random, mean of "
+                  f"{s['exp2_random_draws']} draws) − MSE(method), mean ± SEM over tasks (positive = better than Random).", "",
+                  "| Budget | Tasks | Query-Aware | Trace-TopK | Trace-BottomK | Random MSE | QA − TopK (paired) [95% CI], p | "
+                  "Prompt-fit Δ: QA / TopK / BottomK |", "|---|---|---|---|---|---|---|---|"]
+        for b, e in rows2.items():
+            q = [f"{e[k]['query_error']['delta']:+.4f} ± {_fmt(e[k]['query_error']['sem'])}" for k, _ in EXP2_METHODS]
+            pf = " / ".join(f"{e[k]['prompt_mse']['delta']:+.4f}" for k, _ in EXP2_METHODS)
+            qt = e.get("qa_vs_topk", {}).get("query_error")
+            qts = "—" if qt is None else _verdict_line(qt)
+            lines.append(f"| {b} | {e['tasks']} | {q[0]} | {q[1]} | {q[2]} | {e['random_query_error']:.4f} | {qts} | {pf} |")
+        if src == "linear":
+            lines.append("")
+            lines.append("Linearised: the query error is the kernel's first-order prediction f_0 + k_Sᵀ q_T(K_S) r — "
+                         "the same quantity the greedy rule maximises, so Query-Aware is favoured by construction.")
+        lines.append("")
+    agree = ex2.get("linear_vs_gd")
+    if agree:
+        lines += [f"## Exp2 — does the linearised comparison predict real GD? ({agree['tasks']} tasks with both)", "",
+                  "Query-Aware vs Trace-TopK (MSE(TopK) − MSE(QA), paired, positive = Query-Aware better) under each "
+                  "source on the same tasks; mean |linearised − GD| query error over every selection; Pearson r over "
+                  "tasks of Query-Aware's gain over Random under the two sources.", "",
+                  "| Budget | Tasks | QA − TopK, linearised | QA − TopK, real GD | mean abs. difference | r (QA gain) |",
+                  "|---|---|---|---|---|---|"]
+        for b, e in agree["budgets"].items():
+            r = "—" if e["qa_gain_correlation"] is None else f"{e['qa_gain_correlation']:.2f}"
+            lines.append(f"| {b} | {e['tasks']} | {_verdict_line(e['qa_vs_topk_linear'])} | "
+                         f"{_verdict_line(e['qa_vs_topk_gd'])} | {e['mean_abs_diff']:.2e} | {r} |")
+        lines.append("")
+    return lines
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     """The results as Markdown tables (Exp1 per subspace, the paper's numbers, Exp2, findings)."""
     s = res["settings"]
@@ -291,42 +333,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     for r in pap["rows"]:
         lines.append(f"| {r['label']} | {r['mse']:.4f} ± {r['se']:.4f} | {r['mean_T']:.2f} |")
     lines.append("")
-    ex2 = summ.get("exp2") or {}
-    for src, what in EXP2_SOURCES:
-        rows2 = ex2.get(src)
-        if not rows2:
-            continue
-        cl = ex2.get("candidate_layers")
-        lines += [f"## Exp2 — block selection ({what}, T = {s['fixed_T']}; {ex2['candidates']} candidates = W_V kv heads "
-                  f"of layers {cl[0]}–{cl[1]})" if cl else f"## Exp2 — block selection ({what})", "",
-                  "ΔMSE = MSE(Random, mean of "
-                  f"{s['exp2_random_draws']} draws) − MSE(method), mean ± SEM over tasks (positive = better than Random).", "",
-                  "| Budget | Tasks | Query-Aware | Trace-TopK | Trace-BottomK | Random MSE | QA − TopK (paired) [95% CI], p | "
-                  "Prompt-fit Δ: QA / TopK / BottomK |", "|---|---|---|---|---|---|---|---|"]
-        for b, e in rows2.items():
-            q = [f"{e[k]['query_error']['delta']:+.4f} ± {_fmt(e[k]['query_error']['sem'])}" for k, _ in EXP2_METHODS]
-            pf = " / ".join(f"{e[k]['prompt_mse']['delta']:+.4f}" for k, _ in EXP2_METHODS)
-            qt = e.get("qa_vs_topk", {}).get("query_error")
-            qts = "—" if qt is None else _verdict_line(qt)
-            lines.append(f"| {b} | {e['tasks']} | {q[0]} | {q[1]} | {q[2]} | {e['random_query_error']:.4f} | {qts} | {pf} |")
-        if src == "linear":
-            lines.append("")
-            lines.append("Linearised: the query error is the kernel's first-order prediction f_0 + k_Sᵀ q_T(K_S) r — "
-                         "the same quantity the greedy rule maximises, so Query-Aware is favoured by construction.")
-        lines.append("")
-    agree = ex2.get("linear_vs_gd")
-    if agree:
-        lines += [f"## Exp2 — does the linearised comparison predict real GD? ({agree['tasks']} tasks with both)", "",
-                  "Query-Aware vs Trace-TopK (MSE(TopK) − MSE(QA), paired, positive = Query-Aware better) under each "
-                  "source on the same tasks; mean |linearised − GD| query error over every selection; Pearson r over "
-                  "tasks of Query-Aware's gain over Random under the two sources.", "",
-                  "| Budget | Tasks | QA − TopK, linearised | QA − TopK, real GD | mean abs. difference | r (QA gain) |",
-                  "|---|---|---|---|---|---|"]
-        for b, e in agree["budgets"].items():
-            r = "—" if e["qa_gain_correlation"] is None else f"{e['qa_gain_correlation']:.2f}"
-            lines.append(f"| {b} | {e['tasks']} | {_verdict_line(e['qa_vs_topk_linear'])} | "
-                         f"{_verdict_line(e['qa_vs_topk_gd'])} | {e['mean_abs_diff']:.2e} | {r} |")
-        lines.append("")
+    lines += exp2_markdown(summ.get("exp2") or {}, s)
     lines += ["## What reproduced", "", f"Rule: {VERDICT_RULE}; otherwise the sentence says \"too few tasks to decide\" "
               "or \"not distinguishable\".", ""] + [f"* {x}" for x in res.get("findings", [])] + [""]
     v = res.get("versions", {})

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from ttt_core.experiments import exp2_gd
 from ttt_core.experiments.calibration_suite import published_calibration_dir, settings_from_dict
 from ttt_core.experiments.calibration_tasks import run_calibration_task, strip_timings
 from ttt_core.experiments.paper_tasks import ReproSettings
@@ -24,7 +25,9 @@ from ttt_core.experiments.reproduce_report import RESULT_KIND
 from ttt_core.experiments.store import published_dir
 from ttt_core.experiments.suite_tasks import TaskSpec
 
-REPRO = sorted(published_dir("reproduction").glob("*.json"))
+REPRO = sorted(published_dir("reproduction").glob("reproduction-*.json"))
+# Exp2 real-GD supplements of a published reproduction (ttt_core.experiments.exp2_gd)
+GD_SUPP = sorted(published_dir("reproduction").glob("exp2-gd-*.json"))
 CALIB = sorted(published_calibration_dir().glob("calibration-*.json"))
 TARGETS = sorted(published_dir("targets").glob("*/summary.json"))
 # the fields of a targets row that are measured, not timed (seconds and peak memory vary by run)
@@ -124,6 +127,56 @@ def test_three_random_reproduction_records_recompute(path):
             assert fresh["prompt"] == saved["prompt"], f"task {saved['index']}: a different prompt"
             fresh.pop("seconds"), saved.pop("seconds")
             _assert_tree_close(fresh, saved, f"task {saved['index']}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _base_of(sup_path):
+    sup = json.loads(sup_path.read_text())
+    return sup, sup_path.parent / sup["base"]
+
+
+@pytest.mark.parametrize("path", GD_SUPP, ids=[p.name for p in GD_SUPP])
+def test_published_exp2_gd_supplement_is_what_its_records_say(path):
+    """Every record names the base file it was computed from (sha256) and its own provenance; the
+    saved summary is the one its records give today."""
+    sup, base = _base_of(path)
+    assert sup["kind"] == exp2_gd.SUPPLEMENT_KIND and base.is_file()
+    assert sup["base_sha256"] == exp2_gd.file_sha256(base)
+    records = exp2_gd.load_records(exp2_gd.records_dir(base))
+    assert len(records) == sup["tasks"] > 0
+    for rec in records.values():
+        assert rec["base_sha256"] == sup["base_sha256"]
+        prov = rec["provenance"]
+        assert prov["command"].startswith("ttt-lens reproduce-gd") and len(prov["commit"]) == 40
+        assert prov["uncommitted_changes"] is False and rec["seconds"] > 0 and rec["runs"]
+    fresh = json.loads(json.dumps(exp2_gd.summarize_supplement(base)))
+    fresh.pop("created"), sup.pop("created")
+    assert fresh == sup
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("path", GD_SUPP, ids=[p.name for p in GD_SUPP])
+def test_three_random_exp2_gd_records_recompute(path):
+    """Three random task records, two random GD runs (block sets) of each, recomputed with today's
+    code (a whole record is ~4 CPU-minutes; every run of a record goes through the same code)."""
+    sup, base = _base_of(path)
+    d, s = exp2_gd.load_base(base)
+    records = exp2_gd.load_records(exp2_gd.records_dir(base))
+    by_index = {int(t["index"]): t for t in d["tasks"]}
+    lm = _model(s.model)
+    threads = torch.get_num_threads()
+    try:
+        indices = sorted(records)
+        for i in _picks(len(indices)):
+            rec = records[indices[i]]
+            torch.set_num_threads(int(rec["provenance"]["machine"]["torch_threads_per_worker"]))
+            sets = exp2_gd.block_sets(by_index[rec["index"]]["exp2"])
+            keys = [sets[j][0] for j in _picks(len(sets), 2)]
+            fresh = exp2_gd.run_gd_record(lm, s, by_index[rec["index"]], only=keys)["runs"]
+            assert set(fresh) == {exp2_gd.set_label(k) for k in keys}
+            for label, run in fresh.items():
+                _assert_tree_close(run, rec["runs"][label], f"task {rec['index']} {label}")
     finally:
         torch.set_num_threads(threads)
 
