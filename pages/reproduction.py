@@ -10,6 +10,7 @@ import streamlit as st
 
 from pages.common import get_model, how_to_read, page_header, provenance_text
 from pages.downloads import figure_downloads
+from ttt_core.experiments.exp2_gd import latest_supplement
 from ttt_core.experiments.paper_tasks import PAPER_EXP1, ReproSettings
 from ttt_core.experiments.reproduce import run_reproduction
 from ttt_core.experiments.reproduce_report import (
@@ -71,6 +72,31 @@ def _exp2_table(rows: dict) -> pd.DataFrame:
         row["QA − TopK p (permutation)"] = q.get("p")
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _show_gd_supplement(sup: dict, s: dict) -> None:
+    """Exp2 with real GD on the first tasks of the file above (`exp2_gd` supplement): its tables
+    beside the linearised numbers of the same tasks, and what the real GD says."""
+    ex2 = sup["summary"]["exp2"]
+    ts = sup["task_seconds"]
+    st.markdown(f"#### Exp2 — real GD on {sup['tasks']} of the {sup['base_tasks']} tasks above (T = {s['fixed_T']}, "
+                f"{ex2.get('candidates')} candidates)")
+    span = f"tasks 0…{sup['tasks'] - 1}" if sup["contiguous"] else "a non-contiguous set of tasks"
+    st.caption(f"A supplement computed task by task from this file's block sets and step sizes ({span}; "
+               f"{sup['gd_runs']} GD runs, {ts['sum'] / 3600:.1f} CPU-hours, median {ts['median']:.0f} s per task; "
+               f"record commits {', '.join(c[:7] for c in sup['record_commits'])}; machines "
+               f"{'; '.join(sup['record_machines'])}; summary made {sup['created']}). Resume or extend it with "
+               f"`python -m ttt_core reproduce-gd --tasks N`; tests/unit/experiments/test_published.py recomputes GD "
+               "runs of 3 random records and checks the summary against the records.")
+    if ex2.get("gd"):
+        st.caption("Measured GD: ΔMSE = MSE(Random) − MSE(method), positive = better than Random; QA − TopK paired.")
+        st.dataframe(_exp2_table(ex2["gd"]), hide_index=True, key="repro_sup_gd")
+    if ex2.get("linear_vs_gd"):
+        st.caption("Linearised against real GD on these same tasks:")
+        st.dataframe(_agreement_table(ex2["linear_vs_gd"]), hide_index=True, key="repro_sup_agreement")
+    said = [x for x in sup.get("findings", []) if x.startswith("Exp2 (measured GD)") or x.startswith("Exp2, linearised")]
+    if said:
+        st.markdown("**What the real GD says** (computed from these numbers):\n\n" + "\n".join(f"* {x}" for x in said))
 
 
 found = latest_results()
@@ -140,6 +166,9 @@ else:
                    "better) under each source, the mean |linearised − GD| query error over every selection of the "
                    "budget, and the Pearson r over tasks of Query-Aware's gain over Random under the two sources.")
         st.dataframe(_agreement_table(agree), hide_index=True, key="repro_exp2_agreement")
+    sup = latest_supplement(path)
+    if sup and sup["tasks"]:
+        _show_gd_supplement(sup, s)
 
 st.divider()
 st.subheader("Run a small reproduction now")

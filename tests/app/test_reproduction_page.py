@@ -52,7 +52,7 @@ def results_dir(tmp_path, monkeypatch):
 def test_the_committed_result_is_shown_by_default_with_how_it_was_made(tmp_path, monkeypatch):
     from ttt_core.experiments.store import published_dir
 
-    committed = sorted(published_dir("reproduction").glob("*.json"))
+    committed = sorted(published_dir("reproduction").glob("reproduction-*.json"))
     assert committed, "artifacts/published/reproduction holds the committed result"
     monkeypatch.setenv("TTT_LENS_REPRO_DIR", str(tmp_path))          # nothing newer
     at = app()
@@ -136,3 +136,32 @@ def test_both_exp2_sources_show_how_well_the_linearisation_predicts_real_gd(resu
         assert row["Mean |linearised − GD|"] == pytest.approx(e["mean_abs_diff"])
         assert row["QA − TopK, real GD"] == pytest.approx(e["qa_vs_topk_gd"]["mean"])
     assert any(f.startswith("Exp2, linearised against real GD on the same 2 tasks") for f in res["findings"])
+
+
+def test_a_real_gd_supplement_is_shown_with_its_numbers(results_dir):
+    """A supplement beside the newest results file (exp2_gd, computed here on the tiny model):
+    its section, its measured-GD table with exactly the supplement's numbers, and its provenance."""
+    from ttt_core.experiments import exp2_gd
+    from ttt_core.experiments.paper_tasks import ReproSettings
+    from ttt_core.experiments.reproduce import run_reproduction
+    from ttt_core.experiments.reproduce_report import write_results
+    from ttt_core.models import build_tiny_model
+
+    s = ReproSettings(model=MODEL, tasks=3, grid_max=2, fixed_T=2, exp1_kinds=("v",), exp2="linear", exp2_layers=2,
+                      exp2_budgets=(1, 2), exp2_random_draws=2, n_boot=200)
+    lm = build_tiny_model("llama", seed=0)
+    base, _ = write_results(run_reproduction(s, backend="serial", lm=lm), results_dir)
+    sup = exp2_gd.run_supplement(base, tasks=2, backend="serial", lm=lm, command="test")
+    at = app()
+    assert not at.exception, at.exception
+    heads = " ".join(m.value for m in at.markdown)
+    assert "real GD on 2 of the 3 tasks above" in heads
+    assert "What the real GD says" in heads
+    # the supplement's two tables are the page's last (measured GD, then linearised vs GD)
+    df, agree = at.dataframe[-2].value, at.dataframe[-1].value
+    for b, e in sup["summary"]["exp2"]["gd"].items():
+        row = df[df["Budget"] == int(b)].iloc[0]
+        assert row["Tasks"] == e["tasks"] == 2
+        assert row["Query-Aware (greedy) ΔMSE"] == pytest.approx(e["query_aware"]["query_error"]["delta"])
+    assert agree["Tasks"].tolist() == [2, 2] and "QA − TopK, real GD" in agree.columns
+    assert "reproduce-gd --tasks N" in " ".join(c.value for c in at.caption)
