@@ -292,7 +292,7 @@ def _targets_suite(args: argparse.Namespace, targets: list[str], signals: list[s
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     settings = TargetsSuiteSettings(model=lm.name, targets=tuple(targets), signals=tuple(signals), steps=args.steps,
                                     seeds=tuple(seeds), lr=args.lr, span=args.span, last_layers=args.last_layers,
-                                    kernels=args.suite_kernels, max_positions=args.max_positions)
+                                    kernels=args.suite_kernels, max_positions=args.max_positions, kv=args.kv)
     with ProgressBar("compare-targets --suite", quiet=args.quiet) as bar:
         summary = build_suite(lm, settings, args.suite, root=args.suite_dir, progress=bar.count, workers=workers,
                               command="ttt-lens " + " ".join(sys.argv[1:]))

@@ -260,6 +260,30 @@ def test_suite_is_cached_and_resumable(tmp_path, monkeypatch):
     assert rec["provenance"]["command"] and rec["prompt_text"]
 
 
+def test_suite_with_frozen_kv_is_its_own_suite_and_runs_frozen(tmp_path):
+    """kv="frozen" passes through to compare_targets (W_V unavailable, MLP up on the frozen-K/V
+    route) and gets its own folder; kv="auto" keeps the hash suites had before kv existed."""
+    import hashlib
+
+    from ttt_core.experiments import targets_suite as TS
+
+    auto = TS.TargetsSuiteSettings()
+    old = {k: v for k, v in auto.to_dict().items() if k != "kv"}
+    assert auto.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    lm = build_tiny_model("llama", seed=0)
+    s = TS.TargetsSuiteSettings(model=lm.name, targets=("mlp_up", "v"), signals=("nll",), steps=2, lr=1e-2,
+                                span=16, needle_words=20, n_demos=4, families=("needle",), kv="frozen")
+    assert s.key() != TS.TargetsSuiteSettings(**{**s.to_dict(), "kv": "auto"}).key()
+    TS.build_suite(lm, s, 1, root=tmp_path)
+    rec = json.loads((tmp_path / "prompts" / "needle-0000.json").read_text())
+    rows = {r["target"]: r for r in rec["comparison"]["rows"]}
+    assert rec["settings"]["kv"] == "frozen"
+    assert rows["v"]["status"] != "ok" and "keys and values" in json.dumps(rows["v"])
+    assert rows["mlp_up"]["status"] == "ok" and "frozen" in rows["mlp_up"]["route"]
+    with pytest.raises(ValueError, match="kv must be"):
+        TS.TargetsSuiteSettings(kv="full")
+
+
 def test_suite_on_worker_processes_matches_the_serial_suite(tmp_path):
     """--workers 2: the same records as in-process (the measured error changes, not the timings),
     and the summary names the worker count."""

@@ -59,6 +59,7 @@ class TargetsSuiteSettings:
     n_demos: int = 10
     needle_words: int = 150
     families: tuple[str, ...] = FAMILIES
+    kv: str = "auto"              # compare_targets(kv=): "auto" (qTTT for W_Q/LoRA-q, full context else) or "frozen"
 
     def __post_init__(self) -> None:
         self.targets, self.signals = tuple(self.targets), tuple(self.signals)
@@ -66,12 +67,19 @@ class TargetsSuiteSettings:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad:
             raise ValueError(f"unknown families {bad}; choose from {list(FAMILIES)}")
+        if self.kv not in ("auto", "frozen"):
+            raise ValueError(f"kv must be 'auto' or 'frozen', not {self.kv!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of every setting; kv = "auto" (the default, and the only mode before kv existed)
+        is left out so that suites made before it keep their folder names."""
+        d = self.to_dict()
+        if d["kv"] == "auto":
+            d.pop("kv")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def suite_name(settings: TargetsSuiteSettings) -> str:
@@ -106,7 +114,7 @@ def run_prompt(lm: LoadedModel, settings: TargetsSuiteSettings, family: str, ind
     cmp = compare_targets(lm, p, settings.targets, settings.signals, steps=settings.steps, seeds=settings.seeds,
                           lr=settings.lr, span=settings.span, last_layers=settings.last_layers,
                           max_positions=settings.max_positions, kernels=settings.kernels,
-                          count_flops=settings.count_flops)
+                          count_flops=settings.count_flops, kv=settings.kv)
     return {"kind": "ttt_lens_targets_prompt", "family": family, "index": int(index), "prompt_text": p.to_text(),
             "settings": settings.to_dict(), "comparison": cmp.to_dict(), "provenance": provenance(command)}
 

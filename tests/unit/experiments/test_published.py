@@ -278,7 +278,7 @@ def test_three_random_targets_rows_recompute(path):
             cmp = compare_targets(lm, prompt_of(rec), [saved["target"]], [saved["signal"]], steps=s["steps"],
                                   seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
                                   max_positions=s["max_positions"], kernels=s["kernels"],
-                                  count_flops=s.get("count_flops", True))
+                                  count_flops=s.get("count_flops", True), kv=s.get("kv", "auto"))
             fresh = json.loads(json.dumps(cmp.to_dict(), default=float))["rows"][0]
             _assert_tree_close({k_: fresh[k_] for k_ in TARGET_ROW_FIELDS}, {k_: saved[k_] for k_ in TARGET_ROW_FIELDS},
                                f"{f.name} {saved['target']}/{saved['signal']}")
