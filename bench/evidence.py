@@ -359,7 +359,7 @@ def baseline_kernel(lm, prompt, max_positions: int, row_chunk: int = 384):
                 B_parts[k].append(g[0].index_select(0, rows).float())
             del out, st, grads, probes
         del cache
-    rr = kr._frozen_q_result(lm, li, A_parts, B_parts, vals)
+    rr = kr._frozen_kv_result(lm, li, A_parts, B_parts, vals)
     K = None
     for f in rr.factors:                                  # float64 Grams, as before
         O, H = f.O.double(), f.H.double()
@@ -410,7 +410,7 @@ def long_child(case: str, repeats: int) -> None:
     if os.environ.get("EVIDENCE_LONG_OUT"):
         np.save(Path(os.environ["EVIDENCE_LONG_OUT"]) / f"{case}.npy", K)
     wanted = li.positions + ([li.query_position] if li.query_position is not None else [])
-    est = memory_guard.frozen_q_kernel_estimate(lm, len(li.ids), len(li.positions), wanted[-1] + 1 - wanted[0])
+    est = memory_guard.frozen_kv_kernel_estimate(lm, len(li.ids), len(li.positions), wanted[-1] + 1 - wanted[0])
     print(json.dumps({"case": case, "tokens": len(li.ids), "n": n, "seconds": [round(x, 2) for x in secs],
                       "median_s": round(float(np.median(secs)), 2), "min_s": round(min(secs), 2),
                       "cpu_seconds_median": round(float(np.median(cpu)), 2),

@@ -192,7 +192,7 @@ def _detach_cache(cache: Any) -> None:
         layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
 
-def _frozen_q_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
+def _frozen_kv_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
                    chunk_rows: int, progress: Progress, kind: str = "q") -> tuple[dict, dict, torch.Tensor]:
     """The supervised rows in chunks of `chunk_rows` against a cache that grows chunk by chunk
     (module docstring), probing adapter kind `kind` (default "q"). Returns ({key: A (len(wanted),
@@ -243,13 +243,13 @@ def _frozen_q_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], 
     return A, B, vals
 
 
-def _frozen_q_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
+def _frozen_kv_single_pass(lm: LoadedModel, li: LongContextEncoding, wanted: list[int], targets: list[int],
                           progress: Progress, kind: str = "q") -> tuple[dict, dict, torch.Tensor]:
     """All rows in one pass: a no-grad prefill of the tokens before the first row, then one forward
     of the rows (their own keys/values appended to the cache, attention through the dQ-only
     frozen kernel) and one backward. Same features as a prefill of the whole text followed by the
     rows against its frozen cache (the rows' K/V are the values a prefill would cache)."""
-    return _frozen_q_rows(lm, li, wanted, targets, wanted[-1] + 1 - wanted[0], progress, kind)
+    return _frozen_kv_rows(lm, li, wanted, targets, wanted[-1] + 1 - wanted[0], progress, kind)
 
 
 #: Adapter kinds that make the keys and values themselves: with K/V frozen they get no gradient.
@@ -268,7 +268,7 @@ def frozen_kv_refusal(name: str) -> str:
             "kernel or update (use full-context K/V)")
 
 
-def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
+def frozen_kv_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CHUNK_ROWS,
                    progress: Progress = None, target: str | Target = "q") -> RouteResult:
     """The ``qttt-frozen-kv`` route (module docstring): one pass when the rows span at most
     `row_chunk` tokens, else chunks of `row_chunk` rows. `target`: W_Q or a LoRA on W_Q (qTTT),
@@ -283,14 +283,14 @@ def frozen_q_route(lm: LoadedModel, li: LongContextEncoding, row_chunk: int = CH
     wanted = list(li.positions) + ([li.query_position] if li.query_position is not None else [])
     targets = list(li.targets) + ([li.query_token] if li.query_token is not None else [])
     if wanted[-1] + 1 - wanted[0] <= row_chunk:
-        A, B, s = _frozen_q_single_pass(lm, li, wanted, targets, progress, target.kind)
+        A, B, s = _frozen_kv_single_pass(lm, li, wanted, targets, progress, target.kind)
     else:
-        A, B, s = _frozen_q_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress, target.kind)
-    return _frozen_q_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s],
+        A, B, s = _frozen_kv_rows(lm, li, wanted, targets, max(1, int(row_chunk)), progress, target.kind)
+    return _frozen_kv_result(lm, li, {k: [a] for k, a in A.items()}, {k: [b] for k, b in B.items()}, [s],
                             target)
 
 
-def _frozen_q_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list,
+def _frozen_kv_result(lm: LoadedModel, li: LongContextEncoding, A_parts: dict, B_parts: dict, vals: list,
                      target: str | Target = "q") -> RouteResult:
     target = resolve_target(lm, target)
     keys = list(A_parts)

@@ -279,7 +279,7 @@ def _feature_width(lm: Any, kind: str, tokens: int) -> int:
     return d_in if kind == "o" else min(tokens, d_in)
 
 
-def frozen_q_kernel_estimate(lm: Any, tokens: int, positions: int, span_rows: int | None = None,
+def frozen_kv_kernel_estimate(lm: Any, tokens: int, positions: int, span_rows: int | None = None,
                              row_chunk: int = 128, kind: str = "q") -> MemoryEstimate:
     """The ``qttt-frozen-kv`` prompt kernel: `positions` supervised rows (+ the query row) at the
     end of `tokens` tokens; `span_rows`: tokens from the first supervised row to the last row
@@ -399,7 +399,7 @@ def kernel_advice(lm: Any, tokens: int, positions: int, route: str, **kw: Any) -
     def est(t: int, m: int) -> MemoryEstimate:
         if route == "exact-per-output":
             return exact_per_output_estimate(lm, t, m + 1, kw.get("kind", "q"), kw.get("chunk", 16))
-        return frozen_q_kernel_estimate(lm, t, m, m + extra, kw.get("row_chunk", 128))
+        return frozen_kv_kernel_estimate(lm, t, m, m + extra, kw.get("row_chunk", 128))
 
     def advice(avail: int) -> str:
         m = _largest(lambda x: _fits(est(tokens, x), avail), 1, max(1, positions - 1))

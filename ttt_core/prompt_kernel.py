@@ -50,8 +50,8 @@ from ttt_core.kernel_routes import (
     blocks_per_layer,
     exact_per_output_route,
     frozen_kv_refusal,
+    frozen_kv_route,
     frozen_kv_target_ok,
-    frozen_q_route,
     loo_exact_route,
     report,
 )
@@ -112,7 +112,7 @@ def _memory_plan(lm: LoadedModel, enc: Any, target: str | Target, qttt: bool, ro
     T = len(enc.ids)
     if _frozen(target, qttt, kv):
         span = wanted[-1] + 1 - wanted[0]
-        est = memory_guard.frozen_q_kernel_estimate(lm, T, n, span, row_chunk, target.kind)
+        est = memory_guard.frozen_kv_kernel_estimate(lm, T, n, span, row_chunk, target.kind)
         adv = memory_guard.kernel_advice(lm, T, n, "qttt-frozen-kv", row_chunk=row_chunk, span_extra=span - n)
     else:
         est = memory_guard.exact_per_output_estimate(lm, T, len(wanted), subspace, chunk)
@@ -326,7 +326,7 @@ def _assemble(lm: LoadedModel, prompt: Prompt, enc: Any, target: Target, *, qttt
         output_labels = [f"{x} → {y}" for x, y in prompt.demos]
     else:
         if _frozen(target, qttt, kv):
-            rr = frozen_q_route(lm, enc, row_chunk, progress, target=target)
+            rr = frozen_kv_route(lm, enc, row_chunk, progress, target=target)
         else:
             rr = exact_per_output_route(lm, enc, target, chunk, progress)
         targets = np.ones(len(enc.positions))

@@ -93,11 +93,11 @@ def test_meminfo(tmp_path):
 
 
 def test_estimates_are_monotone(tiny):
-    kern = [mg.frozen_q_kernel_estimate(tiny, 4096, n).total for n in (16, 64, 256, 1024, 2048)]
+    kern = [mg.frozen_kv_kernel_estimate(tiny, 4096, n).total for n in (16, 64, 256, 1024, 2048)]
     assert kern == sorted(kern) and kern[0] < kern[-1]
-    kern_t = [mg.frozen_q_kernel_estimate(tiny, t, 256).total for t in (300, 1000, 2000, 4000)]
+    kern_t = [mg.frozen_kv_kernel_estimate(tiny, t, 256).total for t in (300, 1000, 2000, 4000)]
     assert kern_t == sorted(kern_t) and kern_t[0] < kern_t[-1]
-    chunked = [mg.frozen_q_kernel_estimate(tiny, 8192, n, row_chunk=128).total for n in (256, 512, 2048)]
+    chunked = [mg.frozen_kv_kernel_estimate(tiny, 8192, n, row_chunk=128).total for n in (256, 512, 2048)]
     assert chunked == sorted(chunked)
     exact = [mg.exact_per_output_estimate(tiny, 512, m, "v").total for m in (8, 32, 128)]
     assert exact == sorted(exact) and exact[0] < exact[-1]
@@ -204,7 +204,7 @@ def test_oom_in_kernel_becomes_clear_error(tiny, monkeypatch, exc):
         refs.append(weakref.ref(big))
         raise exc
 
-    monkeypatch.setattr(pk, "frozen_q_route", boom)
+    monkeypatch.setattr(pk, "frozen_kv_route", boom)
     monkeypatch.delenv(mg.ENV_LIMIT, raising=False)
     with pytest.raises(KernelMemoryError, match="Ran out of memory.*max_positions") as info:
         compute_prompt_kernel(tiny, PROMPT, "q", max_positions=32)
@@ -229,7 +229,7 @@ def test_oom_in_qttt_step_becomes_clear_error(tiny, monkeypatch):
 def test_other_errors_pass_through(tiny, monkeypatch):
     import ttt_core.prompt_kernel as pk
 
-    monkeypatch.setattr(pk, "frozen_q_route", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(pk, "frozen_kv_route", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         compute_prompt_kernel(tiny, PROMPT, "q", max_positions=32)
 

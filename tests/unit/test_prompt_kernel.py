@@ -196,8 +196,8 @@ def test_long_context_qttt_route_matches_frozen_reference(tiny, row_chunk, monke
     import ttt_core.kernel_routes as routes_mod
 
     used = []
-    real = routes_mod._frozen_q_single_pass
-    monkeypatch.setattr(routes_mod, "_frozen_q_single_pass", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = routes_mod._frozen_kv_single_pass
+    monkeypatch.setattr(routes_mod, "_frozen_kv_single_pass", lambda *a, **k: used.append(1) or real(*a, **k))
     prompt = parse_prompt(LONG_TEXT)
     ev = compute_prompt_kernel(tiny, prompt, "q", max_positions=8, row_chunk=row_chunk)
     assert ev.route == "qttt-frozen-kv" and ev.n == 8
