@@ -244,8 +244,8 @@ def summarize_supplement(base_path: str | Path) -> dict[str, Any]:
             "linear_vs_gd": exp2_linear_vs_gd(tasks, s)}
     secs = [float(r["seconds"]) for r in records.values()]
     commits = sorted({r["provenance"].get("commit") or "?" for r in records.values()})
-    machines = sorted({f"{r['provenance']['machine']['processor']} × {r['provenance']['machine']['cpu_count']}"
-                       for r in records.values()})
+    machines = sorted({f"{m.get('cpu_model') or m['processor']} × {m['cpu_count']}"
+                       for m in (r["provenance"]["machine"] for r in records.values())})
     runs = sum(len(r["runs"]) for r in records.values())
     indices = sorted(records)
     return {"kind": SUPPLEMENT_KIND, "version": VERSION,

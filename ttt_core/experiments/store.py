@@ -55,6 +55,18 @@ def published_dir(kind: str) -> Path:
     return PUBLISHED_DIR / kind
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: the first "model name" of /proc/cpuinfo), or None where unknown:
+    `platform.processor()` says only "x86_64", which cannot tell two machines' timings apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
 def provenance(command: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """What a saved result needs to be checked: the command, the git commit (and whether the tree
     had uncommitted changes outside artifacts/: a run resuming into a committed results folder
@@ -71,7 +83,7 @@ def provenance(command: str | None = None, workers: int | None = None) -> dict[s
         pass
     return {"command": command or " ".join(sys.argv), "commit": commit, "uncommitted_changes": dirty,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                         "torch_threads_per_worker": 1 if workers else torch.get_num_threads()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

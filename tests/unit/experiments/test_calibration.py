@@ -205,3 +205,18 @@ def test_provenance_flags_code_changes_not_results(tmp_path, monkeypatch):
     assert store.provenance("cmd")["uncommitted_changes"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert store.provenance("cmd")["uncommitted_changes"] is True
+
+
+def test_provenance_names_the_cpu_model(monkeypatch, tmp_path):
+    """platform.processor() says only "x86_64": the provenance also carries /proc/cpuinfo's model name
+    (two machines' per-task seconds differ by 1.5× here), and None where the file is missing."""
+    from ttt_core.experiments import store
+
+    real_path = store.Path
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000 @ 3.0GHz\nflags\t: fpu\n")
+    monkeypatch.setattr(store, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    assert store.cpu_model() == "Test CPU 9000 @ 3.0GHz"
+    assert store.provenance("cmd")["machine"]["cpu_model"] == "Test CPU 9000 @ 3.0GHz"
+    monkeypatch.setattr(store, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p))
+    assert store.cpu_model() is None
