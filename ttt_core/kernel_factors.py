@@ -171,6 +171,8 @@ class RowFactors:
             for J in blocks[bi:]:
                 X = OI @ self._g(self.O[J]).T
                 X.mul_(HI @ self._g(self.H[J]).T)
+                if J == I:              # BLAS need not return a bit-symmetric A Aᵀ (AMD EPYC: it does not);
+                    X = 0.5 * (X + X.T)  # a + b = b + a exactly, so the diagonal block is made exactly symmetric
                 if self.seg is None:
                     K[I, J] += X
                     if J != I:

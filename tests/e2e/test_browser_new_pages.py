@@ -7,9 +7,11 @@ embedded SmolLM2 and the committed results (artifacts/published/). Its own serve
 * Reliability: the committed calibration result is shown by default (its regret table and the
   reliability diagram), with how it was made.
 * Paper reproduction: the committed result (the newest file under artifacts/published/reproduction)
-  is shown by default, beside the paper's."""
+  is shown by default, beside the paper's, with its real-GD Exp2 supplement."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -53,6 +55,9 @@ def test_reproduction_page_shows_the_committed_result(app_url, page):
     committed = sorted(published_dir("reproduction").glob("reproduction-*.json"))[-1].name
     page.get_by_text(committed).first.wait_for(timeout=60_000)
     page.get_by_text("Made with").first.wait_for(timeout=60_000)
+    for sup in sorted(published_dir("reproduction").glob("exp2-gd-*.json")):   # its real-GD supplement
+        tasks = json.loads(sup.read_text())["tasks"]
+        page.get_by_text(f"Exp2 — real GD on {tasks} of the").first.wait_for(timeout=60_000)
     wait_plots(page, 1)
     _idle(page)
     page.screenshot(path=str(ARTIFACTS / "e2e_reproduction.png"), full_page=True)
