@@ -55,11 +55,15 @@ def published_dir(kind: str) -> Path:
     return PUBLISHED_DIR / kind
 
 
+#: Where `cpu_model` reads the CPU's name (Linux).
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def cpu_model() -> str | None:
-    """The CPU's model name (Linux: the first "model name" of /proc/cpuinfo), or None where unknown:
+    """The CPU's model name (the first "model name" line of `CPUINFO`), or None where unknown:
     `platform.processor()` says only "x86_64", which cannot tell two machines' timings apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+        for line in CPUINFO.read_text(errors="replace").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip() or None
     except OSError:

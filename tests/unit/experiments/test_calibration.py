@@ -212,11 +212,10 @@ def test_provenance_names_the_cpu_model(monkeypatch, tmp_path):
     (two machines' per-task seconds differ by 1.5× here), and None where the file is missing."""
     from ttt_core.experiments import store
 
-    real_path = store.Path
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000 @ 3.0GHz\nflags\t: fpu\n")
-    monkeypatch.setattr(store, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(store, "CPUINFO", info)
     assert store.cpu_model() == "Test CPU 9000 @ 3.0GHz"
     assert store.provenance("cmd")["machine"]["cpu_model"] == "Test CPU 9000 @ 3.0GHz"
-    monkeypatch.setattr(store, "Path", lambda p: tmp_path / "missing" if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(store, "CPUINFO", tmp_path / "missing")
     assert store.cpu_model() is None
