@@ -34,7 +34,8 @@ def test_targets_page_compares_the_targets(app_url, page):
     page.get_by_role("button", name="Compare targets").click()
     wait_plots(page, 3, timeout=900_000)   # steps + FLOPs charts, beside the committed suite's chart
     _idle(page)
-    assert page.locator("[data-testid='stDataFrame']").count() >= 1
+    # the comparison's table and the suite's table: the grid is drawn lazily, so wait for it rather than count it now
+    page.locator("[data-testid='stDataFrame']").nth(1).wait_for(state="attached", timeout=120_000)
     page.get_by_text("W_Q").first.wait_for()
     page.get_by_text("(the committed suite)").first.wait_for(timeout=60_000)   # beside the single prompt
     page.screenshot(path=str(ARTIFACTS / "e2e_targets.png"), full_page=True)
