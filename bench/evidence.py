@@ -32,6 +32,9 @@
      or one pass with the rows' K/V detached through SDPA, and float64 Grams); ``*_speedup`` =
      baseline seconds / new seconds, ``*_memory_ratio`` = baseline MB / new MB,
      ``*_rel_diff_vs_baseline`` = ‖K_new − K_base‖/‖K_base‖ (fp32 round-off);
+   * ``long_kernel_n2048_plain_head``: today's route with the LM head read through autograd of
+     the logits (TTT_LENS_FUSED_HEAD=0) instead of `ttt_core.fused_head`, in the same run:
+     ``*_fused_head_speedup`` = its seconds / the fused run's, ``*_rel_diff_vs_plain_head``;
    * ``*_estimate_mb``: `ttt_core.memory_guard`'s estimate for the job (an upper bound);
    * ``long_over_limit_error``: the message for a prompt over the 8,192 positions.
 
@@ -376,6 +379,7 @@ LONG_CASES = {
     # case: (context tokens, max_positions, baseline?)
     "kernel_n2048": (2052, 2048, False),
     "kernel_n2048_baseline": (2052, 2048, True),
+    "kernel_n2048_plain_head": (2052, 2048, False),
     "kernel_t8192": (8160, 256, False),
     "kernel_t8192_baseline": (8160, 256, True),
 }
@@ -386,6 +390,8 @@ def long_child(case: str, repeats: int) -> None:
     from ttt_core import memory_guard
 
     ctx, max_pos, base = LONG_CASES[case]
+    if case.endswith("_plain_head"):                 # today's route with the LM head read through autograd
+        os.environ["TTT_LENS_FUSED_HEAD"] = "0"
     lm = load_model()
     prompt = long_prompt(lm, ctx)
     li = encode_long_context(lm, prompt, max_pos)
@@ -447,7 +453,13 @@ def long_section(repeats: int, cases: list[str]) -> dict:
             out[f"{key}_mb_above_model"] = d["mb_above_model"]
             out[f"{key}_estimate_mb"] = d["estimate_mb"]
         for case in cases:
-            if case.endswith("_baseline") or case + "_baseline" not in res:
+            if case + "_plain_head" in res:
+                plain, key = res[case + "_plain_head"], "long_" + case
+                out[f"{key}_fused_head_speedup"] = round(plain["median_s"] / res[case]["median_s"], 2)
+                out[f"{key}_fused_head_memory_ratio"] = round(plain["mb_above_model"] / max(res[case]["mb_above_model"], 1e-9), 2)
+                Kn, Kp = np.load(Path(tmp) / f"{case}.npy"), np.load(Path(tmp) / f"{case}_plain_head.npy")
+                out[f"{key}_rel_diff_vs_plain_head"] = rel(Kn, Kp)
+            if case.endswith(("_baseline", "_plain_head")) or case + "_baseline" not in res:
                 continue
             new, base = res[case], res[case + "_baseline"]
             key = "long_" + case

@@ -35,6 +35,9 @@ the per-output features below.
   and the autograd graph holds one chunk. Factor rows go straight into preallocated stores.
   Memory (SmolLM2, measured, `ttt_core.memory_guard` has the formula): graph ≈ 1.3 MB per chunk
   row, factors n·(d_in + d_out)·4 bytes per layer, K/V cache 46 KB per token.
+  Both long-context routes read the LM head through `fused_head.HeadPath`: the decoder runs, and
+  s_i = exp(−nll_i) with ∂nll_i/∂h_i formed in the forward, so no (rows, V) logits graph is kept
+  (where the family's head is a plain bias-free linear; elsewhere the model's own logits).
 * ``exact-per-output`` (long context, W_K/W_V/W_O/MLP, or W_Q with ``qttt=False``): positions
   are not independent (s_i depends on the block at every t ≤ i), so each output needs its own
   backward. Outputs go in chunks of ``chunk`` (16), last positions first; a chunk runs ONE forward
@@ -60,10 +63,11 @@ import torch
 
 from ttt_core.attention import FrozenKV, frozen_kv
 from ttt_core.encoding import FewShotEncoding, LongContextEncoding, padded_batch
+from ttt_core.fused_head import HeadPath
 from ttt_core.kernel_factors import DiagFactors, FeatureFactors, LayerFactors
 from ttt_core.models import LoadedModel
 from ttt_core.partial_forward import shared_partial_forward
-from ttt_core.readout import FewShotReadout, token_prob
+from ttt_core.readout import FewShotReadout
 from ttt_core.target_kernels import Target, diag_rows, lora_inputs, resolve_target, row_target_factors
 from ttt_core.types import Progress
 
@@ -214,6 +218,7 @@ def _frozen_kv_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int],
         with torch.no_grad():
             cache = lm.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1).past_key_values
     live = _LiveKV(cache)
+    head = HeadPath(lm.model)          # the LM head without a (rows, V) autograd graph where it can (`fused_head`)
     pos_t = torch.tensor(wanted)
     chunks = list(range(start, stop, chunk_rows))
     for ci, r0 in enumerate(chunks):
@@ -225,11 +230,11 @@ def _frozen_kv_rows(lm: LoadedModel, li: LongContextEncoding, wanted: list[int],
         tg = torch.tensor(targets[j0:j1], dtype=torch.long, device=lm.device)
         probes = _probes(lm, keys, 1, r1 - r0)
         pos = torch.arange(r0, r1, device=lm.device)[None]
+        kw = {} if head.fused else {"logits_to_keep": rows if j1 > j0 else 1}
         with frozen_kv(live, r0), lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-            out = lm.model(input_ids=ids[:, r0:r1], position_ids=pos, past_key_values=cache, use_cache=True,
-                           logits_to_keep=rows if j1 > j0 else 1)
+            out = head.module(input_ids=ids[:, r0:r1], position_ids=pos, past_key_values=cache, use_cache=True, **kw)
             if j1 > j0:
-                s = token_prob(out.logits[0], tg)
+                s = head.prob(out, rows if head.fused else slice(None), tg)
                 grads = torch.autograd.grad(s.sum(), [probes[k] for k in keys])
         _detach_cache(cache)
         if j1 > j0:
@@ -360,6 +365,7 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str |
     rows_in: dict[int, torch.Tensor] = {}       # layer → the feature's input side, rows 0 … P_max − 1
     vals = torch.zeros(n_out, dtype=torch.float64)
     order = sorted(range(n_out), key=lambda j: outs[j], reverse=True)
+    head = HeadPath(lm.model)
     chunks = [order[c0:c0 + chunk] for c0 in range(0, n_out, chunk)]
     for ci, sel in enumerate(chunks):
         P = max(outs[j] for j in sel) + 1                     # tokens this chunk's outputs read
@@ -369,8 +375,12 @@ def exact_per_output_route(lm: LoadedModel, li: LongContextEncoding, kind: str |
         plist = [probes[k] for k in keys]
         pos = torch.tensor([outs[j] for j in sel], device=lm.device)
         with lm.adapter.apply(probes=probes, capture=set(keys)) as st:
-            out = lm.model(input_ids=ids[:, :P], logits_to_keep=pos)
-            s = token_prob(out.logits[0], torch.tensor([tgts[j] for j in sel], device=lm.device))
+            if head.fused:
+                out = head.module(input_ids=ids[:, :P])
+            else:
+                out = head.module(input_ids=ids[:, :P], logits_to_keep=pos)
+            s = head.prob(out, pos if head.fused else slice(None),
+                          torch.tensor([tgts[j] for j in sel], device=lm.device))
         vals[sel] = s.detach().double().cpu()
         if not rows_in:                                                       # first chunk: P = P_max
             for l, _ in keys:

@@ -12,6 +12,7 @@ import torch
 
 from ttt_core.attention import forward_with_frozen_kv, prefill
 from ttt_core.encoding import encode_few_shot, encode_long_context
+from ttt_core.fused_head import HeadPath
 from ttt_core.generators import digit_shift_task
 from ttt_core.models import build_tiny_model, load_model
 from ttt_core.prompt_kernel import PromptKernelError, compute_prompt_kernel
@@ -172,17 +173,18 @@ def test_long_context_exact_route_cuts_each_chunk_at_its_last_output(tiny):
     prompt = parse_prompt(LONG_TEXT)
     li = encode_long_context(tiny, prompt, 10)
     outs = sorted(list(li.positions) + [li.query_position])
-    lengths, real = [], tiny.model.forward
+    runs = HeadPath(tiny.model).module          # what the route runs: the decoder under the fused head
+    lengths, real = [], runs.forward
 
     def spy(*args, **kw):
         lengths.append(tuple(kw["input_ids"].shape))
         return real(*args, **kw)
 
-    tiny.model.forward = spy
+    runs.forward = spy
     try:
         ev = compute_prompt_kernel(tiny, prompt, "k", max_positions=10, qttt=False, chunk=3)
     finally:
-        del tiny.model.forward
+        del runs.forward
     expect = [(1, c[0] + 1) for c in (outs[::-1][i:i + 3] for i in range(0, len(outs), 3))]
     assert lengths == expect and lengths[-1][1] < len(li.ids)
     ref, vals = reference_long(tiny, prompt, "k", 10, frozen=False)
