@@ -16,10 +16,20 @@ D does not depend on g. `naive_head_nll` is the plain-autograd reference the tes
 `plain_head(model)` returns the head's weight only where logits = hidden · Wᵀ exactly: a
 bias-free linear head on a family whose forward applies nothing after it (no soft-capping or
 logit scaling); elsewhere callers keep the model's own logits.
+
+`lm_head_mode("fused" | "logits")` chooses the path for the code it wraps (a context variable, so
+one browser session's choice never reaches another's thread). A saved result names the mode it was
+made with (e.g. `CalibrationSettings.lm_head`): the two paths agree to float32 round-off, but an
+ill-conditioned fit downstream (an evidence-maximising τ² on a flat likelihood) can magnify that
+round-off past the 1e-6 at which committed records are recomputed, so records are recomputed in
+their own mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -30,6 +40,36 @@ import torch.nn.functional as F
 VOCAB_CHUNK = 2048
 #: Rows per block: the softmax buffer holds rows × V numbers (256 × 49,152 fp32 = 50 MB).
 BLOCK_ROWS = 256
+
+#: How `HeadPath` reads the head: "fused" (`head_nll` where `plain_head` allows it) or "logits"
+#: (the model's own logits, the only path before 2026-12-03).
+LM_HEAD_MODES = ("fused", "logits")
+_MODE: ContextVar[str | None] = ContextVar("ttt_lens_lm_head_mode", default=None)
+
+
+@contextmanager
+def lm_head_mode(mode: str) -> Iterator[None]:
+    """Inside the block, `HeadPath(model)` (without an explicit `fused=`) reads the head as `mode`
+    says, whatever TTT_LENS_FUSED_HEAD says; nested blocks restore the outer mode on exit."""
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, not {mode!r}")
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def fused_by_default() -> bool:
+    """Whether a `HeadPath` built without `fused=` tries the fused path: the innermost
+    `lm_head_mode`, else TTT_LENS_FUSED_HEAD ("0" turns it off), else yes."""
+    import os
+
+    mode = _MODE.get()
+    if mode is not None:
+        return mode == "fused"
+    return os.environ.get("TTT_LENS_FUSED_HEAD", "1") != "0"
+
 
 #: Families whose causal-LM forward is logits = lm_head(hidden) (transformers 5.x source), nothing after it.
 PLAIN_HEAD_FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -144,14 +184,12 @@ class HeadPath:
     and `logits(out, rows)` read its output at `rows` (a slice or an index tensor of the
     sequence axis of batch row 0).
 
-    The environment variable TTT_LENS_FUSED_HEAD=0 turns the fused path off (for benchmarks
-    against the plain one and for checks)."""
+    `fused=None` follows `fused_by_default()` (`lm_head_mode`, then TTT_LENS_FUSED_HEAD=0, which
+    benchmarks use to time the plain path)."""
 
     def __init__(self, causal_lm: Any, fused: bool | None = None) -> None:
-        import os
-
         if fused is None:
-            fused = os.environ.get("TTT_LENS_FUSED_HEAD", "1") != "0"
+            fused = fused_by_default()
         self.weight = plain_head(causal_lm) if fused else None
         self.fused = self.weight is not None
         self.head = causal_lm.get_output_embeddings()

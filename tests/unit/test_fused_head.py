@@ -136,3 +136,22 @@ def test_smollm2_head_nll_equals_autograd_in_float64():
     (ga,) = torch.autograd.grad(torch.exp(-a).sum(), hf)
     (gb,) = torch.autograd.grad(torch.exp(-b).sum(), hn)
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-13)
+
+
+def test_lm_head_mode_overrides_the_environment_and_nests(monkeypatch):
+    """`lm_head_mode` decides what a HeadPath without `fused=` does (a saved result's recorded
+    mode), over TTT_LENS_FUSED_HEAD; the outer mode comes back on exit; bad modes are refused."""
+    from ttt_core.fused_head import fused_by_default, lm_head_mode
+
+    monkeypatch.setenv("TTT_LENS_FUSED_HEAD", "0")
+    assert fused_by_default() is False
+    with lm_head_mode("fused"):
+        assert fused_by_default() is True
+        with lm_head_mode("logits"):
+            assert fused_by_default() is False
+        assert fused_by_default() is True
+    monkeypatch.delenv("TTT_LENS_FUSED_HEAD")
+    assert fused_by_default() is True
+    with pytest.raises(ValueError, match="lm_head"):
+        with lm_head_mode("bogus"):
+            pass

@@ -47,6 +47,7 @@ from ttt_core.experiments.calibration_suite import latest_calibration, settings_
 from ttt_core.experiments.calibration_tasks import CalibrationSettings, calibration_statistics, prompt_family
 from ttt_core.experiments.stats import MIN_SUITE_TASKS, TOO_FEW, suite_verdict
 from ttt_core.figure_data import json_clean
+from ttt_core.fused_head import lm_head_mode
 from ttt_core.models import LoadedModel
 from ttt_core.prompt_kernel import PromptKernel, compute_prompt_kernel
 from ttt_core.prompts import FewShotPrompt, LongContextPrompt, Prompt
@@ -75,7 +76,14 @@ def kernel_plan(prompt: Prompt, settings: CalibrationSettings) -> tuple[str, int
 def prompt_statistics(lm: LoadedModel, prompt: Prompt, settings: CalibrationSettings, *,
                       kernel: KernelFn | None = None) -> dict[str, Any]:
     """This prompt's statistics as the suite computes a record's (module docstring), from a fresh
-    kernel (`kernel`, default `compute_prompt_kernel`)."""
+    kernel (`kernel`, default `compute_prompt_kernel`), reading the LM head as the suite's records
+    did (`settings.lm_head`)."""
+    with lm_head_mode(settings.lm_head):
+        return _prompt_statistics(lm, prompt, settings, kernel)
+
+
+def _prompt_statistics(lm: LoadedModel, prompt: Prompt, settings: CalibrationSettings,
+                       kernel: KernelFn | None) -> dict[str, Any]:
     subspace, last, _ = kernel_plan(prompt, settings)
     kern = kernel or (lambda p, s, m: compute_prompt_kernel(lm, p, s, max_positions=m))
     if isinstance(prompt, FewShotPrompt):

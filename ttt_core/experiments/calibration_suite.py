@@ -59,8 +59,10 @@ def records_dir(settings: CalibrationSettings, out: str | Path | None = None) ->
 
 
 def settings_from_dict(d: dict[str, Any]) -> CalibrationSettings:
-    """CalibrationSettings from its JSON (lists back to tuples)."""
+    """CalibrationSettings from its JSON (lists back to tuples). Settings saved before `lm_head`
+    existed (2026-12-03) were made with the model's own logits: a missing key reads "logits"."""
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    kw.setdefault("lm_head", "logits")
     return CalibrationSettings(**kw)
 
 

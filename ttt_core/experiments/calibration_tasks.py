@@ -37,9 +37,11 @@ One task (`run_calibration_task`):
 from __future__ import annotations
 
 import math
+import hashlib
+import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -57,6 +59,7 @@ from ttt_core.experiments.suite_tasks import (
     make_specs,
     make_task,
 )
+from ttt_core.fused_head import LM_HEAD_MODES, lm_head_mode
 from ttt_core.generators import digit_shift_task, kv_recall, needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
 from ttt_core.paper_gd import PaperConfig, PaperRun
@@ -131,6 +134,18 @@ class CalibrationSettings(GridSettings):
     head_layers: int | None = 8              # head-choice candidates: the blocks of the last N layers
     greedy_budget: int | None = None         # None: rank every block (bottom-k and Spearman need it)
     families: tuple[str, ...] = CAL_FAMILIES
+    #: how long-context kernels read the LM head (`fused_head.lm_head_mode`): "fused", or "logits",
+    #: the path of every record made before 2026-12-03 (`settings_from_dict` reads a missing key so)
+    lm_head: str = "fused"
+
+    def key(self) -> str:
+        """`GridSettings.key`, with lm_head = "logits" (the only path before the field existed) left
+        out, so suites made before it keep their folder names."""
+        d = asdict(self)
+        if d["lm_head"] == "logits":
+            d.pop("lm_head")
+        blob = json.dumps(d, sort_keys=True, default=list)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def suite_settings(self) -> SuiteSettings:
         """The schedule-suite settings whose `make_task` draws the trap prompts."""
@@ -150,6 +165,8 @@ class CalibrationSettings(GridSettings):
             raise ValueError("head_k and head_steps must be ≥ 1, head_random ≥ 0")
         if len(self.needle_words) != 3:
             raise ValueError("needle_words needs three lengths (short, mid, long)")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}")
         for lo, hi in (self.fewshot_n, self.word_n, self.kv_pairs):
             if not 2 <= lo <= hi:
                 raise ValueError("ranges must be (lo, hi) with 2 ≤ lo ≤ hi")
@@ -385,7 +402,12 @@ def head_runs(lm: LoadedModel, prompt: Prompt, ev: Any, settings: CalibrationSet
 def run_calibration_task(lm: LoadedModel, spec: TaskSpec, settings: CalibrationSettings,
                          heads: bool = False) -> dict[str, Any]:
     """One calibration record (module docstring): statistics, oracle trajectory, and with `heads`
-    the head-choice runs (under "heads")."""
+    the head-choice runs (under "heads"); the LM head read as `settings.lm_head` says."""
+    with lm_head_mode(settings.lm_head):
+        return _calibration_task(lm, spec, settings, heads)
+
+
+def _calibration_task(lm: LoadedModel, spec: TaskSpec, settings: CalibrationSettings, heads: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     prompt, meta = make_calibration_task(spec, settings)
     few = isinstance(prompt, FewShotPrompt)

@@ -174,6 +174,47 @@ def test_this_prompts_statistics_equal_a_suite_records(lm) -> None:
         assert A.prompt_statistics(lm, prompt, settings) == want
 
 
+def test_records_and_a_prompts_statistics_read_the_lm_head_as_the_settings_say(lm, monkeypatch) -> None:
+    """A long-context record and the live prompt's statistics build their kernel's head path in the
+    settings' `lm_head` mode (records made before the fused head read "logits", and the page's
+    advice must compute this prompt's statistics the way those records were computed); the two
+    modes agree to float32 round-off on the tiny model; saved settings without the field read
+    "logits" and keep their folder key."""
+    import dataclasses
+
+    import ttt_core.kernel_routes as KR
+    from ttt_core.experiments.calibration_suite import settings_from_dict
+
+    seen: list[bool] = []
+    real = KR.HeadPath
+
+    def spy(model, fused=None):
+        hp = real(model, fused)
+        seen.append(hp.fused)
+        return hp
+
+    monkeypatch.setattr(KR, "HeadPath", spy)
+    spec = next(s for s in CT.calibration_specs(24, CT.quick_settings(lm.name).families) if s.family == "needle_short")
+    stats = {}
+    for mode in ("fused", "logits"):
+        settings = CT.quick_settings(lm.name, lm_head=mode)
+        seen.clear()
+        stats[mode] = CT.run_calibration_task(lm, spec, settings)["stats"]
+        assert seen and set(seen) == {mode == "fused"}
+        seen.clear()
+        A.prompt_statistics(lm, CT.make_calibration_task(spec, settings)[0], settings)
+        assert seen and set(seen) == {mode == "fused"}
+    assert stats["fused"]["lambda_max"] == pytest.approx(stats["logits"]["lambda_max"], rel=1e-4)
+    d = dataclasses.asdict(CT.quick_settings(lm.name, lm_head="logits"))
+    old = {k: v for k, v in d.items() if k != "lm_head"}
+    assert settings_from_dict(old).lm_head == "logits"
+    assert settings_from_dict(old).key() == CT.quick_settings(lm.name, lm_head="logits").key()
+    assert CT.quick_settings(lm.name).lm_head == "fused" != settings_from_dict(old).lm_head
+    assert CT.quick_settings(lm.name).key() != settings_from_dict(old).key()
+    with pytest.raises(ValueError, match="lm_head"):
+        CT.quick_settings(lm.name, lm_head="soft").validate()
+
+
 def test_diagnose_report_gets_the_field_only_with_a_saved_result(lm, tmp_path, monkeypatch) -> None:
     from ttt_core.diagnosis import diagnose_markdown, diagnose_report
 

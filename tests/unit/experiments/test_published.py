@@ -1,7 +1,9 @@
 """A saved result must be checkable (issue 16.5): every committed result under artifacts/published/
 carries its command, commit, seeds, model and machine, and three of its records, chosen at random
 on each run, are recomputed here with today's code and must equal the saved ones: to ≤ 1e-6 on
-the CPU model that made them, and to a stated float32 cross-CPU tolerance on another (`_tolerance`).
+the CPU model that made them, and to a stated float32 cross-CPU tolerance on another (`_tolerance`),
+widened only where this machine measures that the record magnifies float32 round-off
+(`ttt_core.experiments.recheck`: the record recomputed under other summation orders).
 
 What this catches: a saved number that was edited, cached from other code or produced with
 settings that are not the ones recorded; code changes that silently change committed results
@@ -11,7 +13,7 @@ settings that are not the ones recorded; code changes that silently change commi
 from __future__ import annotations
 
 import json
-import math
+import os
 
 import numpy as np
 import pytest
@@ -19,21 +21,18 @@ import torch
 
 from ttt_core.experiments import exp2_gd
 from ttt_core.experiments.calibration_suite import published_calibration_dir, settings_from_dict
-from ttt_core.experiments.calibration_tasks import run_calibration_task, strip_timings
+from ttt_core.experiments.calibration_tasks import strip_timings
+from ttt_core.experiments import recheck
 from ttt_core.experiments.paper_tasks import ReproSettings
-from ttt_core.experiments.reproduce import run_task
 from ttt_core.experiments.reproduce_report import RESULT_KIND
 from ttt_core.experiments.store import cpu_model, published_dir
-from ttt_core.experiments.suite_tasks import TaskSpec
+from ttt_core.experiments.recheck import TARGET_ROW_FIELDS
 
 REPRO = sorted(published_dir("reproduction").glob("reproduction-*.json"))
 # Exp2 real-GD supplements of a published reproduction (ttt_core.experiments.exp2_gd)
 GD_SUPP = sorted(published_dir("reproduction").glob("exp2-gd-*.json"))
 CALIB = sorted(published_calibration_dir().glob("calibration-*.json"))
 TARGETS = sorted(published_dir("targets").glob("*/summary.json"))
-# the fields of a targets row that are measured, not timed (seconds and peak memory vary by run)
-TARGET_ROW_FIELDS = ("target", "signal", "route", "params", "status", "errors", "deltas", "delta_mean",
-                     "error_start", "error_end", "seeds_run", "deterministic")
 
 
 def _model(name):
@@ -43,8 +42,10 @@ def _model(name):
 
 
 def _picks(n: int, k: int = 3) -> list[int]:
-    """k distinct record indices, drawn afresh on every run (printed, so a failure can be rerun)."""
-    seed = int(np.random.SeedSequence().entropy % (2**32))
+    """k distinct record indices, drawn afresh on every run (printed, so a failure can be rerun:
+    TTT_LENS_PICK_SEED=<seed> draws the same ones)."""
+    env = os.environ.get("TTT_LENS_PICK_SEED")
+    seed = int(env) if env else int(np.random.SeedSequence().entropy % (2**32))
     picks = sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
     print(f"recomputing records {picks} (seed {seed})")
     return picks
@@ -90,22 +91,22 @@ def _tolerance(machine: dict, here: str | None = None) -> tuple[float, float]:
 
 def _assert_tree_close(new, old, path="record", atol=SAME_CPU_ATOL, rtol=0.0):
     """Same structure; numbers equal to atol + rtol·|saved|; everything else equal."""
-    if isinstance(old, dict):
-        assert isinstance(new, dict) and set(new) == set(old), f"{path}: keys {sorted(set(new) ^ set(old))}"
-        for k in old:
-            _assert_tree_close(new[k], old[k], f"{path}.{k}", atol, rtol)
-    elif isinstance(old, list):
-        assert isinstance(new, list) and len(new) == len(old), f"{path}: length {len(new)} vs {len(old)}"
-        for i, (a, b) in enumerate(zip(new, old)):
-            _assert_tree_close(a, b, f"{path}[{i}]", atol, rtol)
-    elif isinstance(old, float) or (isinstance(old, int) and not isinstance(old, bool) and isinstance(new, float)):
-        if math.isnan(old):
-            assert math.isnan(new), f"{path}: {new} vs NaN"
-        else:
-            tol = atol + rtol * abs(float(old))
-            assert abs(float(new) - float(old)) <= tol, f"{path}: {new!r} vs saved {old!r} (tolerance {tol:.3g})"
-    else:
-        assert new == old, f"{path}: {new!r} vs saved {old!r}"
+    bad = recheck.mismatches(new, old, atol, rtol, path=path)
+    assert not bad, "\n".join(bad[:12])
+
+
+def _assert_recomputed(kind: str, args: dict, fresh, saved, path: str, tol: tuple[float, float]) -> None:
+    """`fresh` (the record recomputed in this process) equals `saved` within `tol`. Off the
+    recording CPU (tol is the cross-CPU one), a record that misses it is recomputed under two
+    other float32 summation orders (`recheck.roundoff_spread`) and each number may then also move
+    by NOISE_K × its measured spread: printed, with the probes' ATen kernels and MKL path."""
+    bad = recheck.mismatches(fresh, saved, *tol, path=path)
+    if bad and tol != (SAME_CPU_ATOL, 0.0):
+        print(f"{path}: {len(bad)} number(s) past the fixed cross-CPU tolerance, e.g. {bad[0]}; measuring round-off")
+        noise, runs = recheck.roundoff_spread(kind, args, fresh)
+        print("probes:", [(r["cpu_capability"], r["mkl_cbwr"]) for r in runs])
+        bad = recheck.mismatches(fresh, saved, *tol, noise=noise, path=path)
+    assert not bad, "\n".join(bad[:12])
 
 
 def test_cross_cpu_tolerance_only_off_the_recording_cpu():
@@ -160,17 +161,13 @@ def test_three_random_reproduction_records_recompute(path):
     s = ReproSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["settings"].items()})
     lm = _model(s.model)
     tol = _tolerance(d["provenance"]["machine"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads_of(d))
-    try:
-        for i in _repro_picks(d, s):
-            saved = d["tasks"][i]
-            fresh = json.loads(json.dumps(run_task(lm, saved["index"], s, saved["c"]), default=float))
-            assert fresh["prompt"] == saved["prompt"], f"task {saved['index']}: a different prompt"
-            fresh.pop("seconds"), saved.pop("seconds")
-            _assert_tree_close(fresh, saved, f"task {saved['index']}", *tol)
-    finally:
-        torch.set_num_threads(threads)
+    for i in _repro_picks(d, s):
+        saved = d["tasks"][i]
+        args = {"path": str(path), "position": i}
+        fresh = recheck.recompute_reproduction(lm, **args)
+        assert fresh["prompt"] == saved["prompt"], f"task {saved['index']}: a different prompt"
+        saved.pop("seconds")
+        _assert_recomputed("reproduction", args, fresh, saved, f"task {saved['index']}", tol)
 
 
 def _base_of(sup_path):
@@ -243,17 +240,11 @@ def test_three_random_calibration_records_recompute(path):
     files = sorted((path.parent / d["records_folder_name"] / "tasks").glob("*.json"))
     lm = _model(settings.model)
     tol = _tolerance(d["provenance"]["machine"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads_of(d))
-    try:
-        for i in _picks(len(files)):
-            saved = json.loads(files[i].read_text())
-            spec = TaskSpec(saved["split"], int(saved["index"]), int(saved["seed"]), saved["family"])
-            fresh = run_calibration_task(lm, spec, settings, heads="heads" in saved)
-            fresh = json.loads(json.dumps(fresh, default=float))
-            _assert_tree_close(strip_timings(fresh), strip_timings(saved), saved["task_id"], *tol)
-    finally:
-        torch.set_num_threads(threads)
+    for i in _picks(len(files)):
+        saved = json.loads(files[i].read_text())
+        args = {"path": str(path), "task_file": files[i].name}
+        fresh = recheck.recompute_calibration(lm, **args)
+        _assert_recomputed("calibration", args, fresh, strip_timings(saved), saved["task_id"], tol)
 
 
 @pytest.mark.parametrize("path", CALIB, ids=lambda p: p.name)
@@ -305,27 +296,40 @@ def test_published_targets_suite_carries_its_provenance_and_summary(path):
 def test_three_random_targets_rows_recompute(path):
     """Three (prompt, target, signal) rows drawn at random from the committed records, re-run
     with today's code on their prompt and settings: the measured error curve and change match."""
-    from ttt_core.experiments.targets_suite import prompt_of
-    from ttt_core.targets.comparison import compare_targets
-
     d = json.loads(path.read_text())
-    s = d["settings"]
     rows = [(f, i) for f in _target_records(path) for i in range(len(json.loads(f.read_text())["comparison"]["rows"]))]
-    lm = _model(s["model"])
+    lm = _model(d["settings"]["model"])
     tol = _tolerance(d["provenance"]["machine"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads_of(d))
-    try:
-        for k in _picks(len(rows)):
-            f, i = rows[k]
-            rec = json.loads(f.read_text())
-            saved = rec["comparison"]["rows"][i]
-            cmp = compare_targets(lm, prompt_of(rec), [saved["target"]], [saved["signal"]], steps=s["steps"],
-                                  seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
-                                  max_positions=s["max_positions"], kernels=s["kernels"],
-                                  count_flops=s.get("count_flops", True), kv=s.get("kv", "auto"))
-            fresh = json.loads(json.dumps(cmp.to_dict(), default=float))["rows"][0]
-            _assert_tree_close({k_: fresh[k_] for k_ in TARGET_ROW_FIELDS}, {k_: saved[k_] for k_ in TARGET_ROW_FIELDS},
-                               f"{f.name} {saved['target']}/{saved['signal']}", *tol)
-    finally:
-        torch.set_num_threads(threads)
+    for k in _picks(len(rows)):
+        f, i = rows[k]
+        saved = json.loads(f.read_text())["comparison"]["rows"][i]
+        args = {"path": str(path), "prompt_file": f.name, "row": i}
+        fresh = recheck.recompute_targets_row(lm, **args)
+        _assert_recomputed("targets", args, fresh, {k_: saved[k_] for k_ in TARGET_ROW_FIELDS},
+                           f"{f.name} {saved['target']}/{saved['signal']}", tol)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("path", TARGETS, ids=lambda p: p.parent.name)
+def test_an_adam_curve_magnifies_roundoff_and_the_probes_measure_it(path):
+    """The probes really change float32 summation order (their ATen kernels differ from this
+    process's) and measure a nonzero spread on an Adam curve, a record that magnifies round-off
+    (needle-0009's norm_attn entropy row moved by 4.6e-4 from an Intel Xeon to an AMD EPYC while its
+    step-0 value agreed to 2e-6); its saved values agree within the round-off-aware check, and its
+    step-0 value within the fixed float32 tolerance alone."""
+    d = json.loads(path.read_text())
+    f = path.parent / "prompts" / "needle-0009.json"
+    if not f.is_file():
+        pytest.skip("this suite has no needle-0009 record")
+    rows = json.loads(f.read_text())["comparison"]["rows"]
+    i = next(j for j, r in enumerate(rows) if (r["target"], r["signal"]) == ("norm_attn", "entropy"))
+    args = {"path": str(path), "prompt_file": f.name, "row": i}
+    fresh = recheck.recompute_targets_row(_model(d["settings"]["model"]), **args)
+    noise, runs = recheck.roundoff_spread("targets", args, fresh)
+    here = torch.backends.cpu.get_cpu_capability()
+    assert any(r["cpu_capability"] != here for r in runs) and any(r["mkl_cbwr"] == "COMPATIBLE" for r in runs)
+    assert noise["delta_mean"] > 1e-6 and noise["errors"][-1] > 1e-6, noise
+    assert noise["error_start"] < noise["error_end"], "the curve's spread grows along the Adam steps"
+    saved = {k: rows[i][k] for k in TARGET_ROW_FIELDS}
+    assert not recheck.mismatches(fresh, saved, CROSS_CPU_ATOL, CROSS_CPU_RTOL, noise=noise)
+    assert not recheck.mismatches(fresh["error_start"], saved["error_start"], CROSS_CPU_ATOL, CROSS_CPU_RTOL)

@@ -1,0 +1,236 @@
+"""Recompute one committed record, and measure how far float32 summation order alone moves it.
+
+A committed result is checked by recomputing a few of its records with today's code (issue 16.5).
+On the CPU model that made a record every number must come back to 1e-6. On another CPU model the
+same code sums its float32 products in another order (MKL picks other kernels on an Intel Xeon
+than on an AMD EPYC; ATen's vector kernels differ with AVX-512 or AVX2), and most numbers still
+agree to a fixed float32 tolerance (`tests/unit/experiments/test_published.py`). A few records
+magnify round-off far beyond it:
+
+* an Adam trajectory: Adam's first step is ≈ lr · sign(g) per parameter, so a gradient component
+  near zero takes the other sign under another summation order, and the curve moves by a fraction
+  of lr (measured: a norm_attn entropy curve recomputed on an AMD EPYC moved by 4.6e-4, 0.12 %, from
+  its Intel value, while its step-0 value agreed to 2e-6);
+* a maximum-likelihood τ² on a flat likelihood, where a 1e-5 change of the eigenvalues moves the
+  maximiser by 0.3 %.
+
+`roundoff_spread` measures that magnification on this machine, record by record: the record is
+recomputed in child processes whose float32 arithmetic sums in other orders (`probe_envs`: MKL's
+conditional-numerical-reproducibility COMPATIBLE code path, and ATen's AVX2 or default kernels
+instead of the ones this CPU would pick) and each number's largest distance from the in-process
+value is its round-off spread. A cross-CPU check may then allow `NOISE_K` × spread on top of the
+fixed tolerance, per number: a well-conditioned number keeps its tight tolerance, and a discrete
+field (a step count, a verdict) may differ only where a probe flipped it too.
+
+`python -m ttt_core.experiments.recheck KIND 'JSON ARGS'` prints one recomputed record as JSON
+(the child side of a probe); KIND is one of `RECOMPUTE`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ttt_core.models import LoadedModel
+
+#: The measured distance may be this many times the round-off spread: on the norm_attn entropy
+#: curve above, Intel-vs-AMD distance / spread = 1.5 (two probes); 4 leaves a margin for a spread
+#: estimated from two probes only.
+NOISE_K = 4.0
+#: fields of a targets row that are measured, not timed (seconds and peak memory vary by run)
+TARGET_ROW_FIELDS = ("target", "signal", "route", "params", "status", "errors", "deltas", "delta_mean",
+                     "error_start", "error_end", "seeds_run", "deterministic")
+
+
+def _threads_of(doc: dict[str, Any]) -> int:
+    return int(doc["provenance"]["machine"]["torch_threads_per_worker"])
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _model(name: str, lm: LoadedModel | None) -> LoadedModel:
+    if lm is not None:
+        return lm
+    from ttt_core.models import load_model
+
+    return load_model(name)
+
+
+def _as_json(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=float))
+
+
+def recompute_calibration(lm: LoadedModel | None, path: str, task_file: str) -> dict[str, Any]:
+    """Calibration record `task_file` (a name under the result's tasks folder) of the committed
+    result at `path`, recomputed with its settings and thread count; timings stripped."""
+    from ttt_core.experiments.calibration_suite import settings_from_dict
+    from ttt_core.experiments.calibration_tasks import run_calibration_task, strip_timings
+    from ttt_core.experiments.suite_tasks import TaskSpec
+
+    p = Path(path)
+    d = json.loads(p.read_text())
+    settings = settings_from_dict(d["settings"])
+    saved = json.loads((p.parent / d["records_folder_name"] / "tasks" / task_file).read_text())
+    spec = TaskSpec(saved["split"], int(saved["index"]), int(saved["seed"]), saved["family"])
+    lm = _model(settings.model, lm)
+    with _threads(_threads_of(d)):
+        return strip_timings(_as_json(run_calibration_task(lm, spec, settings, heads="heads" in saved)))
+
+
+def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, row: int) -> dict[str, Any]:
+    """Row `row` of prompt record `prompt_file` of the committed targets suite whose summary is
+    `path`, re-run on its prompt and settings; only `TARGET_ROW_FIELDS`."""
+    from ttt_core.experiments.targets_suite import prompt_of
+    from ttt_core.targets.comparison import compare_targets
+
+    p = Path(path)
+    d = json.loads(p.read_text())
+    s = d["settings"]
+    rec = json.loads((p.parent / "prompts" / prompt_file).read_text())
+    saved = rec["comparison"]["rows"][row]
+    lm = _model(s["model"], lm)
+    with _threads(_threads_of(d)):
+        cmp = compare_targets(lm, prompt_of(rec), [saved["target"]], [saved["signal"]], steps=s["steps"],
+                              seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
+                              max_positions=s["max_positions"], kernels=s["kernels"],
+                              count_flops=s.get("count_flops", True), kv=s.get("kv", "auto"))
+    fresh = _as_json(cmp.to_dict())["rows"][0]
+    return {k: fresh[k] for k in TARGET_ROW_FIELDS}
+
+
+def recompute_reproduction(lm: LoadedModel | None, path: str, position: int) -> dict[str, Any]:
+    """Task record at `position` of the committed reproduction result `path`, re-run; without its
+    seconds."""
+    from ttt_core.experiments.paper_tasks import ReproSettings
+    from ttt_core.experiments.reproduce import run_task
+
+    d = json.loads(Path(path).read_text())
+    s = ReproSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["settings"].items()})
+    saved = d["tasks"][position]
+    lm = _model(s.model, lm)
+    with _threads(_threads_of(d)):
+        fresh = _as_json(run_task(lm, saved["index"], s, saved["c"]))
+    fresh.pop("seconds", None)
+    return fresh
+
+
+#: kind → recompute(lm, **args); `lm=None` loads the record's model.
+RECOMPUTE: dict[str, Callable[..., dict[str, Any]]] = {
+    "calibration": recompute_calibration,
+    "targets": recompute_targets_row,
+    "reproduction": recompute_reproduction,
+}
+
+
+def probe_envs(capability: str | None = None) -> list[dict[str, str]]:
+    """Environments whose float32 arithmetic sums in another order than this process's: MKL's
+    COMPATIBLE code path, and ATen's AVX2 kernels (the default ones where this CPU's are AVX2)."""
+    cap = (capability or torch.backends.cpu.get_cpu_capability()).upper()
+    return [{"MKL_CBWR": "COMPATIBLE"}, {"ATEN_CPU_CAPABILITY": "default" if cap == "AVX2" else "avx2"}]
+
+
+def probe(kind: str, args: dict[str, Any], env: dict[str, str], timeout: float = 1800.0) -> dict[str, Any]:
+    """The record recomputed in a child process run with `env` added to this one's environment:
+    {"record": ..., "cpu_capability": the child's ATen kernels, "mkl_cbwr": its MKL_CBWR}."""
+    if kind not in RECOMPUTE:
+        raise ValueError(f"unknown record kind {kind!r}; one of {sorted(RECOMPUTE)}")
+    out = subprocess.run([sys.executable, "-m", "ttt_core.experiments.recheck", kind, json.dumps(args)],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {env} of {kind} {args} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def roundoff_spread(kind: str, args: dict[str, Any], fresh: Any,
+                    envs: list[dict[str, str]] | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    """(`spread` of the record over one probe per environment of `envs` (default `probe_envs()`),
+    the probes' outputs)."""
+    runs = [probe(kind, args, env) for env in (envs if envs is not None else probe_envs())]
+    return spread(fresh, [r["record"] for r in runs]), runs
+
+
+def spread(fresh: Any, probes: list[Any]) -> Any:
+    """A tree shaped like `fresh`: at each float, max over `probes` of |probe − fresh| (inf where a
+    probe is not a number there, or NaN in only one of the two); at anything else, whether some
+    probe differs from it."""
+    if isinstance(fresh, dict):
+        return {k: spread(v, [p.get(k) if isinstance(p, dict) else None for p in probes]) for k, v in fresh.items()}
+    if isinstance(fresh, list):
+        return [spread(v, [p[i] if isinstance(p, list) and len(p) == len(fresh) else None for p in probes])
+                for i, v in enumerate(fresh)]
+    if isinstance(fresh, float):
+        out = 0.0
+        for p in probes:
+            if not isinstance(p, (int, float)) or isinstance(p, bool):
+                return math.inf
+            if math.isnan(fresh) or math.isnan(p):
+                out = out if (math.isnan(fresh) and math.isnan(p)) else math.inf
+            else:
+                out = max(out, abs(float(p) - fresh))
+        return out
+    return any(p != fresh for p in probes)
+
+
+def mismatches(new: Any, old: Any, atol: float, rtol: float = 0.0, noise: Any = None, k: float = NOISE_K,
+               path: str = "record") -> list[str]:
+    """Where `new` differs from `old`: same structure; each number within atol + rtol·|old|
+    (+ k · its spread in `noise`, a tree from `spread`); everything else equal (or, with `noise`,
+    flipped by some probe too). Returns one line per difference (empty: they agree)."""
+    out: list[str] = []
+    if isinstance(old, dict):
+        if not isinstance(new, dict) or set(new) != set(old):
+            got = set(new) if isinstance(new, dict) else set()
+            return [f"{path}: keys {sorted(got ^ set(old))}"]
+        for key in old:
+            out += mismatches(new[key], old[key], atol, rtol, None if noise is None else noise.get(key), k,
+                              f"{path}.{key}")
+    elif isinstance(old, list):
+        if not isinstance(new, list) or len(new) != len(old):
+            return [f"{path}: length {len(new) if isinstance(new, list) else new!r} vs {len(old)}"]
+        for i, (a, b) in enumerate(zip(new, old)):
+            noise_i = None if not isinstance(noise, list) or len(noise) != len(old) else noise[i]
+            out += mismatches(a, b, atol, rtol, noise_i, k, f"{path}[{i}]")
+    elif isinstance(old, float) or (isinstance(old, int) and not isinstance(old, bool) and isinstance(new, float)):
+        if math.isnan(old):
+            if not (isinstance(new, float) and math.isnan(new)):
+                out.append(f"{path}: {new!r} vs NaN")
+        else:
+            extra = float(noise) if isinstance(noise, (int, float)) and not isinstance(noise, bool) else 0.0
+            tol = atol + rtol * abs(float(old)) + k * extra
+            if not isinstance(new, (int, float)) or not abs(float(new) - float(old)) <= tol:
+                how = f" + {k:g}×{extra:.3g} round-off spread" if extra else ""
+                out.append(f"{path}: {new!r} vs saved {old!r} (tolerance {tol:.3g}{how})")
+    elif new != old and noise is not True:
+        out.append(f"{path}: {new!r} vs saved {old!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in RECOMPUTE:
+        print(f"usage: python -m ttt_core.experiments.recheck {{{','.join(RECOMPUTE)}}} 'JSON ARGS'", file=sys.stderr)
+        return 2
+    rec = RECOMPUTE[argv[0]](None, **json.loads(argv[1]))
+    print(json.dumps({"record": rec, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "mkl_cbwr": os.environ.get("MKL_CBWR")}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
