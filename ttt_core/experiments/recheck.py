@@ -130,11 +130,28 @@ def recompute_reproduction(lm: LoadedModel | None, path: str, position: int) -> 
     return fresh
 
 
+def recompute_exp2_gd(lm: LoadedModel | None, base: str, index: int, labels: list[str]) -> dict[str, Any]:
+    """The Exp2 real-GD runs (block sets named by `labels`, `exp2_gd.set_label`) of task `index` of
+    the reproduction result `base`, with the thread count its GD record was made with:
+    {label: run}."""
+    from ttt_core.experiments import exp2_gd
+
+    d, s = exp2_gd.load_base(base)
+    task = next(t for t in d["tasks"] if int(t["index"]) == int(index))
+    rec = exp2_gd.load_records(exp2_gd.records_dir(base))[int(index)]
+    keys = {exp2_gd.set_label(k): k for k, _, _ in exp2_gd.block_sets(task["exp2"])}
+    lm = _model(s.model, lm)
+    with _threads(_threads_of(rec)):
+        runs = exp2_gd.run_gd_record(lm, s, task, only=[keys[label] for label in labels])["runs"]
+    return _as_json(runs)
+
+
 #: kind → recompute(lm, **args); `lm=None` loads the record's model.
 RECOMPUTE: dict[str, Callable[..., dict[str, Any]]] = {
     "calibration": recompute_calibration,
     "targets": recompute_targets_row,
     "reproduction": recompute_reproduction,
+    "exp2_gd": recompute_exp2_gd,
 }
 
 

@@ -122,10 +122,6 @@ def test_cross_cpu_tolerance_only_off_the_recording_cpu():
         _assert_tree_close({"x": 2.0 * (1 + 2e-3)}, {"x": 2.0}, atol=CROSS_CPU_ATOL, rtol=CROSS_CPU_RTOL)
 
 
-def _threads_of(doc) -> int:
-    return int(doc["provenance"]["machine"]["torch_threads_per_worker"])
-
-
 def test_published_results_exist():
     assert REPRO, "no committed reproduction result under artifacts/published/reproduction"
     assert CALIB, "no committed calibration result under artifacts/published/calibration"
@@ -204,21 +200,16 @@ def test_three_random_exp2_gd_records_recompute(path):
     records = exp2_gd.load_records(exp2_gd.records_dir(base))
     by_index = {int(t["index"]): t for t in d["tasks"]}
     lm = _model(s.model)
-    threads = torch.get_num_threads()
-    try:
-        indices = sorted(records)
-        for i in _picks(len(indices)):
-            rec = records[indices[i]]
-            torch.set_num_threads(int(rec["provenance"]["machine"]["torch_threads_per_worker"]))
-            sets = exp2_gd.block_sets(by_index[rec["index"]]["exp2"])
-            keys = [sets[j][0] for j in _picks(len(sets), 2)]
-            fresh = exp2_gd.run_gd_record(lm, s, by_index[rec["index"]], only=keys)["runs"]
-            assert set(fresh) == {exp2_gd.set_label(k) for k in keys}
-            tol = _tolerance(rec["provenance"]["machine"])
-            for label, run in fresh.items():
-                _assert_tree_close(run, rec["runs"][label], f"task {rec['index']} {label}", *tol)
-    finally:
-        torch.set_num_threads(threads)
+    indices = sorted(records)
+    for i in _picks(len(indices)):
+        rec = records[indices[i]]
+        sets = exp2_gd.block_sets(by_index[rec["index"]]["exp2"])
+        labels = [exp2_gd.set_label(sets[j][0]) for j in _picks(len(sets), 2)]
+        args = {"base": str(base), "index": int(rec["index"]), "labels": labels}
+        fresh = recheck.recompute_exp2_gd(lm, **args)
+        assert set(fresh) == set(labels)
+        _assert_recomputed("exp2_gd", args, fresh, {lb: rec["runs"][lb] for lb in labels}, f"task {rec['index']}",
+                           _tolerance(rec["provenance"]["machine"]))
 
 
 @pytest.mark.parametrize("path", CALIB, ids=[p.name for p in CALIB])
