@@ -360,6 +360,31 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# recheck
+# --------------------------------------------------------------------------------------------
+
+
+def _recheck(args: argparse.Namespace) -> int:
+    """Recompute random records of a saved result and compare (ttt_core.experiments.recheck): a
+    line per record on stderr, a JSON summary on stdout with --json; exit 0 when every record
+    agrees, 3 when one differs."""
+    import json
+
+    from ttt_core.experiments.recheck import recheck_result
+
+    if args.records < 1:
+        raise ValueError("--records must be at least 1")
+    res = recheck_result(args.result, records=args.records, seed=args.seed,
+                         log=lambda line: print(f"recheck: {line}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    n_bad = sum(not r["ok"] for r in res["records"])
+    print(f"recheck: {len(res['records']) - n_bad} of {len(res['records'])} records agree with {res['path']}"
+          + ("" if not n_bad else f"; {n_bad} differ"), file=sys.stderr)
+    return 0 if res["ok"] else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "python -m ttt_core" if sys.argv and sys.argv[0].endswith("__main__.py") else "ttt-lens"
     parser = argparse.ArgumentParser(prog=prog, description="TTT Lens command line")
@@ -496,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: a Markdown table)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.set_defaults(func=_compare_targets)
+    p = sub.add_parser("recheck", help="recompute random records of a saved result (reproduction, its exp2-gd "
+                       "supplement, calibration, a targets suite's summary.json) and say whether each agrees; "
+                       "exit 3 when one differs")
+    p.add_argument("result", help="the saved result's JSON file")
+    p.add_argument("--records", type=int, default=3, help="how many records to recompute (default 3)")
+    p.add_argument("--seed", type=int, default=None, help="the draw's seed (printed; default fresh)")
+    p.add_argument("--json", action="store_true", help="the per-record outcome as JSON on stdout")
+    p.set_defaults(func=_recheck)
     return parser
 
 
@@ -539,4 +572,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS.update({"compare-targets": _compare_targets, "prepare": _prepare, "info": _info, "diagnose": _diagnose, "reproduce": _reproduce, "reproduce-gd": _reproduce_gd,
-                 "train-controller": _train_controller, "calibrate": _calibrate})
+                 "train-controller": _train_controller, "calibrate": _calibrate, "recheck": _recheck})

@@ -22,8 +22,10 @@ value is its round-off spread. A cross-CPU check may then allow `NOISE_K` × spr
 fixed tolerance, per number: a well-conditioned number keeps its tight tolerance, and a discrete
 field (a step count, a verdict) may differ only where a probe flipped it too.
 
-`python -m ttt_core.experiments.recheck KIND 'JSON ARGS'` prints one recomputed record as JSON
-(the child side of a probe); KIND is one of `RECOMPUTE`.
+`recheck_result` (the command `ttt-lens recheck RESULT`) recomputes random records of any committed
+result and says, record by record, whether it agrees. `python -m ttt_core.experiments.recheck KIND
+'JSON ARGS'` prints one recomputed record as JSON (the child side of a probe); KIND is one of
+`RECOMPUTE`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ import torch
 
 from ttt_core.models import LoadedModel
 
+#: A record recomputed on the CPU model that made it: every number equal to ≤ 1e-6 (issue 16.5).
+SAME_CPU_ATOL = 1e-6
+#: On another CPU model (or for a record that does not name its CPU: provenance gained `cpu_model` on
+#: 2026-12-02), float32 matrix products sum in another order (other BLAS kernels), so the same code
+#: gives other round-off. Measured on 2026-12-02, 16 Exp1/Exp2 records made on an Intel Xeon
+#: recomputed on an AMD EPYC: model outputs moved by ≤ 2.4e-6 absolute (≤ 4.4e-6 relative), fitted
+#: hyper-parameters (evidence τ² and σ², the ridge λ⋆, step sizes ρ = c/λ_max) by ≤ 6.3e-5 relative;
+#: a calibration trajectory by 1.1e-6, a targets entropy curve by 7.9e-6 (4.4e-6 relative). The
+#: cross-CPU check allows |new − saved| ≤ 1e-5 + 1e-3·|saved|: 16× the largest relative and 4× the
+#: largest absolute change seen, far below what a changed formula or an edited number moves; a
+#: record that magnifies round-off more gets its measured allowance (`compare_record`). A discrete
+#: choice (a step count, a selected head) that flips at a near-tie fails unless a probe flips it too.
+CROSS_CPU_ATOL, CROSS_CPU_RTOL = 1e-5, 1e-3
 #: The measured distance may be this many times the round-off spread: on the norm_attn entropy
 #: curve above, Intel-vs-AMD distance / spread = 1.5 (two probes); 4 leaves a margin for a spread
 #: estimated from two probes only.
@@ -155,6 +170,37 @@ RECOMPUTE: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def tolerance(machine: dict[str, Any], here: str | None = None) -> tuple[tuple[float, float], str]:
+    """((atol, rtol), a sentence saying which check) for recomputing, on CPU model `here` (default:
+    this machine's), a record made on `machine` (a provenance's "machine")."""
+    from ttt_core.experiments.store import cpu_model
+
+    here, made = here or cpu_model(), machine.get("cpu_model")
+    if made is not None and made == here:
+        return (SAME_CPU_ATOL, 0.0), f"same CPU model as the record ({here}): numbers must agree to {SAME_CPU_ATOL:g}"
+    return (CROSS_CPU_ATOL, CROSS_CPU_RTOL), (
+        f"record made on {made or 'a CPU it does not name'}, recomputed on {here}: float32 cross-CPU "
+        f"tolerance {CROSS_CPU_ATOL:g} + {CROSS_CPU_RTOL:g}·|saved|")
+
+
+def compare_record(kind: str, args: dict[str, Any], fresh: Any, saved: Any, tol: tuple[float, float],
+                   path: str = "record") -> tuple[list[str], list[str]]:
+    """(mismatches, notes) of `fresh` (the record recomputed in this process) against `saved`.
+    With the strict same-CPU tolerance that is the whole check. With the cross-CPU one, a record
+    that misses it is recomputed under other summation orders (`roundoff_spread`) and compared
+    again with NOISE_K × each number's spread allowed on top; the notes say so."""
+    bad = mismatches(fresh, saved, *tol, path=path)
+    notes: list[str] = []
+    if bad and tol != (SAME_CPU_ATOL, 0.0):
+        notes.append(f"{path}: {len(bad)} number(s) past the fixed cross-CPU tolerance, e.g. {bad[0]}; "
+                     "measuring this record's round-off")
+        noise, runs = roundoff_spread(kind, args, fresh)
+        notes.append("probes (ATen kernels, MKL_CBWR): " + ", ".join(f"({r['cpu_capability']}, {r['mkl_cbwr']})"
+                                                                     for r in runs))
+        bad = mismatches(fresh, saved, *tol, noise=noise, path=path)
+    return bad, notes
+
+
 def probe_envs(capability: str | None = None) -> list[dict[str, str]]:
     """Environments whose float32 arithmetic sums in another order than this process's: MKL's
     COMPATIBLE code path, and ATen's AVX2 kernels (the default ones where this CPU's are AVX2)."""
@@ -236,6 +282,90 @@ def mismatches(new: Any, old: Any, atol: float, rtol: float = 0.0, noise: Any = 
     elif new != old and noise is not True:
         out.append(f"{path}: {new!r} vs saved {old!r}")
     return out
+
+
+def checkable_records(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """(kind, one entry per record) of the saved result at `path`: a reproduction result, its Exp2
+    real-GD supplement, a calibration result or a targets suite's summary.json. Each entry:
+    {"label", "args" (for `RECOMPUTE[kind]`), "saved" (a zero-argument function giving the saved
+    values in the recomputed shape), "machine" (the provenance machine it was made on), "model"}."""
+    from ttt_core.experiments.calibration_tasks import strip_timings
+    from ttt_core.experiments.reproduce_report import RESULT_KIND
+
+    p = Path(path)
+    if not p.is_file():
+        what = "no such file" if not p.exists() else "not a regular file"
+        raise FileNotFoundError(f"{p}: {what} (give a saved result's JSON file)")
+    try:
+        d = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p} is not a saved result: it is not JSON ({exc})") from None
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == RESULT_KIND:
+        machine = d["provenance"]["machine"]
+
+        def task(i: int) -> Callable[[], Any]:
+            return lambda: {k: v for k, v in d["tasks"][i].items() if k != "seconds"}
+
+        return "reproduction", [{"label": f"task {t['index']}", "args": {"path": str(p), "position": i},
+                                 "saved": task(i), "machine": machine, "model": d["settings"]["model"]} for i, t in enumerate(d["tasks"])]
+    if kind == "calibration":
+        machine = d["provenance"]["machine"]
+        files = sorted((p.parent / d["records_folder_name"] / "tasks").glob("*.json"))
+        return "calibration", [{"label": f.stem, "args": {"path": str(p), "task_file": f.name}, "machine": machine,
+                                "model": d["settings"]["model"],
+                                "saved": (lambda f=f: strip_timings(json.loads(f.read_text())))} for f in files]
+    if kind == "ttt_lens_targets_suite":
+        machine = d["provenance"]["machine"]
+        out = []
+        for f in sorted((p.parent / "prompts").glob("*.json")):
+            rows = json.loads(f.read_text())["comparison"]["rows"]
+            for i, r in enumerate(rows):
+                out.append({"label": f"{f.name} {r['target']}/{r['signal']}", "machine": machine,
+                            "model": d["settings"]["model"],
+                            "args": {"path": str(p), "prompt_file": f.name, "row": i},
+                            "saved": (lambda f=f, i=i: {k: json.loads(f.read_text())["comparison"]["rows"][i][k]
+                                                        for k in TARGET_ROW_FIELDS})})
+        return "targets", out
+    if kind == "ttt_lens_exp2_gd_supplement":
+        from ttt_core.experiments import exp2_gd
+
+        base = p.parent / d["base"]
+        records = exp2_gd.load_records(exp2_gd.records_dir(base))
+        model = exp2_gd.load_base(base)[1].model
+        return "exp2_gd", [{"label": f"task {i}", "machine": rec["provenance"]["machine"], "model": model,
+                            "args": {"base": str(base), "index": i, "labels": sorted(rec["runs"])},
+                            "saved": (lambda rec=rec: rec["runs"])} for i, rec in sorted(records.items())]
+    raise ValueError(f"{p} is not a saved result this command can check (kind {kind!r}); give a reproduction "
+                     "result, its exp2-gd supplement, a calibration result or a targets suite's summary.json")
+
+
+def recheck_result(path: str | Path, records: int = 3, seed: int | None = None, lm: LoadedModel | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Recompute `records` records of the saved result at `path`, drawn with `seed` (fresh entropy
+    when None; the seed is returned so the draw can be repeated), and compare each with its saved
+    values (`tolerance`, then `compare_record`). Returns {"kind", "seed", "records": [{"label",
+    "ok", "mismatches", "notes", "check"}], "ok"}."""
+    import numpy as np
+
+    kind, entries = checkable_records(path)
+    if not entries:
+        raise ValueError(f"{path} holds no records to recompute")
+    seed = int(np.random.SeedSequence().entropy % (2**32)) if seed is None else int(seed)
+    picks = sorted(int(i) for i in np.random.default_rng(seed).choice(len(entries), size=min(records, len(entries)),
+                                                                       replace=False))
+    log(f"{kind}: recomputing {len(picks)} of {len(entries)} records {picks} (seed {seed})")
+    if lm is None:
+        lm = _model(entries[0]["model"], None)
+    out = []
+    for i in picks:
+        e = entries[i]
+        tol, how = tolerance(e["machine"])
+        fresh = RECOMPUTE[kind](lm, **e["args"])
+        bad, notes = compare_record(kind, e["args"], fresh, e["saved"](), tol, e["label"])
+        out.append({"label": e["label"], "ok": not bad, "mismatches": bad, "notes": notes, "check": how})
+        log(f"{e['label']}: {'agrees' if not bad else 'DIFFERS'} ({how})" + "".join(f"\n  {n}" for n in notes + bad[:12]))
+    return {"kind": kind, "path": str(path), "seed": seed, "records": out, "ok": all(r["ok"] for r in out)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from ttt_core.experiments.calibration_tasks import strip_timings
 from ttt_core.experiments import recheck
 from ttt_core.experiments.paper_tasks import ReproSettings
 from ttt_core.experiments.reproduce_report import RESULT_KIND
-from ttt_core.experiments.store import cpu_model, published_dir
+from ttt_core.experiments.store import published_dir
 from ttt_core.experiments.recheck import TARGET_ROW_FIELDS
 
 REPRO = sorted(published_dir("reproduction").glob("reproduction-*.json"))
@@ -63,30 +63,15 @@ def _repro_picks(d: dict, s: ReproSettings, k: int = 3) -> list[int]:
     return sorted([gd[j] for j in _picks(len(gd), 1)] + [rest[j] for j in _picks(len(rest), k - 1)])
 
 
-#: A record recomputed on the CPU model that made it: every number equal to ≤ 1e-6 (issue 16.5).
-SAME_CPU_ATOL = 1e-6
-#: On another CPU model (or for a record that does not name its CPU: provenance gained `cpu_model` on
-#: 2026-12-02), float32 matrix products sum in another order (other BLAS kernels), so the same code
-#: gives other round-off. Measured on 2026-12-02, 16 Exp1/Exp2 records made on an Intel Xeon
-#: recomputed on an AMD EPYC: model outputs moved by ≤ 2.4e-6 absolute (≤ 4.4e-6 relative), fitted
-#: hyper-parameters (evidence τ² and σ², the ridge λ⋆, step sizes ρ = c/λ_max) by ≤ 6.3e-5 relative;
-#: a calibration trajectory by 1.1e-6, a targets entropy curve by 7.9e-6 (4.4e-6 relative). The
-#: cross-CPU check allows |new − saved| ≤ 1e-5 + 1e-3·|saved|: 16× the largest relative and 4× the
-#: largest absolute change seen, far below what a changed formula or an edited number moves. A
-#: discrete choice (a step count, a selected head) that flips at a near-tie still fails it.
-CROSS_CPU_ATOL, CROSS_CPU_RTOL = 1e-5, 1e-3
+SAME_CPU_ATOL = recheck.SAME_CPU_ATOL
+CROSS_CPU_ATOL, CROSS_CPU_RTOL = recheck.CROSS_CPU_ATOL, recheck.CROSS_CPU_RTOL
 
 
 def _tolerance(machine: dict, here: str | None = None) -> tuple[float, float]:
-    """(atol, rtol) for recomputing, on CPU model `here` (default: this machine's), a record made on
-    `machine` (a provenance's "machine"); printed, so a failure says which check it was."""
-    here, made = here or cpu_model(), machine.get("cpu_model")
-    if made is not None and made == here:
-        print(f"same CPU model as the record ({here}): numbers must agree to {SAME_CPU_ATOL:g}")
-        return SAME_CPU_ATOL, 0.0
-    print(f"record made on {made or 'a CPU it does not name'}, recomputed on {here}: float32 cross-CPU "
-          f"tolerance {CROSS_CPU_ATOL:g} + {CROSS_CPU_RTOL:g}·|saved|")
-    return CROSS_CPU_ATOL, CROSS_CPU_RTOL
+    """`recheck.tolerance`, printed, so a failure says which check it was."""
+    tol, how = recheck.tolerance(machine, here)
+    print(how)
+    return tol
 
 
 def _assert_tree_close(new, old, path="record", atol=SAME_CPU_ATOL, rtol=0.0):
@@ -96,16 +81,11 @@ def _assert_tree_close(new, old, path="record", atol=SAME_CPU_ATOL, rtol=0.0):
 
 
 def _assert_recomputed(kind: str, args: dict, fresh, saved, path: str, tol: tuple[float, float]) -> None:
-    """`fresh` (the record recomputed in this process) equals `saved` within `tol`. Off the
-    recording CPU (tol is the cross-CPU one), a record that misses it is recomputed under two
-    other float32 summation orders (`recheck.roundoff_spread`) and each number may then also move
-    by NOISE_K × its measured spread: printed, with the probes' ATen kernels and MKL path."""
-    bad = recheck.mismatches(fresh, saved, *tol, path=path)
-    if bad and tol != (SAME_CPU_ATOL, 0.0):
-        print(f"{path}: {len(bad)} number(s) past the fixed cross-CPU tolerance, e.g. {bad[0]}; measuring round-off")
-        noise, runs = recheck.roundoff_spread(kind, args, fresh)
-        print("probes:", [(r["cpu_capability"], r["mkl_cbwr"]) for r in runs])
-        bad = recheck.mismatches(fresh, saved, *tol, noise=noise, path=path)
+    """`recheck.compare_record`: `fresh` equals `saved` within `tol`, or off the recording CPU within
+    the measured round-off allowance (what it measured is printed)."""
+    bad, notes = recheck.compare_record(kind, args, fresh, saved, tol, path)
+    for line in notes:
+        print(line)
     assert not bad, "\n".join(bad[:12])
 
 
