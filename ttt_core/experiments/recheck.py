@@ -120,7 +120,10 @@ def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, r
     rec = json.loads((p.parent / "prompts" / prompt_file).read_text())
     saved = rec["comparison"]["rows"][row]
     lm = _model(s["model"], lm)
-    with _threads(_threads_of(d)):
+    from ttt_core.fused_head import lm_head_mode
+
+    # only a suite with kernels names lm_head; without kernels nothing reads the head path
+    with _threads(_threads_of(d)), lm_head_mode(s.get("lm_head", "logits")):
         cmp = compare_targets(lm, prompt_of(rec), [saved["target"]], [saved["signal"]], steps=s["steps"],
                               seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
                               max_positions=s["max_positions"], kernels=s["kernels"],

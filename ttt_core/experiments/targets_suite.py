@@ -29,6 +29,7 @@ from ttt_core.experiments.paper_tasks import paper_task, task_rng
 from ttt_core.experiments.pool import map_jobs
 from ttt_core.experiments.stats import boot_ci, paired_stats, suite_verdict
 from ttt_core.experiments.store import artifacts_root, latest_result, provenance, published_dir, write_json
+from ttt_core.fused_head import LM_HEAD_MODES, lm_head_mode
 from ttt_core.generators import needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
 from ttt_core.prompts import Prompt, parse_prompt
@@ -60,6 +61,9 @@ class TargetsSuiteSettings:
     needle_words: int = 150
     families: tuple[str, ...] = FAMILIES
     kv: str = "auto"              # compare_targets(kv=): "auto" (qTTT for W_Q/LoRA-q, full context else) or "frozen"
+    #: how the kernel columns read the LM head (`fused_head.lm_head_mode`): only the kernels read it, so
+    #: it is part of a suite's settings (its dict, its key) only with `kernels`
+    lm_head: str = "fused"
 
     def __post_init__(self) -> None:
         self.targets, self.signals = tuple(self.targets), tuple(self.signals)
@@ -69,9 +73,16 @@ class TargetsSuiteSettings:
             raise ValueError(f"unknown families {bad}; choose from {list(FAMILIES)}")
         if self.kv not in ("auto", "frozen"):
             raise ValueError(f"kv must be 'auto' or 'frozen', not {self.kv!r}")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, not {self.lm_head!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The settings as saved; `lm_head` only with `kernels` (suites without kernels, and every suite
+        made before the field, do not read the head path)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.kernels:
+            d.pop("lm_head")
+        return d
 
     def key(self) -> str:
         """Hash of every setting; kv = "auto" (the default, and the only mode before kv existed)
@@ -111,10 +122,11 @@ def run_prompt(lm: LoadedModel, settings: TargetsSuiteSettings, family: str, ind
                command: str | None = None) -> dict[str, Any]:
     """The record of one prompt: the comparison (`TargetComparison.to_dict()`) and provenance."""
     p = make_prompt(settings, family, index)
-    cmp = compare_targets(lm, p, settings.targets, settings.signals, steps=settings.steps, seeds=settings.seeds,
-                          lr=settings.lr, span=settings.span, last_layers=settings.last_layers,
-                          max_positions=settings.max_positions, kernels=settings.kernels,
-                          count_flops=settings.count_flops, kv=settings.kv)
+    with lm_head_mode(settings.lm_head):
+        cmp = compare_targets(lm, p, settings.targets, settings.signals, steps=settings.steps, seeds=settings.seeds,
+                              lr=settings.lr, span=settings.span, last_layers=settings.last_layers,
+                              max_positions=settings.max_positions, kernels=settings.kernels,
+                              count_flops=settings.count_flops, kv=settings.kv)
     return {"kind": "ttt_lens_targets_prompt", "family": family, "index": int(index), "prompt_text": p.to_text(),
             "settings": settings.to_dict(), "comparison": cmp.to_dict(), "provenance": provenance(command)}
 
