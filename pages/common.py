@@ -329,6 +329,20 @@ def provenance_text(prov: dict | None, *, model: str | None = None, created: str
     return " · ".join(parts)
 
 
+def recheck_text(path) -> str:
+    """The sentence telling a reader how to check a saved result themselves: the `ttt-lens recheck`
+    command for its file (relative to the working directory where it lies below it)."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        shown = p.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = p
+    return (f"Check it yourself: `ttt-lens recheck {shown} --records 3` recomputes 3 random records with "
+            "today's code and says whether each agrees with the file (the test suite runs the same check).")
+
+
 def _mtime_ns(path) -> int:
     try:
         return os.stat(path).st_mtime_ns

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header, provenance_text, saved_calibration
+from pages.common import get_model, how_to_read, page_header, provenance_text, recheck_text, saved_calibration
 from pages.downloads import figure_downloads, table_download
 from ttt_core.experiments.calibration_report import POOLED, level_label, recommended_rule
 from ttt_core.experiments.calibration_suite import (
@@ -67,7 +67,7 @@ else:
                      + ("" if compute_s is None else f"Σ of every record's compute seconds (all runs, per worker): "
                         f"{compute_s / 60:.1f} min."))
     st.caption(provenance_text(prov, model=res.get("model"), created=res.get("created"), file=path.name)
-               + f" · splits {rep.get('splits')} (disjoint seed ranges; seeds listed in the file).")
+               + f" · splits {rep.get('splits')} (disjoint seed ranges; seeds listed in the file). " + recheck_text(path))
 
     levels = list(dict.fromkeys(r["level"] for r in rep["regret"].get("all", [])))
     like = _sidebar_level(levels)

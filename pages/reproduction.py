@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, how_to_read, page_header, provenance_text
+from pages.common import get_model, how_to_read, page_header, provenance_text, recheck_text
 from pages.downloads import figure_downloads
 from ttt_core.experiments.exp2_gd import latest_supplement
 from ttt_core.experiments.paper_tasks import PAPER_EXP1, ReproSettings
@@ -124,8 +124,8 @@ else:
                f"failed tasks: {len(summ.get('tasks_failed', []))}")
     prov = res.get("provenance") or {}
     if prov.get("command"):
-        st.caption(provenance_text(prov) + "; each task record in the file can be recomputed from these settings "
-                   "(tests/unit/experiments/test_published.py does so for 3 random records).")
+        st.caption(provenance_text(prov) + "; each task record in the file can be recomputed from these settings. "
+                   + recheck_text(path))
     sentences = findings(summ)
     if sentences:
         st.markdown("**What did and did not reproduce** (computed from these numbers):\n\n"

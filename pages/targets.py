@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, page_header, provenance_text
+from pages.common import get_model, get_prompt, how_to_read, page_header, provenance_text, recheck_text
 from pages.downloads import figure_downloads, table_download
 from ttt_core.experiments.targets_suite import FAMILY_LABELS, is_published, latest_summary
 from ttt_core.figures import targets as figs
@@ -140,8 +140,7 @@ else:
                f"{st_.get('steps', '?')} steps, lr {st_.get('lr', '?')}, seeds {st_.get('seeds', '?')}. "
                + provenance_text(summary.get("provenance"), model=st_.get("model"),
                                  created=(summary.get("provenance") or {}).get("created"), file=f"{path.parent.name}/{path.name}")
-               + ". Each prompt record can be recomputed from these settings (tests/unit/experiments/test_published.py "
-                 "does so for 3 random target × signal rows)."
+               + ". Each prompt record can be recomputed from these settings. " + recheck_text(path)
                + ("" if st_.get("model") in (None, lm.name) else f" It was made with {st_.get('model')}, not the model "
                   f"loaded now ({lm.name}): its numbers are about that model."))
     fig3 = figs.suite_figure(summary)

@@ -70,6 +70,7 @@ def test_saved_result_shows_its_numbers(roots):
     text = " ".join(m.value for m in at.markdown)
     assert recommended_rule(rep, POOLED)["sentence"] in text
     assert any("ttt-lens calibrate --prompts 52 (test)" in c.value for c in at.caption)   # how it was made
+    assert any("ttt-lens recheck " in c.value and ".json --records 3" in c.value for c in at.caption)  # how to check it
     figs = charts(at)
     assert {"rel_fig_regret", "rel_fig_reliability", "rel_fig_heads"} <= set(figs)
     rows = [r for r in rep["regret"]["test"] if r["level"] == POOLED]

@@ -62,6 +62,8 @@ def test_the_committed_result_is_shown_by_default_with_how_it_was_made(tmp_path,
     captions = " ".join(c.value for c in at.caption)
     assert committed[-1].name in captions
     assert f"`{doc['provenance']['command']}`" in captions and doc["provenance"]["commit"][:12] in captions
+    # how to check it: the recheck command names this very file (relative to the working directory)
+    assert f"ttt-lens recheck {committed[-1].resolve().relative_to(Path.cwd().resolve())} --records 3" in captions
 
 
 def test_no_results_says_how_to_make_them(results_dir):

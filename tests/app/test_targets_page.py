@@ -77,6 +77,7 @@ def test_targets_page_shows_the_committed_suite_by_default(tmp_path, monkeypatch
     cap = " ".join(c.value for c in at.caption)
     assert "the committed suite" in cap and "ttt-lens compare-targets --suite 2" in cap
     assert "made with Other/Model, not the model loaded now" in cap
+    assert "ttt-lens recheck " in cap and "summary.json --records 3" in cap
     table = next(d.value for d in at.dataframe if "vs qTTT" in d.value.columns)
     want = [(f, r["target"], r["mean_delta"]) for f, rs in summary["families"].items() for r in rs]
     assert list(zip(table["family"], table["target"], table["mean_delta"])) == want
