@@ -36,3 +36,24 @@ def _keep_streamlit_navigation_v2() -> None:
 
 
 _keep_streamlit_navigation_v2()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def head_path_modes(monkeypatch):
+    """A list that records, for every `HeadPath` the kernel routes build, whether it took the fused
+    head path (`ttt_core.fused_head`): clear it, run, and read which mode the code ran in."""
+    import ttt_core.kernel_routes as KR
+
+    seen: list[bool] = []
+    real = KR.HeadPath
+
+    def spy(model, fused=None):
+        hp = real(model, fused)
+        seen.append(hp.fused)
+        return hp
+
+    monkeypatch.setattr(KR, "HeadPath", spy)
+    return seen

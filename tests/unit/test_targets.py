@@ -284,11 +284,10 @@ def test_suite_with_frozen_kv_is_its_own_suite_and_runs_frozen(tmp_path):
         TS.TargetsSuiteSettings(kv="full")
 
 
-def test_a_kernel_suite_records_its_lm_head_mode_and_runs_in_it(tmp_path, monkeypatch):
+def test_a_kernel_suite_records_its_lm_head_mode_and_runs_in_it(tmp_path, head_path_modes):
     """Only the kernel columns read the LM head path, so `lm_head` is in a suite's settings (and its
     key) only with kernels: the committed suites without kernels keep their folders; a kernel
     suite's records are computed in its mode."""
-    import ttt_core.kernel_routes as KR
     from ttt_core.experiments import targets_suite as TS
 
     plain = TS.TargetsSuiteSettings()
@@ -299,15 +298,7 @@ def test_a_kernel_suite_records_its_lm_head_mode_and_runs_in_it(tmp_path, monkey
     lm = build_tiny_model("llama", seed=0)
     fused, logits = (TS.TargetsSuiteSettings(model=lm.name, lm_head=m, **kern) for m in ("fused", "logits"))
     assert fused.to_dict()["lm_head"] == "fused" and fused.key() != logits.key()
-    seen: list[bool] = []
-    real = KR.HeadPath
-
-    def spy(model, fused=None):
-        hp = real(model, fused)
-        seen.append(hp.fused)
-        return hp
-
-    monkeypatch.setattr(KR, "HeadPath", spy)
+    seen = head_path_modes
     for s in (fused, logits):
         seen.clear()
         TS.build_suite(lm, s, 1, root=tmp_path / s.lm_head)

@@ -135,11 +135,11 @@ def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, r
 def recompute_reproduction(lm: LoadedModel | None, path: str, position: int) -> dict[str, Any]:
     """Task record at `position` of the committed reproduction result `path`, re-run; without its
     seconds."""
-    from ttt_core.experiments.paper_tasks import ReproSettings
+    from ttt_core.experiments.exp2_gd import settings_of
     from ttt_core.experiments.reproduce import run_task
 
     d = json.loads(Path(path).read_text())
-    s = ReproSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["settings"].items()})
+    s = settings_of(d)
     saved = d["tasks"][position]
     lm = _model(s.model, lm)
     with _threads(_threads_of(d)):

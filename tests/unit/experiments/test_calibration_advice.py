@@ -174,7 +174,7 @@ def test_this_prompts_statistics_equal_a_suite_records(lm) -> None:
         assert A.prompt_statistics(lm, prompt, settings) == want
 
 
-def test_records_and_a_prompts_statistics_read_the_lm_head_as_the_settings_say(lm, monkeypatch) -> None:
+def test_records_and_a_prompts_statistics_read_the_lm_head_as_the_settings_say(lm, head_path_modes) -> None:
     """A long-context record and the live prompt's statistics build their kernel's head path in the
     settings' `lm_head` mode (records made before the fused head read "logits", and the page's
     advice must compute this prompt's statistics the way those records were computed); the two
@@ -182,18 +182,9 @@ def test_records_and_a_prompts_statistics_read_the_lm_head_as_the_settings_say(l
     "logits" and keep their folder key."""
     import dataclasses
 
-    import ttt_core.kernel_routes as KR
     from ttt_core.experiments.calibration_suite import settings_from_dict
 
-    seen: list[bool] = []
-    real = KR.HeadPath
-
-    def spy(model, fused=None):
-        hp = real(model, fused)
-        seen.append(hp.fused)
-        return hp
-
-    monkeypatch.setattr(KR, "HeadPath", spy)
+    seen = head_path_modes
     spec = next(s for s in CT.calibration_specs(24, CT.quick_settings(lm.name).families) if s.family == "needle_short")
     stats = {}
     for mode in ("fused", "logits"):
