@@ -10,7 +10,7 @@ import streamlit as st
 
 from pages.common import get_model, get_prompt, how_to_read, page_header, provenance_text, recheck_text
 from pages.downloads import figure_downloads, table_download
-from ttt_core.experiments.targets_suite import FAMILY_LABELS, is_published, latest_summary
+from ttt_core.experiments.targets_suite import FAMILY_LABELS, all_summaries, is_published, suite_label
 from ttt_core.figures import targets as figs
 from ttt_core.qttt import DEFAULT_LR
 from ttt_core.targets import DEFAULT_TARGETS, SIGNALS, compare_targets, describe
@@ -126,18 +126,25 @@ else:
             language="bash")
 
 st.subheader("Over many prompts: the suite")
-found = latest_summary()
-if found is None:
+suites = all_summaries()
+if not suites:
     st.info("No targets suite found. Build one with `ttt-lens compare-targets --suite 50` (digit shift and needle "
             "prompts, cached per prompt and resumable).")
 else:
-    path, summary = found
+    pick = 0
+    if len(suites) > 1:
+        labels = [suite_label(p, d) for p, d in suites]
+        pick = st.selectbox("Suite", range(len(suites)), format_func=lambda i: labels[i], key="tgt_suite_pick",
+                            help="Suites built on this machine come first, then the committed ones; newest first.")
+    path, summary = suites[pick]
     n = summary.get("n_prompts", {})
     st_ = summary.get("settings", {})
     where = "the committed suite" if is_published(path) else "a suite built on this machine"
+    kv_text = ("keys and values frozen for every target (qTTT-style), so W_K/W_V have no rows"
+               if st_.get("kv") == "frozen" else "W_Q and LoRA-q as qTTT (frozen K/V), the rest on the full context")
     st.caption(f"**Saved result** ({where}): " + ", ".join(f"{FAMILY_LABELS.get(f, f)}: {k} prompts" for f, k in n.items())
                + f"; {len(st_.get('targets', []))} targets × signals {', '.join(st_.get('signals', []))}, "
-               f"{st_.get('steps', '?')} steps, lr {st_.get('lr', '?')}, seeds {st_.get('seeds', '?')}. "
+               f"{st_.get('steps', '?')} steps, lr {st_.get('lr', '?')}, seeds {st_.get('seeds', '?')}; {kv_text}. "
                + provenance_text(summary.get("provenance"), model=st_.get("model"),
                                  created=(summary.get("provenance") or {}).get("created"), file=f"{path.parent.name}/{path.name}")
                + ". Each prompt record can be recomputed from these settings. " + recheck_text(path)
@@ -150,3 +157,31 @@ else:
              "vs qTTT": None if r["vs_reference"] is None else r["vs_reference"]["verdict"]}
             for f, rs in summary.get("families", {}).items() for r in rs]
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="tgt_suite_table")
+    check = summary.get("kernel_check")
+    if check:
+        st.markdown("**Did each target's kernel foresee its run?** For every prompt and target the kernel's verdict "
+                    "(P(TTT beats ICL) at T_MAP over the λ⋆ posterior) is set against whether the measured "
+                    f"{check.get('signal', 'nll')} run lowered the query error after {st_.get('steps', '?')} steps.")
+        how_to_read(r"\mathrm{Brier} = \tfrac{1}{n}\sum_i \big(P_i - \mathbb{1}[\Delta_i < 0]\big)^2",
+                    "P_i is the kernel's P(TTT beats ICL) on prompt i and Δ_i the measured error change of the same "
+                    "target there. The kernel speaks of gradient descent in the kernel regime for T_MAP steps; the "
+                    f"run is {st_.get('steps', '?')} AdamW steps at lr {st_.get('lr', '?')}, a different update, so "
+                    "this measures how far the kernel's answer carries over to the real run, not whether the kernel "
+                    "is computed right (that is tested against autograd). 'Brier (base rate)' is the score of always "
+                    "saying the share that helped; balanced accuracy of P ≥ 0.5 is 0.5 by chance; firm verdicts are "
+                    "the adapt / don't adapt ones only.",
+                    good="Brier below its base rate, points near the diagonal of the reliability plot.",
+                    bad="Brier at or above the base rate: on prompts like these the verdict tells you nothing the "
+                        "share of helped prompts would not.", section="§4, §5.1")
+        krow = [{"family": FAMILY_LABELS.get(f, f), "target": t, "prompts": g["n"], "helped": g["helped"],
+                 "median eff. rank": g["effective_rank_median"], "median λ⋆": g["lambda_star_median"],
+                 "median T_MAP": g["verdict_T_median"], "mean P(TTT beats ICL)": g["mean_prob"],
+                 "adapt / don't / undetermined": f"{g['adapt']} / {g['dont_adapt']} / {g['undetermined']}",
+                 "Brier": g["brier"], "Brier (base rate)": g["brier_base_rate"],
+                 "balanced accuracy": g["balanced_accuracy"],
+                 "firm verdicts right": None if g["firm_agreement"] is None else f"{g['firm_agreement']:.0%} of {g['firm_n']}"}
+                for f, by_t in check.get("families", {}).items() for t, g in by_t.items()]
+        st.dataframe(pd.DataFrame(krow), hide_index=True, key="tgt_kernel_check_table")
+        fig4 = figs.kernel_check_figure(check)
+        st.plotly_chart(fig4, key="tgt_fig_kernel_check")
+        figure_downloads(fig4, "tgt_fig_kernel_check", None, None, model=st_.get("model"))

@@ -83,6 +83,39 @@ def test_targets_page_shows_the_committed_suite_by_default(tmp_path, monkeypatch
     assert list(zip(table["family"], table["target"], table["mean_delta"])) == want
 
 
+def test_targets_page_picks_between_suites_and_shows_the_kernel_check(tmp_path, monkeypatch) -> None:
+    """Two committed suites: a picker lists both (newest first); choosing the one with kernel columns
+    shows its kernel check (table and reliability chart) as the summary computed it."""
+    from ttt_core.experiments import targets_suite as TS
+    from ttt_core.models import load_model
+
+    lm = load_model("tiny-random-llama")
+    base = dict(model=lm.name, targets=("q", "norm_attn"), signals=("nll",), steps=2, lr=1e-2, span=16,
+                needle_words=20, n_demos=4, families=("needle",))
+    pub = tmp_path / "published"
+    TS.build_suite(lm, TS.TargetsSuiteSettings(**base), 2, root=pub / "plain", command="ttt-lens compare-targets --suite 2")
+    kern = TS.build_suite(lm, TS.TargetsSuiteSettings(**base, kernels=True, kv="frozen"), 2, root=pub / "kern",
+                          command="ttt-lens compare-targets --suite 2 --suite-kernels --kv frozen")
+    monkeypatch.setenv("TTT_LENS_ARTIFACTS", str(tmp_path / "empty"))
+    monkeypatch.setattr(TS, "published_targets_dir", lambda: pub)
+    at = _app(tmp_path)
+    at.switch_page("pages/targets.py").run()
+    assert not at.exception, at.exception
+    pick = at.selectbox(key="tgt_suite_pick")
+    labels = list(pick.options)                                                   # AppTest gives the formatted labels
+    assert len(labels) == 2 and "with kernel columns" in labels[0] and "no kernel columns" in labels[1]
+    assert "frozen K/V for every target" in labels[0] and "committed" in labels[0]
+    assert pick.value == 0                                                          # the newest first
+    assert "tgt_fig_kernel_check" in charts(at)
+    table = next(d.value for d in at.dataframe if "Brier" in d.value.columns)
+    want = kern["kernel_check"]["families"]["needle"]
+    assert list(table["target"]) == list(want) and list(table["Brier"]) == [g["brier"] for g in want.values()]
+    at.selectbox(key="tgt_suite_pick").set_value(1).run()
+    assert not at.exception, at.exception
+    assert "tgt_fig_kernel_check" not in charts(at) and not any("Brier" in d.value.columns for d in at.dataframe)
+    assert any("the rest on the full context" in c.value for c in at.caption)
+
+
 def test_targets_page_passes_its_kernel_positions(tmp_path, monkeypatch) -> None:
     """The "Kernel positions" input reaches compare_targets (the per-output kernels cost one
     backward per position, so the page's default is 64, not the library's 256)."""

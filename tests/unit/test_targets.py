@@ -301,10 +301,47 @@ def test_a_kernel_suite_records_its_lm_head_mode_and_runs_in_it(tmp_path, head_p
     seen = head_path_modes
     for s in (fused, logits):
         seen.clear()
-        TS.build_suite(lm, s, 1, root=tmp_path / s.lm_head)
+        summ = TS.build_suite(lm, s, 1, root=tmp_path / s.lm_head)
         assert seen and set(seen) == {s.lm_head == "fused"}
+        check = summ["kernel_check"]["families"]["needle"]            # the kernel columns are checked against the run
+        assert check["q"]["n"] == check["all"]["n"] == 1 and 0.0 <= check["q"]["brier"] <= 1.0
     with pytest.raises(ValueError, match="lm_head"):
         TS.TargetsSuiteSettings(lm_head="soft")
+
+
+def _kernel_record(family, rows):
+    return {"family": family, "comparison": {"rows": [
+        {"target": t, "signal": sig, "delta_mean": d,
+         "kernel": {"status": st, "prob_ttt_beats_icl": p, "decision": dec, "effective_rank": er, "lambda_star": lam,
+                    "verdict_T": T}} for t, sig, d, st, p, dec, er, lam, T in rows]}}
+
+
+def test_kernel_check_scores_the_verdicts_against_the_measured_change():
+    """Brier, balanced accuracy and firm-verdict agreement by hand on four prompts; entropy rows,
+    rows without a kernel and non-finite changes are left out; a suite without kernels has no check."""
+    from ttt_core.experiments import targets_suite as TS
+    from ttt_core.noise_posterior import ADAPT, DONT_ADAPT, UNDETERMINED
+
+    probs, deltas = [0.95, 0.8, 0.2, 0.05], [-0.1, 0.05, 0.1, -0.2]      # helped: yes, no, no, yes
+    decs = [ADAPT, UNDETERMINED, UNDETERMINED, DONT_ADAPT]
+    recs = [_kernel_record("needle", [("q", "nll", d, "ok", p, dec, 2.0 + i, 10.0 * (i + 1), 4.0),
+                                      ("q", "entropy", d, "ok", p, dec, 1.0, 1.0, 1.0),
+                                      ("o", "nll", d, "skipped", None, None, None, None, None)])
+            for i, (p, d, dec) in enumerate(zip(probs, deltas, decs))]
+    recs.append(_kernel_record("needle", [("q", "nll", float("nan"), "ok", 0.5, ADAPT, 1.0, 1.0, 1.0)]))
+    q = TS.kernel_check(recs)["families"]["needle"]["q"]
+    assert q["n"] == 4 and q["helped"] == 2 and set(TS.kernel_check(recs)["families"]["needle"]) == {"q", "all"}
+    assert q["brier"] == pytest.approx((0.05 ** 2 + 0.8 ** 2 + 0.2 ** 2 + 0.95 ** 2) / 4)
+    assert q["brier_base_rate"] == pytest.approx(0.25)
+    assert q["balanced_accuracy"] == pytest.approx(0.5)                  # P ≥ 0.5 on prompts 0, 1
+    assert q["firm_agreement"] == pytest.approx(0.5) and q["firm_n"] == 2
+    assert (q["adapt"], q["dont_adapt"], q["undetermined"]) == (1, 1, 2)
+    assert q["effective_rank_median"] == pytest.approx(3.5) and q["lambda_star_median"] == pytest.approx(25.0)
+    assert sum(b["count"] for b in q["reliability"]) == 4
+    assert all(b["mean_p"] is None for b in q["reliability"] if b["count"] == 0)   # JSON-safe empty bins
+    plain = [_kernel_record("needle", [("q", "nll", -0.1, "skipped", None, None, None, None, None)])]
+    assert TS.kernel_check(plain) is None and "kernel_check" not in TS.summarise(
+        [{**r, "comparison": {**r["comparison"], "winner": None}} for r in plain])
 
 
 def test_suite_on_worker_processes_matches_the_serial_suite(tmp_path):

@@ -63,6 +63,19 @@ NOISE_K = 4.0
 #: fields of a targets row that are measured, not timed (seconds and peak memory vary by run)
 TARGET_ROW_FIELDS = ("target", "signal", "route", "params", "status", "errors", "deltas", "delta_mean",
                      "error_start", "error_end", "seeds_run", "deterministic")
+#: the kernel columns a row of a suite with kernels is checked on (not its seconds or wording notes)
+TARGET_KERNEL_FIELDS = ("status", "n", "route", "effective_rank", "participation_ratio", "lambda_star",
+                        "lambda_star_ci90", "verdict_T", "prob_ttt_beats_icl", "decision", "top_blocks")
+
+
+def target_row_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """What a targets-suite row is checked on: `TARGET_ROW_FIELDS`, and where its kernel was built
+    (status "ok") the kernel's `TARGET_KERNEL_FIELDS` under "kernel"."""
+    out = {k: row[k] for k in TARGET_ROW_FIELDS}
+    k = row.get("kernel") or {}
+    if k.get("status") == "ok":
+        out["kernel"] = {f: k.get(f) for f in TARGET_KERNEL_FIELDS}
+    return out
 
 
 def _threads_of(doc: dict[str, Any]) -> int:
@@ -110,7 +123,8 @@ def recompute_calibration(lm: LoadedModel | None, path: str, task_file: str) -> 
 
 def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, row: int) -> dict[str, Any]:
     """Row `row` of prompt record `prompt_file` of the committed targets suite whose summary is
-    `path`, re-run on its prompt and settings; only `TARGET_ROW_FIELDS`."""
+    `path`, re-run on its prompt and settings; only the checked fields (`target_row_fields` of the
+    saved row's shape: the kernel columns too when the saved row has them)."""
     from ttt_core.experiments.targets_suite import prompt_of
     from ttt_core.targets.comparison import compare_targets
 
@@ -129,7 +143,10 @@ def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, r
                               max_positions=s["max_positions"], kernels=s["kernels"],
                               count_flops=s.get("count_flops", True), kv=s.get("kv", "auto"))
     fresh = _as_json(cmp.to_dict())["rows"][0]
-    return {k: fresh[k] for k in TARGET_ROW_FIELDS}
+    out = target_row_fields(fresh)
+    if (saved.get("kernel") or {}).get("status") == "ok" and "kernel" not in out:
+        out["kernel"] = {f: (fresh.get("kernel") or {}).get(f) for f in TARGET_KERNEL_FIELDS}   # a lost kernel differs
+    return out
 
 
 def recompute_reproduction(lm: LoadedModel | None, path: str, position: int) -> dict[str, Any]:
@@ -327,8 +344,8 @@ def checkable_records(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
                 out.append({"label": f"{f.name} {r['target']}/{r['signal']}", "machine": machine,
                             "model": d["settings"]["model"],
                             "args": {"path": str(p), "prompt_file": f.name, "row": i},
-                            "saved": (lambda f=f, i=i: {k: json.loads(f.read_text())["comparison"]["rows"][i][k]
-                                                        for k in TARGET_ROW_FIELDS})})
+                            "saved": (lambda f=f, i=i: target_row_fields(
+                                json.loads(f.read_text())["comparison"]["rows"][i]))})
         return "targets", out
     if kind == "ttt_lens_exp2_gd_supplement":
         from ttt_core.experiments import exp2_gd

@@ -12,6 +12,13 @@ Every record carries its provenance (`store.provenance`: command, commit, machin
 bootstrap CI, how often the row won its prompt, and each row against the reference (qTTT: target
 "q" with "nll") paired over prompts, worded by the one suite rule (`stats.suite_verdict`, DESIGN §10:
 ≥ 20 prompts, a CI excluding 0 and p < 0.05, else "too few prompts" / "not distinguishable").
+
+A suite built with kernels (``--suite-kernels``) also gets `kernel_check`: per family and target,
+whether the target's kernel verdict (DESIGN §4, §5.1: P(TTT beats ICL) at T_MAP over the λ⋆
+posterior) foresaw the measured change of the same target on the same prompt. The kernel speaks of
+gradient descent in the kernel regime for T_MAP steps; the measured run is `steps` AdamW steps, a
+different update: the check says how far the kernel's answer carries over to the real run, not
+whether the kernel mathematics is right (that is tested against autograd and Monte-Carlo).
 """
 
 from __future__ import annotations
@@ -236,6 +243,67 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             rows.append(row)
         rows.sort(key=lambda r: (r["mean_delta"] is None, r["mean_delta"] if r["mean_delta"] is not None else 0.0))
         out["families"][fam] = rows
+    check = kernel_check(records)
+    if check is not None:
+        out["kernel_check"] = check
+    return out
+
+
+#: the signal whose measured change the kernel verdict is compared with: the kernel is that of the
+#: squared-loss frame of next-token prediction (DESIGN §7, §11); for entropy it describes a pseudo-residual
+KERNEL_CHECK_SIGNAL = "nll"
+
+
+def _kernel_group(items: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+    """Statistics of (kernel columns, measured change) pairs — `kernel_check`'s docstring."""
+    from ttt_core.experiments.calibration_report import balanced_accuracy, reliability_bins
+    from ttt_core.noise_posterior import ADAPT, DONT_ADAPT
+
+    p = np.array([float(k["prob_ttt_beats_icl"]) for k, _ in items], dtype=float)
+    helped = np.array([d < 0.0 for _, d in items], dtype=bool)
+    dec = [k.get("decision") for k, _ in items]
+    firm = [(x == ADAPT, h) for x, h in zip(dec, helped) if x in (ADAPT, DONT_ADAPT)]
+    ba = balanced_accuracy(p >= 0.5, helped)
+    med = lambda key: float(np.median([float(k[key]) for k, _ in items if k.get(key) is not None]))  # noqa: E731
+    return {"n": len(items), "helped": int(helped.sum()),
+            "effective_rank_median": med("effective_rank"), "lambda_star_median": med("lambda_star"),
+            "verdict_T_median": med("verdict_T"), "mean_prob": float(p.mean()),
+            "adapt": sum(x == ADAPT for x in dec), "dont_adapt": sum(x == DONT_ADAPT for x in dec),
+            "undetermined": sum(x not in (ADAPT, DONT_ADAPT) for x in dec),
+            "brier": float(np.mean((p - helped) ** 2)),
+            "brier_base_rate": float(np.mean((helped.mean() - helped) ** 2)),
+            "balanced_accuracy": None if not np.isfinite(ba) else ba,
+            "firm_agreement": None if not firm else float(np.mean([a == h for a, h in firm])), "firm_n": len(firm),
+            "reliability": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in b.items()}
+                            for b in reliability_bins(p, helped.astype(float), n_bins=5)]}
+
+
+def kernel_check(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Does a target's kernel verdict foresee its measured change? (module docstring)
+
+    Per family and target (signal `KERNEL_CHECK_SIGNAL`), over the prompts whose kernel was built
+    (status "ok") and whose run has a finite change Δ = measured error after N steps − before:
+    "helped" = Δ < 0; the medians of the kernel's effective rank, λ⋆ and T_MAP; the mean
+    P(TTT beats ICL); how many verdicts were adapt / don't adapt / undetermined; the Brier score
+    mean (P − helped)² beside the base-rate forecaster's (always P = the share helped); the
+    balanced accuracy of P ≥ 0.5; the agreement of the firm verdicts (adapt ⇔ helped); and
+    reliability bins of P. The same pooled over the family's targets (key "all"). None when no
+    record has kernel columns."""
+    fams: dict[str, dict[str, list[tuple[dict[str, Any], float]]]] = {}
+    for r in records:
+        for row in r["comparison"]["rows"]:
+            k, d = row.get("kernel") or {}, row.get("delta_mean")
+            if (row["signal"] != KERNEL_CHECK_SIGNAL or k.get("status") != "ok" or k.get("prob_ttt_beats_icl") is None
+                    or d is None or not np.isfinite(float(d))):
+                continue
+            fams.setdefault(r["family"], {}).setdefault(row["target"], []).append((k, float(d)))
+    if not fams:
+        return None
+    out: dict[str, Any] = {"signal": KERNEL_CHECK_SIGNAL, "families": {}}
+    for fam, by_target in fams.items():
+        rows = {t: _kernel_group(items) for t, items in by_target.items()}
+        rows["all"] = _kernel_group([x for items in by_target.values() for x in items])
+        out["families"][fam] = rows
     return out
 
 
@@ -265,6 +333,37 @@ def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]
     if root is not None:
         return _newest_summary(Path(root))
     return _newest_summary(artifacts_root() / "targets") or _newest_summary(published_targets_dir())
+
+
+def all_summaries(root: str | Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Every suite's summary.json — under `root`, or by default the suites built on this machine
+    (<artifacts root>/targets) and then the committed ones (artifacts/published/targets) — each
+    group newest first (by provenance creation time): the first entry is `latest_summary`'s."""
+    bases = [Path(root)] if root is not None else [artifacts_root() / "targets", published_targets_dir()]
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for base in bases:
+        found = []
+        for p in sorted(base.glob("*/summary.json")) if base.is_dir() else []:
+            try:
+                d = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict) and d.get("kind") == "ttt_lens_targets_suite":
+                found.append(((str((d.get("provenance") or {}).get("created", "")), p.stat().st_mtime), p, d))
+        out += [(p, d) for _, p, d in sorted(found, key=lambda x: x[0], reverse=True)]
+    return out
+
+
+def suite_label(path: str | Path, summary: dict[str, Any]) -> str:
+    """One line naming a suite for a picker: where it is from, its targets × signals, K/V mode,
+    whether it has kernel columns, its prompts and its date."""
+    s = summary.get("settings", {})
+    n = sum((summary.get("n_prompts") or {}).values())
+    when = str((summary.get("provenance") or {}).get("created", ""))[:10] or "undated"
+    kv = "frozen K/V for every target" if s.get("kv") == "frozen" else "qTTT for W_Q, full context for the rest"
+    return (f"{'committed' if is_published(path) else 'built here'} · {len(s.get('targets', []))} targets × "
+            f"{'/'.join(s.get('signals', []))} · {kv} · {'with' if s.get('kernels') else 'no'} kernel columns · "
+            f"{n} prompts · {when}")
 
 
 def is_published(path: str | Path) -> bool:

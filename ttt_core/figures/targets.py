@@ -71,3 +71,30 @@ def suite_figure(summary: dict[str, Any]) -> go.Figure:
         fig.update_yaxes(title_text="mean Δ error after N steps", row=i + 1, col=1)
     fig.update_layout(height=380 * max(1, len(fams)))
     return fig
+
+
+def kernel_check_figure(check: dict[str, Any]) -> go.Figure:
+    """Reliability of each target's kernel verdict against its measured run over a suite
+    (`experiments.targets_suite.kernel_check`): per family, the pooled bins' mean P(TTT beats ICL)
+    (x) against the share of prompts whose run lowered the query error (y), marker size ∝ prompts in
+    the bin; the diagonal is a calibrated verdict. One panel per family."""
+    fams = list(check.get("families", {}).items())
+    fig = make_subplots(rows=1, cols=max(1, len(fams)), subplot_titles=[f for f, _ in fams] or None)
+    for i, (fam, by_t) in enumerate(fams):
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color=OKABE_ITO[7], dash="dot", width=1),
+                                 name="calibrated", showlegend=i == 0), row=1, col=i + 1)
+        for j, (t, g) in enumerate(by_t.items()):
+            bins = [b for b in g["reliability"] if b["count"]]
+            fig.add_trace(go.Scatter(
+                x=[b["mean_p"] for b in bins], y=[b["freq"] for b in bins], mode="markers+lines" if t == "all" else "markers",
+                name=f"{t} (Brier {g['brier']:.2f} vs {g['brier_base_rate']:.2f})", legendgroup=t, showlegend=True,
+                marker=dict(size=[6 + 3 * b["count"] ** 0.5 for b in bins], color=OKABE_ITO[j % len(OKABE_ITO)],
+                            symbol="diamond" if t == "all" else "circle"),
+                customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
+                hovertemplate="P in [%{customdata[1]:.1f}, %{customdata[2]:.1f}): %{customdata[0]} prompts, "
+                              "helped %{y:.0%}<extra>" + t + "</extra>"), row=1, col=i + 1)
+        fig.update_xaxes(title_text="kernel's P(TTT beats ICL)", range=[-0.02, 1.02], row=1, col=i + 1)
+        fig.update_yaxes(title_text="share of runs that lowered the error", range=[-0.02, 1.02], row=1, col=i + 1)
+    base_layout(fig, "Did the kernel foresee the run? Reliability per target")
+    fig.update_layout(height=460)
+    return fig

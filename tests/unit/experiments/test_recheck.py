@@ -66,3 +66,17 @@ def test_main_refuses_an_unknown_kind(capsys):
     assert "usage" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown record kind"):
         recheck.probe("nonsense", {}, {})
+
+
+def test_a_targets_row_is_checked_on_its_kernel_columns_when_it_has_them():
+    """A row of a suite with kernels is compared on its kernel's numbers and verdict too (not on its
+    seconds); a row without a kernel on the measured fields only."""
+    row = {k: 1.0 for k in recheck.TARGET_ROW_FIELDS}
+    assert "kernel" not in recheck.target_row_fields({**row, "kernel": {"status": "skipped"}})
+    kern = {f: 0.5 for f in recheck.TARGET_KERNEL_FIELDS} | {"status": "ok", "decision": "adapt", "seconds": 3.0}
+    got = recheck.target_row_fields({**row, "kernel": kern, "seconds": 9.0})
+    assert set(got) == set(recheck.TARGET_ROW_FIELDS) | {"kernel"} and "seconds" not in got["kernel"]
+    moved = recheck.target_row_fields({**row, "kernel": {**kern, "lambda_star": 0.6}})
+    assert recheck.mismatches(moved, got, 1e-6, 0.0) and not recheck.mismatches(got, got, 1e-6, 0.0)
+    flipped = recheck.target_row_fields({**row, "kernel": {**kern, "decision": "don't adapt"}})
+    assert any("decision" in m for m in recheck.mismatches(flipped, got, 1e-6, 0.0))
