@@ -8,6 +8,10 @@ Two tasks on the embedded SmolLM2-135M:
   entering layer L−4 the trajectory then reuses);
 * needle: a ≈1k-token needle-in-a-haystack prompt, 16 qTTT steps (span 128, lr 1e-4) with the
   answer NLL recorded at every step.
+Today's qTTT path runs its step loop inside `cpu_threads.gemm_threads_only()` (element-wise ATen work on
+one thread, MKL matrix products on all: far fewer OpenMP wake-ups under OMP_WAIT_POLICY=PASSIVE,
+which the app and this bench use); it is also run with that switched off
+(TTT_LENS_GEMM_THREADS_ONLY=0, `*_threads_off`), so its own share of the speed-up is measured.
 The previous path is the code of commit PREVIOUS (before the redesign: `evidence.compute_evidence`
 and `reproduce.LooGD`, the old `qttt.QTTTRun`), checked out into a temporary git worktree and run
 in a subprocess with the same Python; today's path runs in another subprocess. Each task runs
@@ -88,9 +92,9 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def run_path(pythonpath: Path, which: str, threads: int, index: int) -> dict:
+def run_path(pythonpath: Path, which: str, threads: int, index: int, extra_env: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})}
     proc = subprocess.run([sys.executable, "-c", TASK_SCRIPT, which, str(threads), str(index)], cwd=str(pythonpath),
                           env=env, capture_output=True, text=True, timeout=3600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -111,11 +115,12 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.previous], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            res: dict[str, list[dict]] = {"previous": [], "current": []}
+            res: dict[str, list[dict]] = {"previous": [], "current": [], "threads_off": []}
             for i in range(args.repeats):
-                for which, path in (("previous", wt), ("current", ROOT)):
+                for which, path, env in (("previous", wt, None), ("current", ROOT, None),
+                                         ("threads_off", ROOT, {"TTT_LENS_GEMM_THREADS_ONLY": "0"})):
                     t0 = time.perf_counter()
-                    r = run_path(path, which, args.threads, i)
+                    r = run_path(path, "previous" if which == "previous" else "current", args.threads, i, env)
                     res[which].append(r)
                     print(f"{which} task {i}: few-shot {r['fewshot']['seconds']:.2f} s "
                           f"(kernel {r['fewshot']['kernel_s']:.2f} s + trajectory {r['fewshot']['trajectory_s']:.2f} s), "
@@ -133,8 +138,14 @@ def main() -> None:
         out[f"{name}_task_s"] = round(cur, 3)
         out[f"{name}_task_s_previous"] = round(prev, 3)
         out[f"{name}_speedup_vs_previous"] = round(prev / cur, 2)
+        off = float(np.median([r[kind]["seconds"] for r in res["threads_off"]]))
+        out[f"{name}_task_s_threads_off"] = round(off, 3)
+        out[f"{name}_gemm_threads_only_speedup"] = round(off / cur, 2)
         for a, b in zip(res["previous"], res["current"]):
             diffs.append(float(np.max(np.abs(np.asarray(a[kind][key]) - np.asarray(b[kind][key])))))
+        out[f"{name}_records_max_abs_diff_threads_off"] = max(
+            float(np.max(np.abs(np.asarray(a[kind][key]) - np.asarray(b[kind][key]))))
+            for a, b in zip(res["current"], res["threads_off"]))
         if kind == "fewshot":
             out["fewshot_kernel_s"] = round(float(np.median([r[kind]["kernel_s"] for r in res["current"]])), 3)
             out["fewshot_trajectory_s"] = round(float(np.median([r[kind]["trajectory_s"] for r in res["current"]])), 3)

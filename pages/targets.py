@@ -173,13 +173,13 @@ else:
                     good="Brier below its base rate, points near the diagonal of the reliability plot.",
                     bad="Brier at or above the base rate: on prompts like these the verdict tells you nothing the "
                         "share of helped prompts would not.", section="§4, §5.1")
-        krow = [{"family": FAMILY_LABELS.get(f, f), "target": t, "prompts": g["n"], "helped": g["helped"],
-                 "median eff. rank": g["effective_rank_median"], "median λ⋆": g["lambda_star_median"],
-                 "median T_MAP": g["verdict_T_median"], "mean P(TTT beats ICL)": g["mean_prob"],
-                 "adapt / don't / undetermined": f"{g['adapt']} / {g['dont_adapt']} / {g['undetermined']}",
+        krow = [{"family": f, "target": t, "prompts": g["n"], "helped": g["helped"],
                  "Brier": g["brier"], "Brier (base rate)": g["brier_base_rate"],
                  "balanced accuracy": g["balanced_accuracy"],
-                 "firm verdicts right": None if g["firm_agreement"] is None else f"{g['firm_agreement']:.0%} of {g['firm_n']}"}
+                 "firm verdicts right": None if g["firm_agreement"] is None else f"{g['firm_agreement']:.0%} of {g['firm_n']}",
+                 "adapt / don't / undetermined": f"{g['adapt']} / {g['dont_adapt']} / {g['undetermined']}",
+                 "mean P(TTT beats ICL)": g["mean_prob"], "median eff. rank": g["effective_rank_median"],
+                 "median λ⋆": g["lambda_star_median"], "median T_MAP": g["verdict_T_median"]}
                 for f, by_t in check.get("families", {}).items() for t, g in by_t.items()]
         st.dataframe(pd.DataFrame(krow), hide_index=True, key="tgt_kernel_check_table")
         fig4 = figs.kernel_check_figure(check)

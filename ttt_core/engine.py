@@ -19,6 +19,7 @@ record says why. A run also stops when `stop` (a threading.Event or a callable) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 import torch
 from transformers import DynamicCache
 
+from ttt_core import cpu_threads
 from ttt_core.models import LoadedModel
 from ttt_core.optim import global_grad_norm
 from ttt_core.prompts import Prompt, parse_prompt
@@ -191,6 +193,10 @@ class EngineRun:
     timed in the previous record's `eval_s`."""
 
     mode = ""
+    #: run the step loop's compute inside `cpu_threads.gemm_threads_only` (fewer OpenMP wake-ups): on for
+    #: qTTT, whose steps are thousands of small ops (≈7 % on the 16-step needle task, `cpu_threads` docstring);
+    #: off for paper GD, whose batched LOO ops are large (the same bench measured it 1.4× slower inside: 4.65 → 6.49 s)
+    gemm_threads_only = False
 
     def __init__(self, lm: LoadedModel, prompt: Prompt | str, config: Any, stop: StopLike = None) -> None:
         self.lm = lm
@@ -211,6 +217,10 @@ class EngineRun:
         self._t0 = 0.0
         self.backend, self.backend_label = "", ""
 
+    def _threads(self) -> Any:
+        """The step loop's thread context (class attribute `gemm_threads_only`)."""
+        return cpu_threads.gemm_threads_only() if self.gemm_threads_only else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ public
     def request_stop(self) -> None:
         """Ask a running `steps()` loop to stop before its next step (thread-safe)."""
@@ -220,9 +230,10 @@ class EngineRun:
         """Prefill / set-up (idempotent); returns the step-0 record of unadapted metrics."""
         if not self._prepared:
             self._t0 = time.perf_counter()
-            self._prepare()
+            self._prepare()                    # the prefill's large element-wise ops gain from all threads
             self._prepared = True
-            metrics = self._evaluate({})
+            with self._threads():
+                metrics = self._evaluate({})
             self.baseline = StepRecord(step=0, mode=self.mode, loss=self._baseline_loss(),
                                        loss_per_token=self._baseline_loss_per_token(),
                                        delta_norms=[0.0] * self.lm.adapter.n_layers,
@@ -255,7 +266,8 @@ class EngineRun:
                 self.status, self.reason = "stopped", f"stopped on request after {t - 1} step(s)"
                 return
             ts = time.perf_counter()
-            loss, grads, info = self._loss_grads(cur, t)
+            with self._threads():              # fewer OpenMP wake-ups (ttt_core.cpu_threads); not across a yield
+                loss, grads, info = self._loss_grads(cur, t)
             lossf = float(loss)
             ref = self._reference_loss(info)
             why = None
@@ -277,7 +289,8 @@ class EngineRun:
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the gradient norm is {gnorm} (not finite)",
                                      cur, last_metrics, ts, info, t - 1)
                 return
-            new = self._update(cur, grads)
+            with self._threads():
+                new = self._update(cur, grads)
             new_norms, finite = _layer_norms_checked(n_layers, new)   # the record's delta_norms below
             if not finite:
                 yield self._diverged(t, lossf, gnorm, f"step {t}: the update produced non-finite weights",
@@ -286,7 +299,8 @@ class EngineRun:
             step_s = time.perf_counter() - ts
             te = time.perf_counter()
             ahead = self.lookahead and t < self.config.steps and not self._stop_event.is_set()
-            metrics = self._evaluate(new, lookahead=ahead)
+            with self._threads():
+                metrics = self._evaluate(new, lookahead=ahead)
             eval_s = time.perf_counter() - te
             # every metric, not only those with a target: without '# answer:' a NaN query prediction
             # (or LOO prediction, label probability, needle mass) must stop the run too

@@ -151,6 +151,7 @@ class QTTTRun(EngineRun):
     """
 
     mode = "qttt"
+    gemm_threads_only = True    # ttt_core.cpu_threads: the span steps are many small ops (EngineRun)
 
     def __init__(self, lm: LoadedModel, prompt: Prompt | str, config: QTTTConfig | None = None, stop: StopLike = None) -> None:
         super().__init__(lm, prompt, config or QTTTConfig(), stop)

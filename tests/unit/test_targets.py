@@ -430,3 +430,23 @@ def test_suite_figure_gives_each_family_its_own_y_axis():
     fig = suite_figure(summary)
     assert [t.name for t in fig.data] == ["digit_shift", "needle"]
     assert [t.yaxis for t in fig.data] == ["y", "y2"] and list(fig.data[1].y) == [-5.0]
+
+
+def test_kernel_check_figure_has_one_panel_per_family_and_a_trace_per_target():
+    """The reliability figure of a suite's kernel check: a panel per family titled with its pooled
+    Brier, one legend entry per target (not per panel), the pooled bins in black."""
+    from ttt_core.experiments import targets_suite as TS
+    from ttt_core.figures.targets import kernel_check_figure
+    from ttt_core.noise_posterior import ADAPT
+
+    recs = [_kernel_record(fam, [(t, "nll", d, "ok", p, ADAPT, 1.0, 1.0, 1.0) for t in ("q", "o")])
+            for fam in ("digit_shift", "needle") for p, d in ((0.9, -0.1), (0.2, 0.1), (0.6, -0.2))]
+    check = TS.kernel_check(recs)
+    fig = kernel_check_figure(check).to_dict()
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    assert len(titles) == 2 and f"pooled Brier {check['families']['needle']['all']['brier']:.2f}" in titles[1]
+    shown = [tr["name"] for tr in fig["data"] if tr.get("showlegend")]
+    assert shown == ["calibrated", "q", "o", "all targets (pooled)"]
+    pooled = [tr for tr in fig["data"] if tr["name"] == "all targets (pooled)"]
+    assert len(pooled) == 2 and all(tr["marker"]["color"] == "#000000" for tr in pooled)
+    assert sum(len(tr["x"]) for tr in pooled) == 6                 # 3 occupied bins per family

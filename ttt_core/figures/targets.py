@@ -75,26 +75,39 @@ def suite_figure(summary: dict[str, Any]) -> go.Figure:
 
 def kernel_check_figure(check: dict[str, Any]) -> go.Figure:
     """Reliability of each target's kernel verdict against its measured run over a suite
-    (`experiments.targets_suite.kernel_check`): per family, the pooled bins' mean P(TTT beats ICL)
-    (x) against the share of prompts whose run lowered the query error (y), marker size ∝ prompts in
-    the bin; the diagonal is a calibrated verdict. One panel per family."""
+    (`experiments.targets_suite.kernel_check`): per family, each target's bins — mean P(TTT beats
+    ICL) (x) against the share of its prompts whose run lowered the query error (y), marker area ∝
+    prompts in the bin — and the pooled bins of all targets (black diamonds, joined); the diagonal is
+    a calibrated verdict. One panel per family, titled with the pooled Brier score and the base
+    rate's; a target's own Brier scores are in its hover text."""
     fams = list(check.get("families", {}).items())
-    fig = make_subplots(rows=1, cols=max(1, len(fams)), subplot_titles=[f for f, _ in fams] or None)
+    titles = [f"{f}: pooled Brier {g['all']['brier']:.2f} (base rate {g['all']['brier_base_rate']:.2f})"
+              for f, g in fams if "all" in g] or None
+    fig = make_subplots(rows=1, cols=max(1, len(fams)), subplot_titles=titles, horizontal_spacing=0.1)
+    targets = list(dict.fromkeys(t for _, by_t in fams for t in by_t if t != "all"))
+    colour = {t: OKABE_ITO[j % len(OKABE_ITO)] for j, t in enumerate(targets)} | {"all": "#000000"}
     for i, (fam, by_t) in enumerate(fams):
-        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color=OKABE_ITO[7], dash="dot", width=1),
-                                 name="calibrated", showlegend=i == 0), row=1, col=i + 1)
-        for j, (t, g) in enumerate(by_t.items()):
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999999", dash="dot", width=1),
+                                 name="calibrated", legendgroup="calibrated", showlegend=i == 0, hoverinfo="skip"),
+                      row=1, col=i + 1)
+        for t, g in sorted(by_t.items(), key=lambda kv: kv[0] == "all"):
             bins = [b for b in g["reliability"] if b["count"]]
+            pooled = t == "all"
             fig.add_trace(go.Scatter(
-                x=[b["mean_p"] for b in bins], y=[b["freq"] for b in bins], mode="markers+lines" if t == "all" else "markers",
-                name=f"{t} (Brier {g['brier']:.2f} vs {g['brier_base_rate']:.2f})", legendgroup=t, showlegend=True,
-                marker=dict(size=[6 + 3 * b["count"] ** 0.5 for b in bins], color=OKABE_ITO[j % len(OKABE_ITO)],
-                            symbol="diamond" if t == "all" else "circle"),
-                customdata=[[b["count"], b["lo"], b["hi"]] for b in bins],
-                hovertemplate="P in [%{customdata[1]:.1f}, %{customdata[2]:.1f}): %{customdata[0]} prompts, "
-                              "helped %{y:.0%}<extra>" + t + "</extra>"), row=1, col=i + 1)
-        fig.update_xaxes(title_text="kernel's P(TTT beats ICL)", range=[-0.02, 1.02], row=1, col=i + 1)
-        fig.update_yaxes(title_text="share of runs that lowered the error", range=[-0.02, 1.02], row=1, col=i + 1)
-    base_layout(fig, "Did the kernel foresee the run? Reliability per target")
-    fig.update_layout(height=460)
+                x=[b["mean_p"] for b in bins], y=[b["freq"] for b in bins], mode="markers+lines" if pooled else "markers",
+                name="all targets (pooled)" if pooled else t, legendgroup=t, showlegend=i == 0,
+                line=dict(color=colour[t], width=1.5),
+                marker=dict(size=[5 + 2.5 * b["count"] ** 0.5 for b in bins], color=colour[t], opacity=0.9 if pooled else 0.7,
+                            symbol="diamond" if pooled else "circle", line=dict(width=0)),
+                customdata=[[b["count"], b["lo"], b["hi"], g["brier"], g["brier_base_rate"]] for b in bins],
+                hovertemplate=("P in [%{customdata[1]:.1f}, %{customdata[2]:.1f}): %{customdata[0]} prompts, helped %{y:.0%}"
+                               "<br>Brier %{customdata[3]:.3f} (base rate %{customdata[4]:.3f})<extra>" + f"{fam} · {t}</extra>")),
+                row=1, col=i + 1)
+        fig.update_xaxes(title_text="kernel's P(TTT beats ICL)", range=[-0.03, 1.03], row=1, col=i + 1)
+        fig.update_yaxes(title_text="share of runs that lowered the error" if i == 0 else None, range=[-0.03, 1.03],
+                         row=1, col=i + 1)
+    base_layout(fig, "Did each target's kernel foresee its run? Reliability of the verdict")
+    fig.update_layout(height=520, margin=dict(t=90, b=120),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0.0))
+    fig.update_annotations(font_size=12)
     return fig
