@@ -7,7 +7,9 @@ backend:
 * ``serial`` — in this process, with the given model as it is (thread count untouched); without
   one, the model is loaded once as in a worker.
 * ``process`` (default) — `concurrent.futures.ProcessPoolExecutor` with the spawn context; each
-  worker loads `model` once in its initializer and sets torch to 1 thread.
+  worker loads `model` once in its initializer and sets torch to 1 thread, and exits when the
+  process that started it is gone (`_exit_with_parent`): a suite whose command is killed (SIGTERM,
+  SIGKILL) leaves no workers behind still writing records into its folder.
 * ``ray`` — one remote task per job (1 CPU each) on a local Ray instance with num_cpus=workers, or
   on the cluster at ``$RAY_ADDRESS``; each Ray worker process loads the model once (module cache)
   and sets torch to 1 thread.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
@@ -39,6 +43,32 @@ def _init_worker(model: str) -> None:
     if _WORKER.get("name") != model:
         _WORKER["lm"] = load_model(model)
         _WORKER["name"] = model
+
+
+#: seconds between a pool worker's checks that its parent process still lives
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent: int, every: float = PARENT_CHECK_S) -> threading.Thread:
+    """A daemon thread that ends this process (exit code 3) once `parent` is no longer its parent
+    (the parent died and the worker was re-parented), checked every `every` seconds. A worker killed
+    with its pool otherwise outlives a killed command and keeps running jobs: measured, two workers of
+    a killed targets suite went on writing prompt records for 15 minutes."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            time.sleep(every)
+
+    t = threading.Thread(target=watch, name="ttt-lens-parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _init_pool_worker(model: str, parent: int) -> None:
+    """The process pool's initializer: the parent watch, then `_init_worker`."""
+    _exit_with_parent(parent)
+    _init_worker(model)
 
 
 def worker_model(model: str) -> LoadedModel:
@@ -106,7 +136,7 @@ def map_jobs(fn: JobFn, jobs: Sequence[Any], *, model: str, backend: str = "proc
             tick(i + 1)
         return results
     with ProcessPoolExecutor(max_workers=max(1, int(workers)), mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(model,)) as pool:
+                             initializer=_init_pool_worker, initargs=(model, os.getpid())) as pool:
         futs = {pool.submit(_call, fn, model, job): i for i, job in enumerate(jobs)}
         for done, fut in enumerate(as_completed(futs), 1):
             results[futs[fut]] = fut.result()
