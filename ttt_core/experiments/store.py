@@ -9,7 +9,7 @@ Below it:
 * ``controller/`` — the trained step controller and its evaluation.
 
 One JSON encoder (`json_default`: numpy scalars and arrays), one writer (`write_json`: atomic, so
-a reader never sees half a file) and one lookup of the newest result of a kind (`latest_result`).
+a reader never sees half a file) and one lookup of the results of a kind, newest first (`results_newest_first`, `latest_result`).
 """
 
 from __future__ import annotations
@@ -124,22 +124,28 @@ def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
     return path
 
 
-def latest_result(folder: str | Path, kind: str, pattern: str = "*.json",
-                  created: Callable[[dict[str, Any]], str] | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest JSON file matching `pattern` in `folder` whose "kind" is `kind`, by its creation
-    time (`created(contents)`, by default its "created" field; then the file's mtime), with its
-    contents; None when there is none."""
+def results_newest_first(folder: str | Path, kind: str, pattern: str = "*.json",
+                         created: Callable[[dict[str, Any]], str] | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Every JSON file matching `pattern` in `folder` whose "kind" is `kind`, with its contents,
+    newest first by creation time (`created(contents)`, by default its "created" field; then the
+    file's mtime); unreadable files are skipped."""
     folder = Path(folder)
     when = created or (lambda d: d.get("created", ""))
-    best = None
-    for p in folder.glob(pattern) if folder.is_dir() else []:
+    found = []
+    for p in sorted(folder.glob(pattern)) if folder.is_dir() else []:
         try:
             d = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(d, dict) or d.get("kind") != kind:
-            continue
-        key = (str(when(d)), p.stat().st_mtime)
-        if best is None or key > best[0]:
-            best = (key, p, d)
-    return None if best is None else (best[1], best[2])
+        if isinstance(d, dict) and d.get("kind") == kind:
+            found.append(((str(when(d)), p.stat().st_mtime), p, d))
+    found.sort(key=lambda x: x[0], reverse=True)
+    return [(p, d) for _, p, d in found]
+
+
+def latest_result(folder: str | Path, kind: str, pattern: str = "*.json",
+                  created: Callable[[dict[str, Any]], str] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest JSON file matching `pattern` in `folder` whose "kind" is `kind`, by its creation
+    time (`results_newest_first`), with its contents; None when there is none."""
+    found = results_newest_first(folder, kind, pattern, created)
+    return found[0] if found else None

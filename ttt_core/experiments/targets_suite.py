@@ -35,7 +35,7 @@ import numpy as np
 from ttt_core.experiments.paper_tasks import paper_task, task_rng
 from ttt_core.experiments.pool import map_jobs
 from ttt_core.experiments.stats import boot_ci, paired_stats, suite_verdict
-from ttt_core.experiments.store import artifacts_root, latest_result, provenance, published_dir, write_json
+from ttt_core.experiments.store import artifacts_root, provenance, published_dir, results_newest_first, write_json
 from ttt_core.fused_head import LM_HEAD_MODES, lm_head_mode
 from ttt_core.generators import needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
@@ -320,38 +320,25 @@ def published_targets_dir() -> Path:
     return published_dir("targets")
 
 
-def _newest_summary(base: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest <suite folder>/summary.json under `base`, by its provenance's creation time."""
-    return latest_result(base, "ttt_lens_targets_suite", pattern="*/summary.json",
-                         created=lambda d: (d.get("provenance") or {}).get("created", ""))
-
-
-def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest summary.json under `root` — by default <artifacts root>/targets (suites built on
-    this machine), else the committed suite under artifacts/published/targets — None when there is
-    none."""
-    if root is not None:
-        return _newest_summary(Path(root))
-    return _newest_summary(artifacts_root() / "targets") or _newest_summary(published_targets_dir())
+def _summaries(base: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The <suite folder>/summary.json files under `base`, newest first by provenance creation time."""
+    return results_newest_first(base, "ttt_lens_targets_suite", pattern="*/summary.json",
+                                created=lambda d: (d.get("provenance") or {}).get("created", ""))
 
 
 def all_summaries(root: str | Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """Every suite's summary.json — under `root`, or by default the suites built on this machine
     (<artifacts root>/targets) and then the committed ones (artifacts/published/targets) — each
-    group newest first (by provenance creation time): the first entry is `latest_summary`'s."""
+    group newest first (by provenance creation time)."""
     bases = [Path(root)] if root is not None else [artifacts_root() / "targets", published_targets_dir()]
-    out: list[tuple[Path, dict[str, Any]]] = []
-    for base in bases:
-        found = []
-        for p in sorted(base.glob("*/summary.json")) if base.is_dir() else []:
-            try:
-                d = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and d.get("kind") == "ttt_lens_targets_suite":
-                found.append(((str((d.get("provenance") or {}).get("created", "")), p.stat().st_mtime), p, d))
-        out += [(p, d) for _, p, d in sorted(found, key=lambda x: x[0], reverse=True)]
-    return out
+    return [hit for base in bases for hit in _summaries(base)]
+
+
+def latest_summary(root: str | Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The first of `all_summaries`: the newest suite built on this machine, else the newest
+    committed one; None when there is none."""
+    found = all_summaries(root)
+    return found[0] if found else None
 
 
 def suite_label(path: str | Path, summary: dict[str, Any]) -> str:
