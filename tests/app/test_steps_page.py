@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from tests.app.plotly_json import decode
 from ttt_core.examples import load_example
+from ttt_core.experiments.targets_suite import kernel_transfer
 from ttt_core.models import build_tiny_model
 from ttt_core.prompts import parse_prompt
 from ttt_core.steps import PLUG_IN_LABEL, StepsSettings, compute_steps
@@ -81,6 +82,11 @@ def check(at: AppTest, rep) -> None:
     assert metrics["Plug-in slack"] == f"{rep.bounds.slack:.3g}"
     cards = [m.value for m in at.success] + [m.value for m in at.info]
     assert any(rep.verdict["text"] in c for c in cards)
+    scope = [c.value for c in at.caption if "Which update this verdict is about" in c.value]
+    assert len(scope) == 1 and "the update the measured curve below runs" in scope[0]
+    transfer = kernel_transfer()
+    assert transfer is not None          # the committed frozen-K/V suite has kernel columns
+    assert transfer["sentence"] in scope[0] and transfer["folder"] in scope[0]
 
 
 def test_fewshot_page_equals_ttt_core(lm):
@@ -107,6 +113,7 @@ def test_long_context_and_free_text_say_what_is_not_drawn():
     assert not at.exception
     err = traces(figs(at)["steps_fig_error"])
     assert "measured qTTT answer NLL" in err and "linearised error" in err
+    assert any("Which update this verdict is about" in c.value and "a different update" in c.value for c in at.caption)
     assert np.all(np.isfinite(decode(err["measured qTTT answer NLL"]["y"])))
     at = app(load_example("Free text (no question)"))
     assert not at.exception

@@ -344,6 +344,29 @@ def test_kernel_check_scores_the_verdicts_against_the_measured_change():
         [{**r, "comparison": {**r["comparison"], "winner": None}} for r in plain])
 
 
+def test_kernel_transfer_reads_the_newest_suite_with_kernel_columns(tmp_path):
+    """The sentence the Steps page shows comes from the first suite (newest first) whose summary has
+    a kernel check, with its pooled numbers; suites without one are passed over; none: None."""
+    from ttt_core.experiments import targets_suite as TS
+
+    def summary(fams):
+        return {"settings": {"targets": ["q", "o"], "signals": ["nll"], "steps": 8, "lr": 1e-4, "kv": "frozen"},
+                "n_prompts": {"needle": 3}, "provenance": {"created": "2026-12-03T10:00:00+00:00"},
+                **({"kernel_check": {"signal": "nll", "families": fams}} if fams else {})}
+    good = {"needle": {"q": {}, "all": {"n": 6, "brier": 0.30, "brier_base_rate": 0.20, "balanced_accuracy": 0.45}}}
+    plain = (tmp_path / "a" / "summary.json", summary(None))
+    kern = (tmp_path / "b" / "summary.json", summary(good))
+    out = TS.kernel_transfer([plain, kern])
+    assert out["folder"] == "b" and out["families"]["needle"]["brier"] == 0.30
+    assert "did no better than the base rate" in out["sentence"]
+    assert "Brier 0.30 against the base rate's 0.20, balanced accuracy 0.45 (6 prompt × target pairs)" in out["sentence"]
+    assert "3 prompts, 2 targets, 8 AdamW steps at lr 0.0001 on nll, keys and values frozen" in out["sentence"]
+    better = {"needle": {"all": {"n": 6, "brier": 0.10, "brier_base_rate": 0.20, "balanced_accuracy": None}}}
+    out = TS.kernel_transfer([(tmp_path / "c" / "summary.json", summary(better))])
+    assert "better than the base rate" in out["sentence"] and "balanced accuracy" not in out["sentence"]
+    assert TS.kernel_transfer([plain]) is None
+
+
 def test_suite_on_worker_processes_matches_the_serial_suite(tmp_path):
     """--workers 2: the same records as in-process (the measured error changes, not the timings),
     and the summary names the worker count."""

@@ -68,12 +68,14 @@ TARGET_KERNEL_FIELDS = ("status", "n", "route", "effective_rank", "participation
                         "lambda_star_ci90", "verdict_T", "prob_ttt_beats_icl", "decision", "top_blocks")
 
 
-def target_row_fields(row: dict[str, Any]) -> dict[str, Any]:
+def target_row_fields(row: dict[str, Any], like: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a targets-suite row is checked on: `TARGET_ROW_FIELDS`, and where its kernel was built
-    (status "ok") the kernel's `TARGET_KERNEL_FIELDS` under "kernel"."""
+    (status "ok") the kernel's `TARGET_KERNEL_FIELDS` under "kernel". `like`: take the shape from this
+    (saved) row instead — the kernel columns whenever *it* has a built kernel, so a fresh row whose
+    kernel was lost shows them as None and differs."""
     out = {k: row[k] for k in TARGET_ROW_FIELDS}
-    k = row.get("kernel") or {}
-    if k.get("status") == "ok":
+    if ((like if like is not None else row).get("kernel") or {}).get("status") == "ok":
+        k = row.get("kernel") or {}
         out["kernel"] = {f: k.get(f) for f in TARGET_KERNEL_FIELDS}
     return out
 
@@ -142,11 +144,7 @@ def recompute_targets_row(lm: LoadedModel | None, path: str, prompt_file: str, r
                               seeds=s["seeds"], lr=s["lr"], span=s["span"], last_layers=s["last_layers"],
                               max_positions=s["max_positions"], kernels=s["kernels"],
                               count_flops=s.get("count_flops", True), kv=s.get("kv", "auto"))
-    fresh = _as_json(cmp.to_dict())["rows"][0]
-    out = target_row_fields(fresh)
-    if (saved.get("kernel") or {}).get("status") == "ok" and "kernel" not in out:
-        out["kernel"] = {f: (fresh.get("kernel") or {}).get(f) for f in TARGET_KERNEL_FIELDS}   # a lost kernel differs
-    return out
+    return target_row_fields(_as_json(cmp.to_dict())["rows"][0], like=saved)
 
 
 def recompute_reproduction(lm: LoadedModel | None, path: str, position: int) -> dict[str, Any]:

@@ -307,6 +307,39 @@ def kernel_check(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def kernel_transfer(found: Sequence[tuple[Path, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+    """What the newest suite with kernel columns says about carrying a kernel verdict over to a real
+    run, for the pages that show a verdict (Steps & bounds): per family, pooled over the suite's
+    targets (`kernel_check` key "all"), the Brier score of P(TTT beats ICL) against "the target's own
+    run helped" beside the base-rate forecaster's, the balanced accuracy of P ≥ 0.5 and n; plus the
+    suite's file, date, run settings and one sentence. `found`: (path, summary) pairs newest first
+    (default `all_summaries()`). None when no suite has kernel columns."""
+    for path, summary in (all_summaries() if found is None else found):
+        kc = summary.get("kernel_check") or {}
+        fams = {f: rows["all"] for f, rows in (kc.get("families") or {}).items() if "all" in rows}
+        if not fams:
+            continue
+        st = summary.get("settings", {})
+        parts = []
+        for fam, g in fams.items():
+            ba = g.get("balanced_accuracy")
+            parts.append(f"{FAMILY_LABELS.get(fam, fam)}: Brier {g['brier']:.2f} against the base rate's "
+                         f"{g['brier_base_rate']:.2f}" + ("" if ba is None else f", balanced accuracy {ba:.2f}")
+                         + f" ({g['n']} prompt × target pairs)")
+        better = [g["brier"] < g["brier_base_rate"] for g in fams.values()]
+        how = ("foresaw whether the target's own run helped better than the base rate"
+               if all(better) else "did no better than the base rate at foreseeing whether the target's own run "
+               "helped" if not any(better) else "beat the base rate in some families only")
+        kv = "keys and values frozen" if st.get("kv") == "frozen" else "qTTT for W_Q, full context for the rest"
+        sentence = (f"On the {'committed' if is_published(path) else 'locally built'} targets suite "
+                    f"({sum((summary.get('n_prompts') or {}).values())} prompts, "
+                    f"{len(st.get('targets', []))} targets, {st.get('steps')} AdamW steps at lr {st.get('lr'):g} "
+                    f"on {'/'.join(st.get('signals', []))}, {kv}), the kernel verdict {how}: " + "; ".join(parts) + ".")
+        return {"path": str(path), "folder": Path(path).parent.name, "created": (summary.get("provenance") or {}).get("created"),
+                "published": is_published(path), "settings": st, "families": fams, "sentence": sentence}
+    return None
+
+
 @dataclass
 class SuiteView:
     """A summary with its records, for the Targets page."""

@@ -80,3 +80,8 @@ def test_a_targets_row_is_checked_on_its_kernel_columns_when_it_has_them():
     assert recheck.mismatches(moved, got, 1e-6, 0.0) and not recheck.mismatches(got, got, 1e-6, 0.0)
     flipped = recheck.target_row_fields({**row, "kernel": {**kern, "decision": "don't adapt"}})
     assert any("decision" in m for m in recheck.mismatches(flipped, got, 1e-6, 0.0))
+    # a fresh row whose kernel was lost, shaped like the saved row: its kernel columns are None and differ
+    lost = recheck.target_row_fields({**row, "kernel": {"status": "error"}}, like={**row, "kernel": kern})
+    assert lost["kernel"] == {f: ("error" if f == "status" else None) for f in recheck.TARGET_KERNEL_FIELDS}
+    assert recheck.mismatches(lost, got, 1e-6, 0.0)
+    assert "kernel" not in recheck.target_row_fields({**row, "kernel": kern}, like=row)   # saved without: not checked
