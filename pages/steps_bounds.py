@@ -77,7 +77,7 @@ transfer = kernel_transfer()
 st.caption("**Which update this verdict is about:** the kernel's linearised gradient descent, step ρ = c/λ_max for "
            "T steps on the squared loss of the supervised outputs (DESIGN §4, §7.2)"
            + ("; the measured curve below is qTTT (AdamW on W_Q, next-token NLL), a different update. "
-              if long else " — the update the measured curve below runs. ")
+              if long else " — the measured curve below runs that update on the model itself. ")
            + "It is not a forecast of what AdamW does to W_Q or another target. "
            + (transfer["sentence"] + f" (suite `{transfer['folder']}`, {str(transfer['created'])[:10]}; the Targets "
               "page shows it per target.)" if transfer else ""))

@@ -83,7 +83,7 @@ def check(at: AppTest, rep) -> None:
     cards = [m.value for m in at.success] + [m.value for m in at.info]
     assert any(rep.verdict["text"] in c for c in cards)
     scope = [c.value for c in at.caption if "Which update this verdict is about" in c.value]
-    assert len(scope) == 1 and "the update the measured curve below runs" in scope[0]
+    assert len(scope) == 1 and "the measured curve below runs that update on the model itself" in scope[0]
     transfer = kernel_transfer()
     assert transfer is not None          # the committed frozen-K/V suite has kernel columns
     assert transfer["sentence"] in scope[0] and transfer["folder"] in scope[0]

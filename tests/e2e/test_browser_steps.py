@@ -26,7 +26,7 @@ def test_steps_page_runs_a_short_trajectory(app_url, page):
     caption.first.wait_for(timeout=420_000)
     page.locator('[data-testid="stMetric"]').filter(has_text="T_MAP (fixed σ̂)").first.wait_for()
     # the verdict says which update it is about, and what the committed targets suite found for AdamW runs
-    scope = page.get_by_text(re.compile(r"Which update this verdict is about"))
+    scope = page.locator('[data-testid="stCaptionContainer"]').filter(has_text="Which update this verdict is about")
     scope.first.wait_for()
     assert "did no better than the base rate" in scope.first.inner_text()
     wait_plots(page, 4, timeout=420_000)

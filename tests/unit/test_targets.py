@@ -360,7 +360,7 @@ def test_kernel_transfer_reads_the_newest_suite_with_kernel_columns(tmp_path):
     assert out["folder"] == "b" and out["families"]["needle"]["brier"] == 0.30
     assert "did no better than the base rate" in out["sentence"]
     assert "Brier 0.30 against the base rate's 0.20, balanced accuracy 0.45 (6 prompt × target pairs)" in out["sentence"]
-    assert "3 prompts, 2 targets, 8 AdamW steps at lr 0.0001 on nll, keys and values frozen" in out["sentence"]
+    assert "3 prompts, 2 targets, 8 AdamW steps at lr 0.0001 on next-token NLL on a context span (qTTT), keys and values frozen" in out["sentence"]
     better = {"needle": {"all": {"n": 6, "brier": 0.10, "brier_base_rate": 0.20, "balanced_accuracy": None}}}
     out = TS.kernel_transfer([(tmp_path / "c" / "summary.json", summary(better))])
     assert "better than the base rate" in out["sentence"] and "balanced accuracy" not in out["sentence"]

@@ -41,6 +41,7 @@ from ttt_core.generators import needle_haystack
 from ttt_core.models import EMBEDDED_MODEL, LoadedModel
 from ttt_core.prompts import Prompt, parse_prompt
 from ttt_core.targets.comparison import compare_targets
+from ttt_core.targets.signals import SIGNALS
 from ttt_core.types import CountProgress
 
 FAMILIES = ("digit_shift", "needle")
@@ -334,7 +335,7 @@ def kernel_transfer(found: Sequence[tuple[Path, dict[str, Any]]] | None = None) 
         sentence = (f"On the {'committed' if is_published(path) else 'locally built'} targets suite "
                     f"({sum((summary.get('n_prompts') or {}).values())} prompts, "
                     f"{len(st.get('targets', []))} targets, {st.get('steps')} AdamW steps at lr {st.get('lr'):g} "
-                    f"on {'/'.join(st.get('signals', []))}, {kv}), the kernel verdict {how}: " + "; ".join(parts) + ".")
+                    f"on {' / '.join(SIGNALS.get(x, x) for x in st.get('signals', []))}, {kv}), the kernel verdict {how}: " + "; ".join(parts) + ".")
         return {"path": str(path), "folder": Path(path).parent.name, "created": (summary.get("provenance") or {}).get("created"),
                 "published": is_published(path), "settings": st, "families": fams, "sentence": sentence}
     return None
