@@ -295,6 +295,20 @@ def verdict_box(decision: str, text: str) -> None:
     getattr(st, _DECISION_BOX.get(decision, "info"))(text)
 
 
+def verdict_scope(run_note: str) -> None:
+    """Under a verdict: which update it is about (the kernel's linearised GD, DESIGN §4, §7.2), what
+    `run_note` says of the page's measured run, and what the newest targets suite with kernel columns
+    found when such verdicts were carried over to AdamW runs (`targets_suite.kernel_transfer`)."""
+    from ttt_core.experiments.targets_suite import kernel_transfer
+
+    transfer = kernel_transfer()
+    st.caption("**Which update this verdict is about:** the kernel's linearised gradient descent, step ρ = c/λ_max for "
+               "T steps on the squared loss of the supervised outputs (DESIGN §4, §7.2)" + run_note
+               + " It is not a forecast of what AdamW does to W_Q or another target. "
+               + (transfer["sentence"] + f" (suite `{transfer['folder']}`, {str(transfer['created'])[:10]}; the "
+                  "Targets page shows it per target.)" if transfer else ""))
+
+
 def interval_text(median: float, lo: float, hi: float) -> str:
     """'m [lo, hi]' with 3 significant digits (∞ for non-finite)."""
     def f(x: float) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box
+from pages.common import (get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box,
+                          verdict_scope)
 from pages.downloads import figure_downloads
 from pages.state import cached_prompt_kernel, cached_result
 from ttt_core.figures import spectrum as figs
@@ -88,6 +89,9 @@ verdict_box(rep.decision,
             f"**{rep.verdict}.** Expected {rep.criterion}: TTT {interval_text(rep.gap_ttt, *rep.gap_ttt_ci)} vs ICL "
             f"{interval_text(rep.gap_icl, *rep.gap_icl_ci)} (posterior mean [90 % interval]); lowest expected gap "
             f"at T = {rep.best_T:g}. 'Adapt' needs P ≥ 0.9, 'don't adapt' P ≤ 0.1; anything between is undetermined.")
+verdict_scope("; the Steps & bounds page runs it on the model"
+              + (" (for this long prompt, qTTT: AdamW on W_Q, a different update)." if long else
+                 " and draws its measured error beside this prediction."))
 q = ev.query
 st.caption(f"Route: {ev.route} — {ev.route_note} "
            + (f"Query: {q.label} = {q.value:.4f}" + (f", error {q.error:.4f}" if q.error is not None else "")

@@ -8,11 +8,11 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from pages.common import get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box
+from pages.common import (get_model, get_prompt, how_to_read, interval_text, page_header, posterior_flag, verdict_box,
+                          verdict_scope)
 from pages.downloads import diagnosis_section, figure_downloads, steps_runs_section
 from pages.state import cached_calibration_advice, cached_prompt_kernel, cached_result
 from ttt_core.experiments.calibration_advice import CALIBRATED
-from ttt_core.experiments.targets_suite import kernel_transfer
 from ttt_core.figures import steps as figs
 from ttt_core.prompt_kernel import PAGE_SUBSPACES
 from ttt_core.prompts import LongContextPrompt
@@ -73,14 +73,9 @@ v = rep.verdict
 post = tc.posterior
 posterior_flag(post.flag_text)
 verdict_box(v["decision"], f"**{v['decision'].capitalize()}.** " + v["text"])
-transfer = kernel_transfer()
-st.caption("**Which update this verdict is about:** the kernel's linearised gradient descent, step ρ = c/λ_max for "
-           "T steps on the squared loss of the supervised outputs (DESIGN §4, §7.2)"
-           + ("; the measured curve below is qTTT (AdamW on W_Q, next-token NLL), a different update. "
-              if long else " — the measured curve below runs that update on the model itself. ")
-           + "It is not a forecast of what AdamW does to W_Q or another target. "
-           + (transfer["sentence"] + f" (suite `{transfer['folder']}`, {str(transfer['created'])[:10]}; the Targets "
-              "page shows it per target.)" if transfer else ""))
+verdict_scope("; the measured curve below is qTTT (AdamW on W_Q, next-token NLL), a different update." if long else
+              " — the measured curve below runs that update on the model itself." if m is not None else
+              " — with 'Run real TTT' on (and a query to score), the measured curve runs that update on the model.")
 cols = st.columns(7)
 cols[0].metric("T_MAP (fixed σ̂)", tc.t_map_fixed, help=f"Gibbs posterior over T: mean {b.gibbs_mean_T:.1f} (chart below).")
 cols[1].metric("T_MAP (profiled σ)", tc.t_map_profiled)

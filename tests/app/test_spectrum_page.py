@@ -44,6 +44,9 @@ def test_spectrum_page_plots_ttt_core_eigenvalues_tiny():
     assert any("P(TTT beats ICL)" in s.value for s in boxes)
     # the flag is shown exactly when the posterior is mostly the prior
     assert any("Noise level not identified" in w.value for w in at.warning) == (rep.flag is not None)
+    # the verdict says which update it is about and where that update is run
+    scope = [c.value for c in at.caption if "Which update this verdict is about" in c.value]
+    assert len(scope) == 1 and "the Steps & bounds page runs it on the model and draws its measured error" in scope[0]
     spec = chart(at, "spec_scree")
     lam_plot = decode(spec["data"][0]["y"])
     expected = np.where(rep.lam > 1e-300, rep.lam, np.nan)
@@ -87,6 +90,7 @@ def test_spectrum_page_errors_keep_page_up():
 def test_spectrum_page_long_context_smollm2():
     at = run_page("SmolLM2-135M-Instruct (embedded)", LONG)
     assert any("squared-loss frame" in c.value for c in at.caption)
+    assert any("Which update this verdict is about" in c.value and "a different update" in c.value for c in at.caption)
     spec = chart(at, "spec_scree")
     lm = load_model()
     ev = compute_prompt_kernel(lm, parse_prompt(LONG), "q", max_positions=256)
