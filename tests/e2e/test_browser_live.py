@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.e2e.conftest import ARTIFACTS
 from tests.e2e.test_browser_pages import open_page, set_number, wait_plots
@@ -27,6 +28,22 @@ def run_and_wait(page, n_steps: int, mode: str) -> None:
     page.get_by_role("button", name="Run", exact=True).click()
     done = page.get_by_text(f"Finished {n_steps} steps").filter(has_text=f"({mode}")
     done.first.wait_for(timeout=420_000)
+
+
+def download_saved_run(page) -> Path:
+    """Click "Save this run (JSON)" once the script run that drew the finished run has ended: a rerun
+    replaces the button's file, and Chromium cancels a download started just before that (seen once
+    in CI as "Download.path: canceled"). One more try if it is cancelled all the same."""
+    for attempt in range(2):
+        page.locator("[data-testid='stStatusWidget']").wait_for(state="hidden", timeout=120_000)
+        with page.expect_download(timeout=60_000) as dl:
+            page.get_by_role("button", name="Save this run (JSON)").click()
+        try:
+            return Path(dl.value.path())
+        except PlaywrightError as exc:
+            if attempt or "canceled" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_live_qttt_runs_paper_mode_then_qttt(app_url, page):
@@ -53,9 +70,7 @@ def test_live_qttt_runs_paper_mode_then_qttt(app_url, page):
     page.get_by_text("Kernel: PyTorch reference on CPU").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "e2e_live_qttt.png"), full_page=True)
     # save this run: the downloaded JSON holds the shown run (its 3 steps after step 0, qTTT settings)
-    with page.expect_download(timeout=60_000) as dl:
-        page.get_by_role("button", name="Save this run (JSON)").click()
-    saved = Path(dl.value.path())
+    saved = download_saved_run(page)
     doc = json.loads(saved.read_text())
     assert doc["kind"] == "qttt_run" and isinstance(doc["ttt_lens_export"], int)
     recs = doc["data"]["records"]
