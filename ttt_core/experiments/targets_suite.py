@@ -308,6 +308,15 @@ def kernel_check(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+#: how a suite's K/V mode reads in a sentence (setting "kv" other than "frozen")
+_KV_WORDS = {"auto": "qTTT for W_Q, full context for the rest"}
+
+
+def _n_prompts(summary: dict[str, Any]) -> int:
+    """Prompts in a suite's summary, over its families."""
+    return sum((summary.get("n_prompts") or {}).values())
+
+
 def kernel_transfer(found: Sequence[tuple[Path, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
     """What the newest suite with kernel columns says about carrying a kernel verdict over to a real
     run, for the pages that show a verdict (Steps & bounds): per family, pooled over the suite's
@@ -331,9 +340,9 @@ def kernel_transfer(found: Sequence[tuple[Path, dict[str, Any]]] | None = None) 
         how = ("foresaw whether the target's own run helped better than the base rate"
                if all(better) else "did no better than the base rate at foreseeing whether the target's own run "
                "helped" if not any(better) else "beat the base rate in some families only")
-        kv = "keys and values frozen" if st.get("kv") == "frozen" else "qTTT for W_Q, full context for the rest"
+        kv = "keys and values frozen" if st.get("kv") == "frozen" else _KV_WORDS["auto"]
         sentence = (f"On the {'committed' if is_published(path) else 'locally built'} targets suite "
-                    f"({sum((summary.get('n_prompts') or {}).values())} prompts, "
+                    f"({_n_prompts(summary)} prompts, "
                     f"{len(st.get('targets', []))} targets, {st.get('steps')} AdamW steps at lr {st.get('lr'):g} "
                     f"on {' / '.join(SIGNALS.get(x, x) for x in st.get('signals', []))}, {kv}), the kernel verdict {how}: " + "; ".join(parts) + ".")
         return {"path": str(path), "folder": Path(path).parent.name, "created": (summary.get("provenance") or {}).get("created"),
@@ -379,9 +388,9 @@ def suite_label(path: str | Path, summary: dict[str, Any]) -> str:
     """One line naming a suite for a picker: where it is from, its targets × signals, K/V mode,
     whether it has kernel columns, its prompts and its date."""
     s = summary.get("settings", {})
-    n = sum((summary.get("n_prompts") or {}).values())
+    n = _n_prompts(summary)
     when = str((summary.get("provenance") or {}).get("created", ""))[:10] or "undated"
-    kv = "frozen K/V for every target" if s.get("kv") == "frozen" else "qTTT for W_Q, full context for the rest"
+    kv = "frozen K/V for every target" if s.get("kv") == "frozen" else _KV_WORDS["auto"]
     return (f"{'committed' if is_published(path) else 'built here'} · {len(s.get('targets', []))} targets × "
             f"{'/'.join(s.get('signals', []))} · {kv} · {'with' if s.get('kernels') else 'no'} kernel columns · "
             f"{n} prompts · {when}")
